@@ -1,0 +1,110 @@
+"""ResNet-50 in torchvision's exact layout, with every BatchNorm domain-specific; and a small CNN.
+
+Layout = torchvision ``resnet50`` (v1.5): the stride of a bottleneck sits on its 3x3 conv, every conv
+has ``bias=False``, and padding is explicit ``(k // 2)`` on both sides. Flax's ``'SAME'`` would pad
+stride-2 layers (0, 1) on even inputs where torchvision pads (1, 1), so ported weights would see
+shifted windows. Module names mirror torchvision's state_dict keys (``layer1.0.conv1`` ->
+``layer1_0/conv1``, ``downsample.0/1`` -> ``downsample_conv/downsample_bn``) so the port is a rename.
+
+Every norm layer -- stem ``bn1``, ``bn1..bn3`` of each block and the downsample BN -- is a
+``DomainSpecificBatchNorm`` (DSBN official code, ``resnetdsbn.py``); ``num_domains=1`` is the plain
+shared-BN ResNet the ALDA code uses.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsbn_jax.models.dsbn import DomainSpecificBatchNorm
+
+# torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu'): an
+# untruncated normal with std sqrt(2 / fan_out).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Bottleneck(nn.Module):
+  """torchvision ``Bottleneck``: 1x1 -> 3x3 (stride) -> 1x1 (x4), projection when shapes change."""
+
+  width: int
+  stride: int
+  num_domains: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, domain: int, train: bool):
+    norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
+    out_features = self.width * 4
+    y = _conv(self.width, 1, 1, "conv1", self.dtype)(x)
+    y = nn.relu(norm(name="bn1")(y, domain=domain, train=train))
+    y = _conv(self.width, 3, self.stride, "conv2", self.dtype)(y)
+    y = nn.relu(norm(name="bn2")(y, domain=domain, train=train))
+    y = _conv(out_features, 1, 1, "conv3", self.dtype)(y)
+    y = norm(name="bn3")(y, domain=domain, train=train)
+    if self.stride != 1 or x.shape[-1] != out_features:
+      x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype)(x)
+      x = norm(name="downsample_bn")(x, domain=domain, train=train)
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  """Bottleneck ResNet returning the globally average-pooled features (no fc)."""
+
+  stage_sizes: Sequence[int]
+  num_domains: int = 2
+  num_filters: int = 64  # width of the stem and of the first stage's bottlenecks
+  dtype: Any = jnp.float32  # compute dtype; params and BN statistics stay float32
+
+  @nn.compact
+  def __call__(self, x_NHWC, *, domain: int, train: bool):
+    x = x_NHWC.astype(self.dtype)
+    x = _conv(self.num_filters, 7, 2, "conv1", self.dtype)(x)
+    x = DomainSpecificBatchNorm(self.num_domains, dtype=self.dtype, name="bn1")(
+        x, domain=domain, train=train)
+    x = nn.relu(x)
+    # torchvision MaxPool2d(3, 2, padding=1) pads with -inf, on both sides.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, n_blocks in enumerate(self.stage_sizes):
+      for j in range(n_blocks):
+        stride = 2 if (i > 0 and j == 0) else 1
+        x = Bottleneck(self.num_filters * 2**i, stride, self.num_domains, self.dtype,
+                       name=f"layer{i + 1}_{j}")(x, domain=domain, train=train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # adaptive avg-pool to 1x1, flattened
+
+
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+
+
+class SmallCNN(nn.Module):
+  """LeNet-like CNN for 32x32 digits, every norm layer domain-specific.
+
+  conv5x5(32) -> BN -> ReLU -> maxpool2 -> conv5x5(64) -> BN -> ReLU -> maxpool2 -> fc(feature_dim)
+  -> BN -> ReLU. The shape follows ALDA's digits nets (two 5x5 convs + a 500-d fc, ``train_*.py``),
+  with BN after every layer so that DSBN has something to specialise.
+  """
+
+  num_domains: int = 2
+  feature_dim: int = 500
+  widths: Sequence[int] = (32, 64)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NHWC, *, domain: int, train: bool):
+    norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
+    x = x_NHWC.astype(self.dtype)
+    for i, w in enumerate(self.widths):
+      x = nn.Conv(w, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = nn.relu(norm(name=f"bn{i + 1}")(x, domain=domain, train=train))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.feature_dim, dtype=self.dtype, name="fc")(x)
+    x = nn.relu(norm(name="bn_fc")(x, domain=domain, train=train))
+    return x.astype(jnp.float32)
