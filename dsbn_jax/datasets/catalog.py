@@ -1,0 +1,140 @@
+"""From a data config (configs/data.py) to prepared TFDS builders, splits and class names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dsbn_jax.datasets import digits as digits_lib
+from dsbn_jax.datasets import folder
+from dsbn_jax.datasets import office
+from dsbn_jax.errors import UserError
+
+DATASETS = ('digits', 'office31', 'office_home', 'custom')
+# Short names used in the papers' task tables (A->W, Ar->Cl, ...), accepted as domain names.
+_ABBREVIATIONS = {
+    'office31': {'a': 'amazon', 'd': 'dslr', 'w': 'webcam'},
+    'office_home': {'ar': 'Art', 'cl': 'Clipart', 'pr': 'Product', 'rw': 'Real_World'},
+    'digits': {'d': 'digits', 'dm': 'digits_m'},
+}
+
+
+def hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow on the CPU so it never grabs GPU/TPU memory meant for JAX."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
+  except (RuntimeError, ValueError):  # TF already initialised or no such device type
+    if tf.config.get_visible_devices('GPU'):
+      logging.warning('TensorFlow was initialised with a visible GPU before the input pipeline was '
+                      'built; call dsbn_jax.datasets.catalog.hide_accelerators_from_tf() earlier')
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainInfo:
+  """One domain: its builder, the splits used for training and evaluation, and their sizes."""
+
+  name: str  # canonical domain name, e.g. 'Real_World' or 'digits_m'
+  builder: tfds.core.DatasetBuilder
+  train_split: str  # split the train stream reads (the whole domain for Office, as the reference)
+  eval_split: str  # split evaluated on (the same for Office: transductive protocol, facts §3)
+  num_train: int  # examples in train_split, all processes together
+  num_eval: int  # examples in eval_split, all processes together
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the model and the train loop need to know about the data."""
+
+  class_names: tuple[str, ...]
+  source: DomainInfo
+  target: DomainInfo
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def _check_dataset(data: ml_collections.ConfigDict) -> str:
+  if data.dataset not in DATASETS:
+    raise UserError(f'unknown dataset {data.dataset!r} (config field data.dataset); '
+                    f'valid: {list(DATASETS)}')
+  return data.dataset
+
+
+def _path(p: str | None) -> str | None:
+  return os.path.abspath(os.path.expanduser(p)) if p else None
+
+
+def valid_domains(data: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Canonical domain names of the configured dataset."""
+  kind = _check_dataset(data)
+  if kind == 'digits':
+    return ('digits', 'digits_m')
+  if kind == 'custom':
+    builder = _custom_builder(data)
+    if builder.is_prepared():  # used as stored (TFDS semantics), even if the tree changed or is gone
+      return tuple(builder.info.splits)
+    return tuple(builder._domains())  # pylint: disable=protected-access
+  return tuple({'office31': office.Office31, 'office_home': office.OfficeHome}[kind].DOMAINS)
+
+
+def canonical_domain(data: ml_collections.ConfigDict, name: str) -> str:
+  """Resolves case, spaces ("Real World") and abbreviations ("Rw"); else lists the valid ones."""
+  valid = valid_domains(data)
+  key = folder.split_name(str(name)).lower()
+  lookup = {v.lower(): v for v in valid} | _ABBREVIATIONS.get(data.dataset, {})
+  if key not in lookup:
+    raise UserError(f'unknown domain {name!r} for dataset {data.dataset}; valid: {list(valid)}')
+  return lookup[key]
+
+
+def _custom_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  if not data.manual_dir:
+    raise UserError('data.dataset=custom needs data.manual_dir: a root/<domain>/<class>/ tree')
+  name = data.custom_name or folder.split_name(os.path.basename(_path(data.manual_dir)))
+  config = folder.DomainFolderConfig(name=name.lower(), root=_path(data.manual_dir))
+  return folder.DomainFolder(config=config, data_dir=_path(data.data_dir))
+
+
+def get_builder(data: ml_collections.ConfigDict, domain: str, *, prepare: bool = True
+                ) -> tfds.core.DatasetBuilder:
+  """The TFDS builder holding `domain`, prepared first (download_and_prepare) if `prepare`."""
+  hide_accelerators_from_tf()
+  kind = _check_dataset(data)
+  if kind == 'custom':
+    builder = _custom_builder(data)
+  else:
+    name = canonical_domain(data, domain) if kind == 'digits' else kind
+    config = digits_lib.DigitsConfig(name=f'seed{data.digits_seed}', seed=data.digits_seed) if (
+        kind == 'digits' and data.digits_seed) else None
+    builder = tfds.builder(name, config=config, data_dir=_path(data.data_dir))
+  if prepare and not builder.is_prepared():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=_path(data.manual_dir)))
+  return builder
+
+
+def resolve_domain(data: ml_collections.ConfigDict, domain: str) -> DomainInfo:
+  """Builder (prepared), splits and sizes of one domain of the configured dataset."""
+  name = canonical_domain(data, domain)
+  builder = get_builder(data, name)
+  train, test = ('train', 'test') if data.dataset == 'digits' else (name, name)
+  splits = builder.info.splits
+  return DomainInfo(name=name, builder=builder, train_split=train, eval_split=test,
+                    num_train=splits[train].num_examples, num_eval=splits[test].num_examples)
+
+
+def get_data_info(data: ml_collections.ConfigDict) -> DataInfo:
+  """Class names and both domains of a data config; prepares the datasets if needed."""
+  source, target = resolve_domain(data, data.source), resolve_domain(data, data.target)
+  names = [tuple(d.builder.info.features['label'].names) for d in (source, target)]
+  if names[0] != names[1]:
+    raise UserError(f'source {source.name} and target {target.name} have different classes: '
+                    f'{sorted(set(names[0]) ^ set(names[1]))}')
+  return DataInfo(class_names=names[0], source=source, target=target)
