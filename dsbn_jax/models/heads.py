@@ -1,0 +1,163 @@
+"""The heads on top of the backbone, the discriminator, and the full model assembled from a config.
+
+Reference (official ALDA ``network.py``; facts §2):
+- ``ResNetFc``: backbone -> bottleneck ``Linear(2048, 512)`` (no BN, no ReLU, no dropout) ->
+  classifier ``Linear(512, K)``. The bottleneck output is what both the classifier and D see.
+- ``Multi_AdversarialNetwork(512, 1024, K)``: Linear -> ReLU -> Dropout(0.5), twice, then
+  ``Linear(1024, K)``, raw logits (ALDA). DANN's ``AdversarialNetwork`` is the same with one output
+  (its final sigmoid lives in ``losses.dann_loss``).
+- ``init_weights``: every Linear is ``xavier_normal_`` (an *untruncated* normal with std
+  sqrt(2 / (fan_in + fan_out))) with zero bias. Flax's ``glorot_normal`` is truncated, hence
+  ``variance_scaling(1, 'fan_avg', 'normal')`` (facts §7.10).
+
+The gradient reversal layer that the reference puts inside D's forward lives in the train step
+(its coefficient depends on the step), so ``Discriminator`` is a plain MLP.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsbn_jax.errors import UserError
+from dsbn_jax.models import resnet, torchvision_port
+
+xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """What a method needs from the model: its adversary and whether BN is domain-specific."""
+
+  adversary: str  # 'none' | 'dann' (1-logit D, domain BCE) | 'alda' (K-logit D, ALDA losses)
+  dsbn: bool  # True: source uses BN branch 0, target branch 1; False: one shared branch
+
+  @property
+  def num_domains(self) -> int:
+    return 2 if self.dsbn else 1
+
+
+METHODS = {
+    "source_only": MethodSpec("none", dsbn=False),
+    "dann": MethodSpec("dann", dsbn=False),
+    "alda": MethodSpec("alda", dsbn=False),
+    "alda_dsbn": MethodSpec("alda", dsbn=True),  # the paper's method
+    "dann_dsbn": MethodSpec("dann", dsbn=True),
+}
+
+
+def method_spec(method: str) -> MethodSpec:
+  """The ``MethodSpec`` of a config's ``method`` name; a clear error for an unknown one."""
+  if method not in METHODS:
+    raise UserError(f"unknown method {method!r} (config field method); valid: "
+                    f"{', '.join(METHODS)}")
+  return METHODS[method]
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, kernel_init=xavier_normal, bias_init=nn.initializers.zeros,
+                  dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Discriminator(nn.Module):
+  """ALDA's ``Multi_AdversarialNetwork`` (``num_outputs=K``) or DANN's D (``num_outputs=1``)."""
+
+  num_outputs: int
+  hidden_dim: int = 1024
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, feat_NxF, *, train: bool):
+    x = feat_NxF.astype(self.dtype)
+    for i in (1, 2):
+      x = nn.relu(_dense(self.hidden_dim, f"ad_layer{i}", self.dtype)(x))
+      # One D forward per step over [source; target] -> one dropout mask shared by all its losses.
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_outputs, "ad_layer3", self.dtype)(x).astype(jnp.float32)
+
+
+class AdaptationNet(nn.Module):
+  """Backbone (G) + bottleneck + classifier (C), and the discriminator D as a second method.
+
+  ``__call__`` returns ``(feat_NxF, logits_NxK)`` with F = bottleneck_dim (or the backbone's width
+  when there is no bottleneck); ``discriminate`` maps features to D's raw logits. Top-level param
+  names (``backbone``, ``bottleneck``, ``classifier``, ``disc``) are the optimizer's groups.
+  """
+
+  backbone: nn.Module
+  num_classes: int
+  bottleneck_dim: int = 512  # 0 = no bottleneck: the classifier and D see the backbone features
+  disc_outputs: int = 0  # 0 = no discriminator (source_only)
+  disc_hidden_dim: int = 1024
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.bottleneck_dim:
+      self.bottleneck = _dense(self.bottleneck_dim, "bottleneck", self.dtype)
+    self.classifier = _dense(self.num_classes, "classifier", self.dtype)
+    if self.disc_outputs:
+      self.disc = Discriminator(self.disc_outputs, self.disc_hidden_dim, self.dropout_rate,
+                                self.dtype)
+
+  def __call__(self, x_NHWC, *, domain: int, train: bool):
+    feat = self.backbone(x_NHWC, domain=domain, train=train)
+    if self.bottleneck_dim:
+      feat = self.bottleneck(feat.astype(self.dtype)).astype(jnp.float32)
+    logits = self.classifier(feat.astype(self.dtype)).astype(jnp.float32)
+    return feat, logits
+
+  def discriminate(self, feat_NxF, *, train: bool):
+    return self.disc(feat_NxF, train=train)
+
+  def init_all(self, x_NHWC):
+    """Touches every submodule (``model.init(..., method='init_all')``)."""
+    feat, logits = self(x_NHWC, domain=0, train=False)
+    if self.disc_outputs:
+      self.discriminate(feat, train=False)
+    return logits
+
+
+def _backbone(model_cfg, num_domains: int, dtype: Any) -> nn.Module:
+  name = model_cfg.backbone
+  if name == "resnet50":
+    return resnet.ResNet50(num_domains=num_domains, dtype=dtype)
+  if name == "resnet":
+    return resnet.ResNet(stage_sizes=tuple(model_cfg.stage_sizes), num_domains=num_domains,
+                         num_filters=model_cfg.num_filters, dtype=dtype)
+  if name == "small_cnn":
+    return resnet.SmallCNN(num_domains=num_domains, feature_dim=model_cfg.feature_dim,
+                           dtype=dtype)
+  raise UserError(f"unknown backbone {name!r} (config field model.backbone); valid: "
+                  "resnet50, resnet, small_cnn")
+
+
+def create_model(config) -> AdaptationNet:
+  """The full model for ``config.method`` and ``config.model`` (see ``configs/default.py``)."""
+  spec = method_spec(config.method)
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  disc_outputs = {"none": 0, "dann": 1, "alda": m.num_classes}[spec.adversary]
+  return AdaptationNet(backbone=_backbone(m, spec.num_domains, dtype), num_classes=m.num_classes,
+                       bottleneck_dim=m.bottleneck_dim, disc_outputs=disc_outputs,
+                       disc_hidden_dim=m.disc_hidden_dim, dropout_rate=m.dropout_rate,
+                       dtype=dtype)
+
+
+def load_pretrained_backbone(config) -> dict | None:
+  """Host ``{'params', 'batch_stats'}`` of the torchvision ResNet-50 at ``model.pretrained_path``.
+
+  None when the path is empty (random init). Only ``resnet50`` has pretrained weights; every BN
+  is copied into each DSBN branch, as the DSBN code does.
+  """
+  path = config.model.pretrained_path
+  if not path:
+    return None
+  if config.model.backbone != "resnet50":
+    raise UserError(f"model.pretrained_path is set but model.backbone is "
+                    f"{config.model.backbone!r}; pretrained weights exist only for resnet50")
+  num_domains = method_spec(config.method).num_domains
+  return torchvision_port.load_resnet50(path, num_domains=num_domains)
+

@@ -1,0 +1,57 @@
+"""The reference optimizer in optax: Nesterov SGD, coupled weight decay, per-group lr, inv decay.
+
+Reference (official ALDA ``train.py``/``lr_schedule.py``/``network.py``; facts §2): one
+``torch.optim.SGD(momentum=0.9, nesterov=True)`` over the groups backbone (lr x1), bottleneck and
+classifier (x10) and D (x10), every group with weight decay 0.0005 x decay_mult 2 = 0.001; before
+step i ``inv_lr_scheduler`` sets each group's lr to lr0 (1 + 0.001 i)^-0.75 x lr_mult.
+
+torch's update per param (``_single_tensor_sgd``), with g the gradient:
+  d = g + wd·w;  buf = d (first step) or 0.9·buf + d;  step = d + 0.9·buf;  w -= lr·step.
+optax ``add_decayed_weights(wd)`` -> ``trace(0.9, nesterov=True)`` -> ``scale_by_learning_rate``
+is the same computation: the trace starts at zeros, so its first value 0.9·0 + d = d is torch's
+"buf starts at d"; the lr multiplies after the momentum, so the buffer is lr-free in both.
+"""
+
+import jax.numpy as jnp
+import optax
+
+# Top-level param name (``heads.AdaptationNet``) -> optimizer group.
+PARAM_GROUPS = {"backbone": "backbone", "bottleneck": "head", "classifier": "head",
+                "disc": "disc"}
+
+
+def inv_schedule(optim_cfg) -> optax.Schedule:
+  """``lr_schedule.py::inv_lr_scheduler``: step i -> lr0 · (1 + gamma·i)^(-power) (base group)."""
+  def schedule(step):
+    i = jnp.asarray(step, jnp.float32)
+    return optim_cfg.lr0 * (1.0 + optim_cfg.lr_gamma * i) ** (-optim_cfg.lr_power)
+  return schedule
+
+
+def lr_multipliers(optim_cfg) -> dict:
+  """Group name -> lr multiplier (``get_parameters``' lr_mult)."""
+  return {"backbone": optim_cfg.lr_mult_backbone, "head": optim_cfg.lr_mult_head,
+          "disc": optim_cfg.lr_mult_disc}
+
+
+def param_labels(params) -> dict:
+  """The optimizer group of every top-level subtree of ``params``."""
+  unknown = sorted(set(params) - set(PARAM_GROUPS))
+  if unknown:
+    raise ValueError(f"params with no optimizer group: {unknown}; known: {sorted(PARAM_GROUPS)}")
+  return {name: PARAM_GROUPS[name] for name in params}
+
+
+def _group_sgd(optim_cfg, lr_mult: float) -> optax.GradientTransformation:
+  base = inv_schedule(optim_cfg)
+  return optax.chain(
+      optax.add_decayed_weights(optim_cfg.weight_decay),  # coupled L2: g + wd·w, on every param
+      optax.sgd(lambda step: lr_mult * base(step), momentum=optim_cfg.momentum,
+                nesterov=optim_cfg.nesterov))
+
+
+def create_optimizer(optim_cfg) -> optax.GradientTransformation:
+  """One optimizer for G, C and D (the reference's single ``optimizer.step()``), lr per group."""
+  transforms = {group: _group_sgd(optim_cfg, mult)
+                for group, mult in lr_multipliers(optim_cfg).items()}
+  return optax.multi_transform(transforms, param_labels)

@@ -1,0 +1,127 @@
+"""Devices: the mesh, shardings, global batches and the jitted steps (the one device-aware module).
+
+Data parallelism is plain ``jax.jit`` over a 1-axis mesh ``('data',)`` spanning every device of
+every process: batches are sharded along their leading axis, the train state is replicated, and
+XLA inserts the gradient all-reduce. BatchNorm then normalises with *global*-batch statistics
+(the means in ``DomainSpecificBatchNorm`` are over the whole sharded batch): synchronised BN, so N
+devices compute what one device holding the whole batch computes, up to float reduction order.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from dsbn_jax import train_step as train_step_lib
+from dsbn_jax.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None, *, auto: bool = False) -> bool:
+  """Calls ``jax.distributed.initialize`` when running multi-process; returns whether it did.
+
+  Multi-process is requested by the arguments, by the environment variable
+  ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``), or by
+  ``auto=True`` (JAX's cluster auto-detection: Cloud TPU pods, SLURM, Open MPI, ...). A plain
+  single-process run calls nothing. Must run before anything touches a JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator_address is None and not auto:
+    return False
+  env_int = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes if num_processes is not None else env_int("JAX_NUM_PROCESSES"),
+      process_id=process_id if process_id is not None else env_int("JAX_PROCESS_ID"))
+  return True
+
+
+def make_mesh(devices=None) -> Mesh:
+  """1-axis mesh ``('data',)`` over ``devices`` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  if not devices:
+    raise UserError("no JAX devices available to build the ('data',) mesh")
+  # Auto axis type: classic jit sharding propagation (jax.make_mesh now defaults to Explicit).
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the mesh."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device (state, rng, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh: Mesh):
+  """Host values (identical on every process: keys, pretrained weights) -> replicated arrays.
+
+  With several processes, host numpy or single-device arrays cannot enter a computation that
+  spans other hosts' devices; replicated global arrays can. Each process supplies the full value.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
+
+
+def to_global(batch, mesh: Mesh):
+  """This process's part of a batch (a pytree of host arrays) -> global arrays sharded on 'data'.
+
+  Each process passes only its own rows (global batch = rows per process x process count); the
+  rows of one process must split evenly over its local devices.
+  """
+  sharding = data_sharding(mesh)
+  n_local = len(mesh.local_devices)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % n_local:
+      raise UserError(f"a batch array of shape {x.shape} cannot be split over {n_local} local "
+                      "devices: make the per-process batch size a multiple of the device count")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, batch)
+
+
+def create_sharded_state(mesh: Mesh, rng: jax.Array, config, model, image_shape,
+                         pretrained: dict | None = None) -> train_step_lib.TrainState:
+  """``train_step.create_train_state`` run under jit with a replicated output sharding."""
+  init = functools.partial(train_step_lib.create_train_state, config=config, model=model,
+                           image_shape=tuple(image_shape))
+  rng, pretrained = replicate((rng, pretrained), mesh)
+  return jax.jit(init, out_shardings=replicated(mesh))(rng, pretrained=pretrained)
+
+
+def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step):
+  """``step(state, global_batch, rng) -> (state, metrics)``, compiled once, state donated.
+
+  ``global_batch`` from ``to_global``; ``rng`` a fixed base key, best ``replicate``-d once (the
+  step folds in its step number). ``step_fn`` is for tests (e.g. counting traces).
+  """
+  rep = replicated(mesh)
+  return jax.jit(functools.partial(step_fn, cfg=cfg),
+                 in_shardings=(rep, data_sharding(mesh), rep),
+                 out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(mesh: Mesh, cfg, step_fn=train_step_lib.eval_step):
+  """``eval(state, global_batch) -> outputs``; outputs replicated so every host can read them."""
+  rep = replicated(mesh)
+  return jax.jit(functools.partial(step_fn, cfg=cfg), in_shardings=(rep, data_sharding(mesh)),
+                 out_shardings=rep)

@@ -1,0 +1,183 @@
+"""The pure training and evaluation steps (no devices, no I/O: ``sharding.py`` jits them).
+
+One step mirrors one iteration of the official ALDA ``train.py::train`` (facts §1-2):
+1. source batch through G+C (BN branch 0), then target batch (branch 1 for DSBN methods, the shared
+   branch 0 otherwise) -- two calls, so BN batch statistics are per domain, and the running
+   statistics are threaded from the first call into the second, as torch updates them in place;
+2. D on the concatenated bottleneck features [f_s; f_t] behind gradient reversal (coefficient
+   ``calc_coeff(i + 1)``), ALDA's three terms (or DANN's domain loss);
+3. total = CE_s + adv_weight·L_adv + adv_weight·λ_T(i)·L_T, plus L_reg on D only;
+4. one optimizer update for G, C and D together.
+
+Batch format: ``{'source': {'image': f32[B,H,W,3], 'label': i32[B]}, 'target': {...same}}``; the
+target labels are read only for the diagnostic ``train/target_acc``.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+
+from dsbn_jax import losses, optim
+from dsbn_jax.errors import UserError
+from dsbn_jax.models import heads
+
+
+class TrainState(train_state.TrainState):
+  """params/opt_state/step (flax) + the BN running statistics of every domain branch."""
+
+  batch_stats: Any
+
+
+def create_train_state(rng: jax.Array, config, model: heads.AdaptationNet,
+                       image_shape: tuple[int, int, int], pretrained: dict | None = None
+                       ) -> TrainState:
+  """Randomly initialised state; pure, so it can run under ``jax.jit(..., out_shardings=...)``.
+
+  ``pretrained`` (``heads.load_pretrained_backbone``) replaces the backbone's params and BN
+  statistics. The optimizer state does not depend on param values (zero momentum), so initialising
+  it before the replacement is the same as after.
+  """
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init({"params": rng}, x, method="init_all")
+  params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+  if pretrained is not None:
+    _check_same_structure(params["backbone"], pretrained["params"], "params")
+    _check_same_structure(batch_stats["backbone"], pretrained["batch_stats"], "batch_stats")
+    params["backbone"] = pretrained["params"]
+    batch_stats["backbone"] = pretrained["batch_stats"]
+  return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
+                           tx=optim.create_optimizer(config.optim))
+
+
+def _check_same_structure(ours, theirs, what: str) -> None:
+  shapes = lambda t: jax.tree.map(lambda v: tuple(v.shape), t)  # noqa: E731
+  if jax.tree.structure(ours) != jax.tree.structure(theirs) or shapes(ours) != shapes(theirs):
+    raise UserError(f"pretrained backbone {what} do not fit model.backbone; check "
+                    "model.pretrained_path and model.backbone")
+
+
+def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_coeff, *, cfg):
+  """Forward pass and every loss term of ``cfg.method``; differentiable in ``params``.
+
+  Returns ``(terms, aux)``: ``terms`` has 'ce' (+ 'dann', or 'adv', 'reg', 'correct'); ``aux`` has
+  the updated 'batch_stats' and the float32 'logits_s' / 'logits_t' ('logits_t' absent for
+  source_only). 'reg' is computed from *detached* features, so its gradient reaches D only.
+  """
+  spec = heads.method_spec(cfg.method)
+  src, tgt = batch["source"], batch["target"]
+  (feat_s, logits_s), upd = apply_fn({"params": params, "batch_stats": batch_stats}, src["image"],
+                                     domain=0, train=True, mutable=["batch_stats"])
+  terms = {"ce": losses.cross_entropy(logits_s, src["label"])}
+  aux = {"batch_stats": upd["batch_stats"], "logits_s": logits_s}
+  if spec.adversary == "none":
+    # Source-only: the target batch never enters the network, so it cannot leak into the shared
+    # BN statistics (that would be AdaBN-style adaptation, not the "ResNet-50" baseline).
+    return terms, aux
+  (feat_t, logits_t), upd = apply_fn({"params": params, "batch_stats": upd["batch_stats"]},
+                                     tgt["image"], domain=1 if spec.dsbn else 0, train=True,
+                                     mutable=["batch_stats"])
+  aux.update(batch_stats=upd["batch_stats"], logits_t=logits_t)
+  feat_Nxf = jnp.concatenate([feat_s, feat_t])
+
+  def discriminate(feat):  # same rng each call -> the same dropout mask, like the single D forward
+    return apply_fn({"params": params}, feat, train=True, method="discriminate",
+                    rngs={"dropout": dropout_rng})
+
+  d_logits = discriminate(losses.gradient_reversal(feat_Nxf, grl_coeff))
+  if spec.adversary == "dann":
+    terms["dann"] = losses.dann_loss(d_logits)
+    return terms, aux
+  probs_NxK = jax.nn.softmax(jnp.concatenate([logits_s, logits_t]), axis=-1)
+  labels_s, threshold = src["label"], cfg.loss.threshold
+  terms["adv"], _, terms["correct"] = losses.alda_losses(d_logits, labels_s, probs_NxK, threshold)
+  # train.py back-propagates reg_loss with every G/C param at requires_grad=False: it updates D
+  # only. Same D forward (same dropout mask) on detached features gives exactly that gradient.
+  _, terms["reg"], _ = losses.alda_losses(discriminate(jax.lax.stop_gradient(feat_Nxf)),
+                                          labels_s, probs_NxK, threshold)
+  return terms, aux
+
+
+def total_loss(terms: dict, lambda_t, cfg) -> jax.Array:
+  """train.py's ``total_loss`` = CE + transfer loss (L_reg is separate: it reaches only D)."""
+  w = cfg.loss.adv_weight
+  if "dann" in terms:
+    return terms["ce"] + w * terms["dann"]
+  if "adv" in terms:
+    return terms["ce"] + w * terms["adv"] + w * lambda_t * terms["correct"]
+  return terms["ce"]
+
+
+def step_coefficients(step, cfg) -> dict:
+  """GRL coefficient (``calc_coeff(i + 1)``) and L_T weight λ_T (``calc_coeff(i)``) at step i."""
+  lc = cfg.loss
+  return {"grl_coeff": losses.grl_coeff(step, lc.ramp_alpha, lc.ramp_max_steps),
+          "lambda_t": losses.correct_loss_weight(step, lc.trade_off, lc.ramp_alpha,
+                                                 lc.ramp_max_steps)}
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, *, cfg):
+  """One SGD step of ``cfg.method``; returns ``(new_state, metrics)`` (metrics: f32 scalars).
+
+  ``rng`` is a fixed base key: the step number is folded in here, so a resumed run draws the same
+  dropout masks as an uninterrupted one.
+  """
+  coeffs = step_coefficients(state.step, cfg)
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    terms, aux = compute_loss_terms(state.apply_fn, params, state.batch_stats, batch, dropout_rng,
+                                    coeffs["grl_coeff"], cfg=cfg)
+    loss = total_loss(terms, coeffs["lambda_t"], cfg)
+    return loss + terms.get("reg", 0.0), (loss, terms, aux)
+
+  grads, (loss, terms, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
+  metrics = _train_metrics(state, batch, loss, terms, aux, coeffs, cfg)
+  return new_state, metrics
+
+
+def _accuracy(logits_BxK, labels_B):
+  return jnp.mean((jnp.argmax(logits_BxK, -1) == labels_B).astype(jnp.float32))
+
+
+def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
+  adversary = heads.method_spec(cfg.method).adversary
+  metrics = {"train/loss": loss, "train/lr": optim.inv_schedule(cfg.optim)(state.step),
+             "train/source_acc": _accuracy(aux["logits_s"], batch["source"]["label"])}
+  metrics.update({f"train/{k}": v for k, v in terms.items()})
+  if adversary != "none":
+    metrics["train/grl_coeff"] = coeffs["grl_coeff"]
+    probs_t = jax.nn.softmax(aux["logits_t"], axis=-1)
+    conf = losses.confident_mask(probs_t, cfg.loss.threshold)
+    metrics["train/confident_frac"] = jnp.mean(conf.astype(jnp.float32))
+    # Diagnostic only: the target labels never enter a loss.
+    metrics["train/target_acc"] = _accuracy(aux["logits_t"], batch["target"]["label"])
+  if adversary == "alda":
+    metrics["train/lambda_t"] = coeffs["lambda_t"]
+  return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
+
+
+def eval_step(state: TrainState, batch, *, cfg) -> dict:
+  """Target-domain predictions with BN in eval mode; the target branch for DSBN methods.
+
+  ``batch``: ``{'image': f32[B,H,W,3] or f32[B,C,H,W,3] (C crops), 'label': i32[B],
+  'mask': bool[B]}``. With crops, the prediction is the argmax of the mean softmax over the C crops
+  (``image_classification_test``). Returns per-example 'probs' f32[B,K], 'pred'/'label' i32[B],
+  'mask' bool[B], and the masked counts 'num_correct'/'num_valid' (i32 scalars).
+  """
+  domain = 1 if heads.method_spec(cfg.method).dsbn else 0
+  images = batch["image"]
+  b = images.shape[0]
+  if images.ndim == 5:  # fold the crop axis into the batch: eval-mode BN makes rows independent
+    images = images.reshape((-1, *images.shape[2:]))
+  _, logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
+                             domain=domain, train=False)
+  probs_BxCxK = jax.nn.softmax(logits, axis=-1).reshape((b, -1, logits.shape[-1]))
+  probs_BxK = jnp.mean(probs_BxCxK, axis=1)
+  pred_B = jnp.argmax(probs_BxK, axis=-1).astype(jnp.int32)
+  mask_B = batch["mask"].astype(jnp.bool_)
+  return {"probs": probs_BxK, "pred": pred_B, "label": batch["label"], "mask": mask_B,
+          "num_correct": jnp.sum((pred_B == batch["label"]) & mask_B, dtype=jnp.int32),
+          "num_valid": jnp.sum(mask_B, dtype=jnp.int32)}
