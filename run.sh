@@ -2,6 +2,7 @@
 # dsbn_jax entry point. Every command sets itself up on a fresh machine (Python >= 3.10 needed).
 #   bash run.sh              install, then run the main job on the embedded default (Digits -> Digits-M)
 #   bash run.sh test [ARGS]  install with the test extra (torch/torchvision for parity), run pytest
+#   bash run.sh office31     the Office-31 sweep (configs/office31.py); likewise officehome
 # Installation is skipped when .venv already holds this exact pyproject.toml (a stamp file).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,16 +31,17 @@ case "$cmd" in
     ensure_install test
     exec "$VENV/bin/python" -m pytest tests "$@"
     ;;
-  main)
+  main)  # the embedded default: source-only vs ALDA+DSBN on Digits -> Digits-M, then the table
     ensure_install ""
-    if [ ! -f dsbn_jax/main.py ]; then
-      echo "[run.sh] the main job (dsbn_jax/main.py) is not implemented yet; 'bash run.sh test' runs the suite." >&2
-      exit 1
-    fi
-    exec "$VENV/bin/python" -m dsbn_jax.main --config=configs/digits.py
+    exec "$VENV/bin/python" -m dsbn_jax.sweep --config=configs/digits.py --workdir=runs/default
+    ;;
+  office31|officehome)  # every task x method x seed of the paper's tables (resumable)
+    ensure_install ""
+    shift
+    exec "$VENV/bin/python" -m dsbn_jax.sweep --config="configs/$cmd.py" --workdir="runs/$cmd" "$@"
     ;;
   *)
-    echo "usage: bash run.sh [test [pytest args]]" >&2
+    echo "usage: bash run.sh [test [pytest args] | office31 | officehome [sweep flags]]" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,47 @@
+"""Command line: ``python -m dsbn_jax.main --config=configs/officehome.py [--workdir=runs/x]``.
+
+Overrides: ``--config.method=alda --config.data.source=Art --config.data.target=Clipart``. Problems
+the user can fix (missing dataset or weights, unknown domain, workdir of another run...) print one
+line and exit with status 2.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dsbn_jax.cli import quiet_library_logs, run_cli, use_cpu_collectives  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>/<method>/"
+                               "<source>-<target>/seed<seed>); an existing run there is resumed.")
+
+
+def default_workdir(config) -> str:
+  d = config.data
+  return os.path.join("runs", d.dataset, config.method, f"{d.source}-{d.target}",
+                      f"seed{config.seed}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
+  from dsbn_jax import sharding, train  # heavy imports after flag parsing
+  use_cpu_collectives()
+  run_cli(sharding.maybe_initialize_distributed)
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(config)
+  logging.info("workdir %s", workdir)
+  results = run_cli(train.train_and_evaluate, config, workdir)
+  print(f"{results['method']} {results['source']} -> {results['target']}: target accuracy "
+        f"best {results['best_accuracy']:.2f}% (step {results['best_step']}), last "
+        f"{results['last_accuracy']:.2f}%; results in {os.path.join(workdir, 'results.json')}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

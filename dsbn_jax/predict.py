@@ -1,0 +1,117 @@
+"""Classify a folder of images with a trained workdir (target DSBN branch), writing a CSV.
+
+  python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --out=predictions.csv
+
+Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (hidden files skipped) is
+preprocessed exactly as the run's evaluation (``data.eval_mode``: 10-crop or center crop) and
+classified with the latest checkpoint, through the same ``eval_step`` the training loop uses. The
+CSV has one row per image: path, predicted class, its probability, and the top-5 classes.
+"""
+
+import csv
+import json
+import os
+import sys
+import types
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from dsbn_jax.cli import quiet_library_logs, run_cli  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
+_IMAGES = flags.DEFINE_string("images", None, "Folder of images to classify (searched recursively).")
+_OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def list_images(folder: str) -> list[str]:
+  from dsbn_jax.errors import UserError
+  if not os.path.isdir(folder):
+    raise UserError(f"--images={folder} is not a folder")
+  paths = sorted(os.path.join(d, f) for d, dirs, files in os.walk(folder) for f in files
+                 if not f.startswith(".") and f.lower().endswith(_EXTENSIONS))
+  if not paths:
+    raise UserError(f"no images ({', '.join(_EXTENSIONS)}) under {folder}")
+  return paths
+
+
+def load_run(workdir: str):
+  """``(config, class_names, predictor)`` of a workdir; predictor maps a batch to eval outputs."""
+  import jax
+  import ml_collections
+
+  from dsbn_jax import checkpointing, train_step
+  from dsbn_jax.errors import UserError
+  from dsbn_jax.models import heads
+
+  paths = [os.path.join(workdir, f) for f in ("config.json", "classes.json")]
+  if not all(os.path.exists(p) for p in paths):
+    raise UserError(f"{workdir} is not a training workdir (no config.json/classes.json)")
+  with open(paths[0], encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(paths[1], encoding="utf-8") as f:
+    class_names = json.load(f)
+  try:
+    step, state = checkpointing.read_state_arrays(workdir)
+  except FileNotFoundError as e:
+    raise UserError(f"{e}: train it first") from e
+  model = heads.create_model(config)
+  held = types.SimpleNamespace(apply_fn=model.apply, params=state["params"],
+                               batch_stats=state["batch_stats"])
+  predictor = jax.jit(lambda batch: train_step.eval_step(held, batch, cfg=config))
+  print(f"{workdir}: checkpoint of step {step}, method {config.method}", file=sys.stderr)
+  return config, class_names, predictor
+
+
+def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32) -> int:
+  """Writes ``out_csv``; returns the number of images classified."""
+  import numpy as np
+  import tensorflow as tf
+
+  from dsbn_jax import input_pipeline
+  from dsbn_jax.datasets import catalog
+  from dsbn_jax.errors import UserError
+
+  catalog.hide_accelerators_from_tf()
+  config, class_names, predictor = load_run(workdir)
+  paths = list_images(folder)
+  rows = []
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start:start + batch_size]
+    images = []
+    for p in chunk:
+      try:
+        images.append(input_pipeline.preprocess_eval(tf.io.read_file(p), config.data).numpy())
+      except tf.errors.OpError as e:
+        raise UserError(f"cannot decode image {p}: {e.message.splitlines()[0]}") from e
+    pad = batch_size - len(chunk)  # fixed batch shape: one compilation
+    batch = {"image": np.stack(images + [np.zeros_like(images[0])] * pad),
+             "label": np.zeros(batch_size, np.int32),
+             "mask": np.arange(batch_size) < len(chunk)}
+    probs = np.asarray(predictor(batch)["probs"])[:len(chunk)]
+    for p, pr in zip(chunk, probs):
+      top = np.argsort(-pr)[:5]
+      rows.append([os.path.relpath(p, folder), class_names[top[0]], f"{pr[top[0]]:.4f}",
+                   " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top)])
+  os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
+  with open(out_csv, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "prediction", "probability", "top5"])
+    w.writerows(rows)
+  return len(rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
+  n = run_cli(predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value)
+  print(f"classified {n} images -> {_OUT.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "images"])
+  app.run(main)

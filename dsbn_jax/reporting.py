@@ -1,0 +1,121 @@
+"""Run outputs: JSONL + TensorBoard metrics, a progress line, accuracy/loss plots, result tables."""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    import tensorflow as tf  # TensorBoard events via tf.summary (TF is already the input stack)
+    self._tf = tf
+    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    with self._tb.as_default(step=int(step)):
+      for k, v in scalars.items():
+        self._tf.summary.scalar(k, float(v))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """One line per report: step/total, img/s, ETA and chosen metrics (a \\r bar on a terminal)."""
+
+  def __init__(self, total_steps: int, start_step: int, images_per_step: int, enabled: bool = True):
+    self.total, self.images_per_step, self.enabled = total_steps, images_per_step, enabled
+    self._t0, self._s0 = time.perf_counter(), start_step
+    self._tty = sys.stdout.isatty()
+
+  def rate(self, step: int) -> float:
+    dt = time.perf_counter() - self._t0
+    return (step - self._s0) * self.images_per_step / dt if dt > 0 and step > self._s0 else 0.0
+
+  def report(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    rate = self.rate(step)
+    steps_per_s = rate / self.images_per_step if rate else 0.0
+    eta = (self.total - step) / steps_per_s if steps_per_s else float("inf")
+    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
+    line = (f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
+            f"{rate:.1f} img/s ETA {_fmt_duration(eta)} {shown}")
+    print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty else "\n",
+          flush=True)
+
+  def close(self) -> None:
+    if self.enabled and self._tty:
+      print(flush=True)
+
+
+def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> None:
+  """Target accuracy (eval) and training losses against step, from ``metrics.jsonl``."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = read_jsonl(jsonl_path)
+  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  acc = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+  if acc:
+    ax_acc.plot(*zip(*acc), marker="o", label="target accuracy")
+  ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="evaluation (target branch)")
+  for key in sorted({k for r in rows for k in r if k.startswith("train/") and "loss" in k}):
+    pts = [(r["step"], r[key]) for r in rows if key in r and np.isfinite(r[key])]
+    if pts:
+      ax_loss.plot(*zip(*pts), label=key.split("/", 1)[1])
+  ax_loss.set(xlabel="step", ylabel="loss", title="training losses")
+  for ax in (ax_acc, ax_loss):
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+
+
+def mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  if len(values) == 1:
+    return f"{values[0]:.1f}"
+  return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"

@@ -1,0 +1,148 @@
+"""Sweeps: every task x method x seed of a config, resumable, summarised in the paper's layout.
+
+``python -m dsbn_jax.sweep --config=configs/office31.py --workdir=runs/office31`` runs the tasks,
+methods and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A --methods=alda_dsbn
+--seeds=0,1,2``). Each run lives in ``<workdir>/<method>/<source>-<target>/seed<k>``; finished runs
+(``results.json`` present) are skipped, interrupted ones resume from their checkpoint. The summary is
+``<workdir>/results.md`` (best and last target accuracy per task and on average, mean ± std over
+seeds), ``<workdir>/summary.json`` and ``<workdir>/results.png``.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dsbn_jax import reporting  # noqa: E402
+from dsbn_jax.cli import quiet_library_logs, run_cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default runs/sweep_<dataset>).")
+_TASKS = flags.DEFINE_list("tasks", None, "Tasks 'source->target' (default: config.sweep.tasks).")
+_METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.methods).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: config.sweep.seeds).")
+
+
+def run_dir(root: str, method: str, task: str, seed: int) -> str:
+  source, target = task.split("->")
+  return os.path.join(root, method, f"{source}-{target}", f"seed{seed}")
+
+
+def _load_results(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
+  """Runs what is not finished yet, then writes and returns the summary."""
+  from dsbn_jax import train  # heavy import (TF, JAX) only when something runs
+  runs = [(m, t, int(s)) for m in methods for t in tasks for s in seeds]
+  for i, (method, task, seed) in enumerate(runs):
+    workdir = run_dir(root, method, task, seed)
+    if _load_results(os.path.join(workdir, "results.json")) is not None:
+      logging.info("[%d/%d] %s %s seed %d: finished, skipped", i + 1, len(runs), method, task, seed)
+      continue
+    print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.method, cfg.seed = method, seed
+      cfg.data.source, cfg.data.target = task.split("->")
+    train.train_and_evaluate(cfg, workdir)
+  return write_summary(root, tasks, methods, seeds)
+
+
+def _cell(rows, key):
+  return reporting.mean_std([r[key] for r in rows]) if rows else "–"
+
+
+def write_summary(root: str, tasks, methods, seeds) -> dict:
+  """``results.md`` (best and last tables), ``summary.json`` and ``results.png`` from the runs."""
+  summary = {}
+  for m in methods:
+    for t in tasks:
+      rows = [_load_results(os.path.join(run_dir(root, m, t, int(s)), "results.json"))
+              for s in seeds]
+      summary.setdefault(m, {})[t] = [r for r in rows if r is not None]
+  lines = []
+  for key, title in (("best_accuracy", "best over evaluations (the papers' protocol)"),
+                     ("last_accuracy", "last evaluation (final model)")):
+    lines += [f"### Target accuracy (%), {title}", "",
+              "| method | " + " | ".join(t.replace("->", "→") for t in tasks) + " | Avg |",
+              "|---" * (len(tasks) + 2) + "|"]
+    for m in methods:
+      cells = [_cell(summary[m][t], key) for t in tasks]
+      avgs = _seed_averages(summary[m], tasks, key)
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {reporting.mean_std(avgs)} |")
+    lines.append("")
+  seeds_txt = ", ".join(str(s) for s in seeds)
+  lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump({m: {t: [{k: r[k] for k in ("seed", "best_accuracy", "last_accuracy")}
+                       for r in rs] for t, rs in v.items()} for m, v in summary.items()}, f,
+              indent=2)
+  _plot(summary, tasks, methods, os.path.join(root, "results.png"))
+  return {"markdown": text, "runs": summary}
+
+
+def _seed_averages(by_task: dict, tasks, key):
+  """Per seed, the average over tasks (only seeds that finished every task)."""
+  per_seed = {}
+  for t in tasks:
+    for r in by_task[t]:
+      per_seed.setdefault(r["seed"], {})[t] = r[key]
+  return [sum(v.values()) / len(tasks) for v in per_seed.values() if len(v) == len(tasks)]
+
+
+def _plot(summary, tasks, methods, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) * len(methods) / 2 + 3), 4))
+  width = 0.8 / len(methods)
+  for i, m in enumerate(methods):
+    means = [np.mean([r["last_accuracy"] for r in summary[m][t]]) if summary[m][t] else 0
+             for t in tasks]
+    stds = [np.std([r["last_accuracy"] for r in summary[m][t]]) if summary[m][t] else 0
+            for t in tasks]
+    ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=stds, label=m, capsize=3)
+  ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+  ax.set_xticklabels([t.replace("->", "→") for t in tasks])
+  ax.set(ylabel="last target accuracy (%)", ylim=(0, 100))
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
+  config = _CONFIG.value
+  sw = config.sweep
+  tasks = _TASKS.value or list(sw.tasks)
+  methods = _METHODS.value or list(sw.methods)
+  seeds = [int(s) for s in (_SEEDS.value or list(sw.seeds))]
+  root = _WORKDIR.value or os.path.join("runs", f"sweep_{config.data.dataset}")
+  os.makedirs(root, exist_ok=True)
+  out = run_cli(run_sweep, config, root, tasks, methods, seeds)
+  print("\n" + out["markdown"], flush=True)
+  print(f"table: {os.path.join(root, 'results.md')}, plot: {os.path.join(root, 'results.png')}",
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,238 @@
+"""The main job: data, model and state; the train loop with evaluation, checkpoints and outputs.
+
+No math lives here (``train_step.py``) and no device logic (``sharding.py``). Outputs in the workdir:
+``config.json`` (the resolved config that ran), ``metrics.jsonl`` + ``tensorboard/`` (every
+``log_every_steps`` and every evaluation), ``checkpoints/`` (orbax), ``curves.png`` and the final
+``results.json`` (best and last target accuracy, per-class accuracy, confusion matrix, steps, wall
+time, img/s).
+
+Evaluation protocol: the target set with the target DSBN branch in eval mode, every
+``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number the ALDA
+code logs and the papers report (model selection on the test set, facts §4) -- and ``last`` is the
+final model's; both are recorded. The reference evaluates before iteration i for i % 500 == 499
+(after 499, 999, ... updates); here it is after 500, 1000, ... updates.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dsbn_jax import checkpointing, input_pipeline, reporting, sharding
+from dsbn_jax.datasets import catalog
+from dsbn_jax.errors import UserError
+from dsbn_jax.models import heads
+
+# Config fields that may change between a run and its resumption without making it another run:
+# cadence of logs/checkpoints, local paths and input-pipeline throughput knobs.
+_RESUME_SAFE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "data.data_dir", "data.manual_dir", "data.num_parallel_calls",
+                "data.prefetch_batches", "data.cache_resized", "model.pretrained_path")
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
+
+
+def resolve_config(config: ml_collections.ConfigDict, info: catalog.DataInfo):
+  """A copy with the values derived from the data: number of classes and the per-task lr0."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.num_classes = info.num_classes
+  if config.optim.lr0 < 0:  # sentinel: the reference's per-task base rate (configs/office31.py)
+    by_task = {(s, t): lr for s, t, lr in config.optim.get("lr0_by_task", ())}
+    config.optim.lr0 = float(by_task.get((info.source.name, info.target.name),
+                                         config.optim.lr0_default))
+  return config
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _jsonable(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def guard_workdir(workdir: str, config) -> None:
+  """Refuses a workdir that holds a run of another configuration (never overwrites it)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = _flatten(json.load(f))
+  new = _flatten(_jsonable(config))
+  differ = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE))
+  if differ:
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
+    raise UserError(f"workdir {workdir} holds a run of another configuration ({shown}"
+                    f"{' ...' if len(differ) > 4 else ''}); choose a new --workdir (nothing was "
+                    "changed in this one)")
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+
+
+def evaluate(eval_fn, state, eval_data, mesh, num_classes: int) -> dict:
+  """Accuracy (%) over every target image exactly once, with per-class accuracy and confusion."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for batch in eval_data:
+    out = jax.device_get(eval_fn(state, sharding.to_global(batch, mesh)))
+    mask = np.asarray(out["mask"], bool)
+    np.add.at(confusion, (np.asarray(out["label"])[mask], np.asarray(out["pred"])[mask]), 1)
+  total = int(confusion.sum())
+  if total != eval_data.num_examples:
+    raise RuntimeError(f"evaluated {total} images, expected {eval_data.num_examples}")
+  per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+  return {"accuracy": 100.0 * confusion.diagonal().sum() / max(total, 1),
+          "per_class_accuracy": (100.0 * per_class).tolist(), "confusion": confusion.tolist(),
+          "num_images": total}
+
+
+class _Run:
+  """Everything one training run holds; the loop below is split into its named steps."""
+
+  def __init__(self, config, workdir: str):
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    pretrained = heads.load_pretrained_backbone(config)  # first: a missing file fails fast
+    self.info = catalog.get_data_info(config.data)
+    self.config = config = resolve_config(config, self.info)
+    guard_workdir(workdir, config)
+    if self.is_main:
+      os.makedirs(workdir, exist_ok=True)
+      _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
+      _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
+    self.mesh = sharding.make_mesh()
+    self.model = heads.create_model(config)
+    size = config.data.crop_size or config.data.resize_size  # train crop, or the resize alone
+    image_shape = (size, size, 3)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    self.step_rng = sharding.replicate(step_rng, self.mesh)  # one base key; the step folds in
+    self.state = sharding.create_sharded_state(self.mesh, init_rng, config, self.model,
+                                               image_shape, pretrained)
+    self.ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    self.meta = {"evals": [], "best": None, "wall_time_s": 0.0}
+    latest = self.ckpt.latest_step()
+    if latest is not None:
+      self.state, self.meta = self.ckpt.restore(latest, self.state)
+      self.say(f"resumed from {self.ckpt.directory} at step {latest}")
+    self.start_step = int(jax.device_get(self.state.step))
+    self.train_fn = sharding.jit_train_step(self.mesh, config)
+    self.eval_fn = sharding.jit_eval_step(self.mesh, config)
+    self.eval_data = input_pipeline.make_eval_data(config.data)
+    self.writer = reporting.MetricWriter(workdir, enabled=self.is_main)
+
+  def say(self, msg: str) -> None:
+    if self.is_main:
+      print(msg, flush=True)
+
+  def checkpoint(self, step: int) -> None:
+    self.ckpt.save(step, self.state, self.meta)
+
+  def run_eval(self, step: int) -> dict:
+    t0 = time.perf_counter()
+    result = evaluate(self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes)
+    entry = {"step": step, "accuracy": result["accuracy"]}
+    self.meta["evals"].append(entry)
+    if self.meta["best"] is None or result["accuracy"] > self.meta["best"]["accuracy"]:
+      self.meta["best"] = entry
+    self.writer.write(step, {"eval/accuracy": result["accuracy"],
+                             "eval/best_accuracy": self.meta["best"]["accuracy"],
+                             "eval/seconds": time.perf_counter() - t0})
+    self.say(f"step {step}: target accuracy {result['accuracy']:.2f}% (best "
+             f"{self.meta['best']['accuracy']:.2f}% at step {self.meta['best']['step']})")
+    return result
+
+
+def _inject_fault(step: int) -> None:
+  """Test hook: ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process as step k starts (crash tests)."""
+  if os.environ.get("DSBN_JAX_KILL_AT_STEP") == str(step):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_finite(step: int, metrics: dict, ckpt: checkpointing.Checkpointer) -> None:
+  bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+  if bad:
+    last = ckpt.latest_step()
+    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
+        "no checkpoint had been written yet"
+    raise NonFiniteLossError(f"non-finite {', '.join(bad)} at step {step}; the run stopped and "
+                             f"{kept}: lower optim.lr0 or check the data")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming the latest checkpoint there); returns results."""
+  run = _Run(config, workdir)
+  config, total = run.config, run.config.total_steps
+  batch_images = 2 * config.batch_size
+  train_iter = input_pipeline.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=run.start_step)
+  progress = reporting.Progress(total, run.start_step, batch_images, enabled=run.is_main)
+  t_start, pending, last_eval = time.perf_counter(), None, None
+  wall0 = run.meta["wall_time_s"]
+  for step in range(run.start_step, total):
+    _inject_fault(step)
+    batch = sharding.to_global(next(train_iter), run.mesh)
+    run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
+    if pending is not None:  # read the previous step's metrics: no stall on the current step
+      _check_finite(step, jax.device_get(pending), run.ckpt)
+    pending, done = metrics, step + 1
+    if done % config.log_every_steps == 0 or done == total:
+      host = jax.device_get(metrics)
+      _check_finite(done, host, run.ckpt)
+      host["train/images_per_s"] = progress.rate(done)
+      run.writer.write(done, host)
+      progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host})
+    if done % config.eval_every_steps == 0 or done == total:
+      last_eval = run.run_eval(done)
+    if done % config.checkpoint_every_steps == 0 or done == total:
+      _check_finite(done, jax.device_get(metrics), run.ckpt)
+      run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
+      run.checkpoint(done)
+  progress.close()
+  if last_eval is None:  # resumed a finished run: evaluate the final state again
+    last_eval = run.run_eval(int(jax.device_get(run.state.step)))
+  wall = wall0 + time.perf_counter() - t_start
+  run.ckpt.close()
+  results = _results(run, last_eval, wall, trained=total - run.start_step, t=t_start)
+  if run.is_main:
+    _write_json(os.path.join(workdir, "results.json"), results)
+    reporting.plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                          os.path.join(workdir, "curves.png"),
+                          f"{config.method}: {run.info.source.name} -> {run.info.target.name}")
+  run.writer.close()
+  return results
+
+
+def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) -> dict:
+  config = run.config
+  elapsed = time.perf_counter() - t
+  return {
+      "method": config.method, "source": run.info.source.name, "target": run.info.target.name,
+      "seed": config.seed, "steps": config.total_steps,
+      "best_accuracy": run.meta["best"]["accuracy"], "best_step": run.meta["best"]["step"],
+      "last_accuracy": last_eval["accuracy"], "evals": run.meta["evals"],
+      "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
+      "confusion_matrix": last_eval["confusion"], "class_names": list(run.info.class_names),
+      "num_target_images": last_eval["num_images"], "wall_time_s": wall,
+      "images_per_s_this_session": trained * 2 * config.batch_size / elapsed if elapsed else 0.0,
+      "num_devices": len(jax.devices()), "num_processes": jax.process_count(),
+  }

@@ -1,0 +1,175 @@
+"""End to end on configs/smoke.py: outputs, resume, kill -9 + resume, guards, NaN stop, multi-host.
+
+Each run is a real ``python -m dsbn_jax.main`` subprocess (the command users type), on the
+generated Digits data, with the device count set through XLA_FLAGS.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dsbn_jax import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DSBN_JAX_"))}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             CUDA_VISIBLE_DEVICES="", **extra)
+  return env
+
+
+def _main(workdir, data_dir, *overrides, devices=1, check=True, env_extra=None, timeout=600):
+  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices, **(env_extra or {})),
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _params(workdir):
+  return checkpointing.read_state_arrays(str(workdir))
+
+
+def _assert_same_state(a, b, atol=0.0):
+  (step_a, sa), (step_b, sb) = a, b
+  assert step_a == step_b
+  flat_a = jax.tree_util.tree_leaves_with_path(sa)
+  flat_b = dict(jax.tree_util.tree_leaves_with_path(sb))
+  assert len(flat_a) == len(flat_b)
+  for path, x in flat_a:
+    np.testing.assert_allclose(x, flat_b[path], atol=atol, rtol=0, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+  """An uninterrupted 6-step run, the yardstick of the resume tests."""
+  workdir = tmp_path_factory.mktemp("ref") / "run"
+  proc = _main(workdir, data_dir)
+  return workdir, proc
+
+
+def test_outputs_exist_and_parse(reference_run):
+  workdir, proc = reference_run
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["steps"] == 6 and [e["step"] for e in results["evals"]] == [3, 6]
+  assert results["best_accuracy"] == max(e["accuracy"] for e in results["evals"])
+  assert results["last_accuracy"] == results["evals"][-1]["accuracy"]
+  assert results["num_target_images"] == sum(map(sum, results["confusion_matrix"]))
+  assert len(results["per_class_accuracy"]) == 10
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["method"] == "alda_dsbn" and config["model"]["num_classes"] == 10
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert "step 6/6" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
+
+
+def test_second_invocation_resumes_and_extends(reference_run, tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  _main(workdir, data_dir, "--config.total_steps=3")
+  with pytest.raises(AssertionError):  # another total_steps is another configuration...
+    _main(workdir, data_dir)
+  proc = _main(workdir, data_dir, "--config.total_steps=3")  # ...the same one resumes (finished)
+  assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+
+
+@pytest.mark.parametrize("kill_at", [2, 4, 5])
+def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path, data_dir,
+                                                        kill_at):
+  workdir = tmp_path / "run"
+  crashed = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_KILL_AT_STEP": str(kill_at)})
+  assert crashed.returncode == -9, crashed.stderr[-2000:]
+  assert not (workdir / "results.json").exists()
+  resumed = _main(workdir, data_dir)
+  expected_start = 3 if kill_at > 3 else None
+  if expected_start:
+    assert f"at step {expected_start}" in resumed.stdout
+  else:
+    assert "resumed from" not in resumed.stdout
+  _assert_same_state(_params(workdir), _params(reference_run[0]))
+  res = json.loads((workdir / "results.json").read_text())
+  ref = json.loads((reference_run[0] / "results.json").read_text())
+  assert res["evals"] == ref["evals"]
+
+
+def test_workdir_of_another_config_is_refused_untouched(reference_run, data_dir):
+  workdir, _ = reference_run
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  proc = _main(workdir, data_dir, "--config.method=alda", check=False)
+  assert proc.returncode == 2
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: workdir") and "method: 'alda_dsbn' -> 'alda'" in err
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  proc = _main(workdir, data_dir, "--config.optim.lr0=1e12", check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: non-finite") and "lower optim.lr0" in last
+  assert not (workdir / "results.json").exists()
+  steps = sorted(os.listdir(workdir / "checkpoints")) if (workdir / "checkpoints").exists() else []
+  for s in steps:  # whatever was saved is finite
+    state = checkpointing.read_state_arrays(str(workdir), int(s))[1]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
+  """Real multi-host: 2 processes x 2 CPU devices (gloo) == 1 process x 4 devices."""
+  single = tmp_path / "single"
+  _main(single, data_dir, devices=4)
+  multi = tmp_path / "multi"
+  port = _free_port()
+  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
+         f"--workdir={multi}", f"--config.data.data_dir={data_dir}"]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # Reduction order differs (gloo all-reduce vs one process): params and BN statistics agree to
+  # 1e-5; the momentum buffers (sums of raw gradients, O(1) and larger) to 1e-4 relative.
+  (step_m, sm), (step_s, ss) = _params(multi), _params(single)
+  assert step_m == step_s == 6
+  _assert_same_state((6, {k: sm[k] for k in ("params", "batch_stats")}),
+                     (6, {k: ss[k] for k in ("params", "batch_stats")}), atol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(sm["opt_state"]),
+                  jax.tree_util.tree_leaves(ss["opt_state"])):
+    np.testing.assert_allclose(x, y, atol=1e-4 * max(1.0, float(np.abs(y).max())), rtol=0)
+  a = json.loads((multi / "results.json").read_text())
+  b = json.loads((single / "results.json").read_text())
+  assert a["num_processes"] == 2 and b["num_processes"] == 1
+  assert a["evals"] == b["evals"] and a["confusion_matrix"] == b["confusion_matrix"]
+  rows = lambda w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]  # noqa
+  for ra, rb in zip(rows(multi), rows(single)):
+    for k in ra:
+      if k.startswith("train/") and k != "train/images_per_s":
+        np.testing.assert_allclose(ra[k], rb[k], atol=1e-5, err_msg=k)
