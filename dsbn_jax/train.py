@@ -22,6 +22,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from dsbn_jax import checkpointing, input_pipeline, reporting, sharding
 from dsbn_jax.datasets import catalog
@@ -111,6 +112,7 @@ class _Run:
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
     pretrained = heads.load_pretrained_backbone(config)  # first: a missing file fails fast
+    tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
     self.config = config = resolve_config(config, self.info)
     guard_workdir(workdir, config)

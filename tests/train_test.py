@@ -173,3 +173,21 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
     for k in ra:
       if k.startswith("train/") and k != "train/images_per_s":
         np.testing.assert_allclose(ra[k], rb[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("overrides, devices, expected", [
+    (["--config.data.target=mnist"], 1, "unknown domain 'mnist' for dataset digits; valid:"),
+    (["--config.model.backbone=resnet50", "--config.model.pretrained_path=/nope/r50.pth"], 1,
+     "weights file '/nope/r50.pth' (config field model.pretrained_path) not found"),
+    (["--config.method=alda_dsnb"], 1, "alda_dsnb"),
+    ([], 3, "cannot be split over 3 local devices"),
+])
+def test_user_errors_are_one_line_and_leave_no_run(tmp_path, data_dir, overrides, devices,
+                                                   expected):
+  workdir = tmp_path / "run"
+  proc = _main(workdir, data_dir, *overrides, devices=devices, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, last
+  assert "Traceback" not in proc.stderr
+  assert not (workdir / "results.json").exists()
