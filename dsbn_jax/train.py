@@ -152,7 +152,10 @@ class _Run:
     t0 = time.perf_counter()
     result = evaluate(self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes)
     entry = {"step": step, "accuracy": result["accuracy"]}
-    self.meta["evals"].append(entry)
+    evals = self.meta["evals"]
+    if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
+      evals.pop()
+    evals.append(entry)
     if self.meta["best"] is None or result["accuracy"] > self.meta["best"]["accuracy"]:
       self.meta["best"] = entry
     self.writer.write(step, {"eval/accuracy": result["accuracy"],

@@ -89,6 +89,8 @@ def test_second_invocation_resumes_and_extends(reference_run, tmp_path, data_dir
     _main(workdir, data_dir)
   proc = _main(workdir, data_dir, "--config.total_steps=3")  # ...the same one resumes (finished)
   assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+  results = json.loads((workdir / "results.json").read_text())
+  assert [e["step"] for e in results["evals"]] == [3]
 
 
 @pytest.mark.parametrize("kill_at", [2, 4, 5])
