@@ -2,8 +2,8 @@
 
 One ``CheckpointManager`` per workdir (``<workdir>/checkpoints``), items ``state`` (the train state
 pytree, saved sharded/replicated as it lives on the devices) and ``meta`` (JSON: step, best/last
-accuracy, evaluation history, input-pipeline position). Saving is asynchronous; ``wait()`` before the
-process exits. Typed PRNG keys are stored as their raw ``key_data`` and re-wrapped on restore.
+accuracy, evaluation history, input-pipeline position). Saving is asynchronous; ``close()``
+waits for it. Typed PRNG keys are stored as their raw ``key_data`` and re-wrapped on restore.
 """
 
 import os
@@ -65,9 +65,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def all_steps(self):
-    return list(self._mngr.all_steps())
-
   def save(self, step: int, state: Any, meta: dict) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(_unwrap_keys(state)),
                               meta=ocp.args.JsonSave(meta))
@@ -82,9 +79,6 @@ class Checkpointer:
         lambda ref, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
         if _is_key(ref) else x, like, out["state"])
     return state, out["meta"]
-
-  def wait(self) -> None:
-    self._mngr.wait_until_finished()
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from flax import traverse_util
 
 from dsbn_jax import checkpointing, input_pipeline, reporting, sharding
 from dsbn_jax.datasets import catalog
@@ -51,16 +52,6 @@ def resolve_config(config: ml_collections.ConfigDict, info: catalog.DataInfo):
   return config
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _jsonable(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
@@ -71,8 +62,8 @@ def guard_workdir(workdir: str, config) -> None:
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
-    old = _flatten(json.load(f))
-  new = _flatten(_jsonable(config))
+    old = traverse_util.flatten_dict(json.load(f), sep=".")
+  new = traverse_util.flatten_dict(_jsonable(config), sep=".")
   differ = sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE))
   if differ:
