@@ -2,8 +2,9 @@
 
 One ``CheckpointManager`` per workdir (``<workdir>/checkpoints``), items ``state`` (the train state
 pytree, saved sharded/replicated as it lives on the devices) and ``meta`` (JSON: step, best/last
-accuracy, evaluation history, input-pipeline position). Saving is asynchronous; ``close()``
-waits for it. Typed PRNG keys are stored as their raw ``key_data`` and re-wrapped on restore.
+accuracy, evaluation history; the input position is a function of the step). Saving is
+asynchronous; ``close()`` waits for it. Typed PRNG keys are stored as their raw ``key_data`` and
+re-wrapped on restore.
 """
 
 import os
