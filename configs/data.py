@@ -52,6 +52,10 @@ def get_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
   data.std = IMAGENET_STD if office else (0.5, 0.5, 0.5)  # per RGB channel, on [0, 1] pixels
   # --- evaluation ------------------------------------------------------------------------------
   data.eval_mode = '10crop' if office else 'center'  # 10crop (reference default) | center
+  # Target split evaluated on: '' = the protocol's (digits: the held-out 'test' digits; Office: the
+  # whole target domain, transductive as the reference). 'train' (digits) evaluates on the target
+  # images adapted on, by their labels: for choosing hyper-parameters without the test split.
+  data.eval_split = ''
   data.eval_batch_size = 32  # images per eval step over all processes (10 crops count as one)
   # --- throughput --------------------------------------------------------------------------------
   data.num_parallel_calls = -1  # decode/augment threads per process; -1 = tf.data AUTOTUNE

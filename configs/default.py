@@ -40,9 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.pretrained_path = ""
 
   config.optim = o = ml_collections.ConfigDict()
+  o.name = "sgd"  # 'sgd' (reference Office: SGD + Nesterov) | 'adam' (reference digits scripts)
   o.lr0 = 0.001  # base learning rate (backbone); 0.0003 for Office-31 A->D and D->W
   o.momentum = 0.9  # SGD momentum
   o.nesterov = True  # Nesterov momentum (torch.optim.SGD nesterov=True)
+  o.adam_b1, o.adam_b2, o.adam_eps = 0.9, 0.999, 1e-8  # 'adam' only: torch.optim.Adam defaults
   o.weight_decay = 0.001  # coupled L2 on every param incl. BN and biases (0.0005 x decay_mult 2)
   o.lr_mult_backbone = 1.0  # lr multiplier of the backbone (incl. its BN affine params)
   o.lr_mult_head = 10.0  # lr multiplier of the bottleneck and the classifier

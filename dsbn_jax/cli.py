@@ -21,6 +21,28 @@ def use_cpu_collectives() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, but a bad flag or config override is one line and exit status 2.
+
+  A typo in a config field (``--config.optim.lr=0.1``) raises AttributeError inside
+  ml_collections' parser, which absl would print as a chained traceback; a bad value
+  (``--config.optim.lr0=abc``) would print absl's two-line "FATAL Flags parsing error".
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value or an unknown flag
+    msg = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config field
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
+      e = e.args[0]
+    msg = f"unknown config field {' '.join(str(e.args[0] if e.args else e).split())}"
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    msg = " ".join(str(e).split())
+  print(f"error: bad command line: {msg} (see --helpfull)", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def run_cli(fn, *args):
   """Calls ``fn``; a UserError becomes one line on stderr and exit status 2 (no traceback)."""
   try:

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dsbn_jax.cli import quiet_library_logs, run_cli, use_cpu_collectives  # noqa: E402
+from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli, use_cpu_collectives  # noqa: E402,E501
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -44,4 +44,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dsbn_jax.cli import quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to classify (searched recursively).")
@@ -114,4 +114,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "images"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -80,6 +80,16 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
+def check_batch_sizes(config, mesh: Mesh) -> None:
+  """Fails fast (before a run writes anything) when a global batch does not split over the mesh."""
+  n = mesh.devices.size
+  for field, size in (("batch_size", config.batch_size),
+                      ("data.eval_batch_size", config.data.eval_batch_size)):
+    if size % n:
+      raise UserError(f"config.{field}={size} cannot be split over {n} devices: make it a "
+                      "multiple of the device count")
+
+
 def to_global(batch, mesh: Mesh):
   """This process's part of a batch (a pytree of host arrays) -> global arrays sharded on 'data'.
 

@@ -18,7 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dsbn_jax import reporting  # noqa: E402
-from dsbn_jax.cli import quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -145,4 +145,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -107,11 +107,12 @@ class _Run:
     self.info = catalog.get_data_info(config.data)
     self.config = config = resolve_config(config, self.info)
     guard_workdir(workdir, config)
+    self.mesh = sharding.make_mesh()
+    sharding.check_batch_sizes(config, self.mesh)
     if self.is_main:
       os.makedirs(workdir, exist_ok=True)
       _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
       _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
-    self.mesh = sharding.make_mesh()
     self.model = heads.create_model(config)
     size = config.data.crop_size or config.data.resize_size  # train crop, or the resize alone
     image_shape = (size, size, 3)

@@ -227,3 +227,17 @@ def test_digits_seed_changes_partition_and_patches():
   assert not np.array_equal(digits.blend_with_photos(gray, 0), digits.blend_with_photos(gray, 1))
   blended = digits.blend_with_photos(gray, 0).astype(int)
   assert blended.std(axis=-1).mean() > 1  # coloured, not gray
+
+
+def test_eval_split_train_evaluates_on_the_adapted_images_and_is_checked(tmp_path):
+  """data.eval_split='train' (hyper-parameter search without the test split) and a bad name."""
+  data = fx.get_data_config('digits')
+  data.data_dir = str(tmp_path / 'tfds')
+  protocol = catalog.resolve_domain(data, 'digits_m')
+  assert (protocol.train_split, protocol.eval_split) == ('train', 'test')
+  data.eval_split = 'train'
+  search = catalog.resolve_domain(data, 'digits_m')
+  assert search.eval_split == 'train' and search.num_eval == protocol.num_train
+  data.eval_split = 'validation'
+  with pytest.raises(UserError, match=r"data.eval_split='validation' is not a split of 'digits_m'"):
+    catalog.resolve_domain(data, 'digits_m')

@@ -78,3 +78,36 @@ def test_every_top_level_param_needs_a_group():
   assert optim.param_labels({"backbone": 0, "disc": 0}) == {"backbone": "backbone", "disc": "disc"}
   with pytest.raises(ValueError, match="mystery"):
     optim.param_labels({"backbone": 0, "mystery": 0})
+
+
+def test_adam_matches_torch_adam_with_coupled_decay_and_the_schedule():
+  """optim.name='adam' (the reference's digits optimizer) against torch.optim.Adam, per group."""
+  cfg = default.get_config().optim
+  cfg.name, cfg.lr0, cfg.weight_decay, cfg.lr_gamma = "adam", 0.01, 0.01, 0.3
+  cfg.lr_mult_backbone, cfg.lr_mult_head, cfg.lr_mult_disc = 1.0, 2.0, 3.0
+  rng = np.random.default_rng(1)
+  params, grads = _tree(rng), [_tree(rng) for _ in range(5)]
+  tx = optim.create_optimizer(cfg)
+  ours = jax.tree.map(jnp.asarray, params)
+  state = tx.init(ours)
+  torch_params = jax.tree.map(lambda x: torch.tensor(x, requires_grad=True), params)
+  groups = [{"params": jax.tree.leaves(torch_params[k]), "mult": m} for k, m in
+            (("backbone", 1.0), ("bottleneck", 2.0), ("classifier", 2.0), ("disc", 3.0))]
+  opt = torch.optim.Adam(groups, lr=cfg.lr0, weight_decay=cfg.weight_decay)
+  for i, g in enumerate(grads):
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
+    ours = optax.apply_updates(ours, updates)
+    for group in opt.param_groups:
+      group["lr"] = cfg.lr0 * (1 + cfg.lr_gamma * i) ** -cfg.lr_power * group["mult"]
+    for p, gi in zip(jax.tree.leaves(torch_params), jax.tree.leaves(g)):
+      p.grad = torch.from_numpy(gi)
+    opt.step()
+  for ours_leaf, theirs in zip(jax.tree.leaves(ours), jax.tree.leaves(torch_params)):
+    np.testing.assert_allclose(ours_leaf, theirs.detach().numpy(), atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_optimizer_is_a_user_error():
+  cfg = default.get_config().optim
+  cfg.name = "adamw"
+  with pytest.raises(optim.UserError, match="adamw"):
+    optim.create_optimizer(cfg)

@@ -6,6 +6,7 @@ generated Digits data, with the device count set through XLA_FLAGS.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dsbn_jax import checkpointing
+from tests import data_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,19 +179,94 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
         np.testing.assert_allclose(ra[k], rb[k], atol=1e-5, err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+  """Files for the bad-input matrix: another architecture's weights, an empty manual dir, a
+  custom domain tree with a truncated JPEG."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("bad_inputs")
+  torch.save(torchvision.models.resnet18().state_dict(), root / "resnet18.pth")
+  (root / "empty").mkdir()
+  entries = data_fixtures.make_domain_tree(str(root / "tree"), ["a", "b"], ["c0", "c1"])
+  victim = next(e for e in entries if e.path.endswith(".jpg"))
+  data = open(victim.path, "rb").read()
+  with open(victim.path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  return {"root": str(root), "victim": victim.path}
+
+
+_OFFICE = ["--config.data.dataset=office31", "--config.data.source=amazon",
+           "--config.data.target=webcam"]
+
+
 @pytest.mark.parametrize("overrides, devices, expected", [
     (["--config.data.target=mnist"], 1, "unknown domain 'mnist' for dataset digits; valid:"),
     (["--config.model.backbone=resnet50", "--config.model.pretrained_path=/nope/r50.pth"], 1,
      "weights file '/nope/r50.pth' (config field model.pretrained_path) not found"),
+    (["--config.model.backbone=resnet50", "--config.model.pretrained_path={root}/resnet18.pth"],
+     1, "not a torchvision ResNet-50 state_dict"),
     (["--config.method=alda_dsnb"], 1, "alda_dsnb"),
-    ([], 3, "cannot be split over 3 local devices"),
-])
-def test_user_errors_are_one_line_and_leave_no_run(tmp_path, data_dir, overrides, devices,
-                                                   expected):
+    (["--config.optim.lr=0.1"], 1, "unknown config field 'lr' Did you mean \"lr0\""),
+    (["--config.optim.lr0=abc"], 1, "could not convert string to float: 'abc'"),
+    (_OFFICE + ["--config.data.manual_dir={root}/missing"], 1, "{root}/missing"),
+    (_OFFICE + ["--config.data.manual_dir={root}/empty"], 1, "{root}/empty"),
+    (["--config.data.dataset=custom", "--config.data.manual_dir={root}/tree",
+      "--config.data.source=a", "--config.data.target=b"], 1, "{victim}"),
+    ([], 3, "config.batch_size=8 cannot be split over 3 devices"),
+], ids=["unknown_domain", "missing_weights", "other_architecture_weights", "method_typo",
+        "config_field_typo", "config_value_type", "missing_manual_dir", "empty_manual_dir",
+        "truncated_jpeg", "batch_not_divisible"])
+def test_bad_inputs_are_one_line_errors_and_leave_the_workdir_intact(
+    reference_run, bad_inputs, tmp_path, data_dir, overrides, devices, expected):
+  """Each bad input, run on (a copy of) a finished workdir: one line, exit 2, no file changed."""
   workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  before = _snapshot(workdir)
+  overrides = [o.format(**bad_inputs) for o in overrides]
   proc = _main(workdir, data_dir, *overrides, devices=devices, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and expected in last, last
+  assert last.startswith("error: ") and expected.format(**bad_inputs) in last, last
   assert "Traceback" not in proc.stderr
-  assert not (workdir / "results.json").exists()
+  assert _snapshot(workdir) == before
+  fresh = tmp_path / "fresh"  # and no run is started in a new workdir
+  proc = _main(fresh, data_dir, *overrides, devices=devices, check=False)
+  assert proc.returncode == 2 and not (fresh / "results.json").exists()
+
+
+def _snapshot(root) -> dict:
+  """Relative path -> bytes of every file under ``root``."""
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(root) for f in files}
+
+
+def test_same_seed_twice_gives_identical_results(reference_run, tmp_path, data_dir):
+  workdir = tmp_path / "again"
+  _main(workdir, data_dir)
+  _assert_same_state(_params(workdir), _params(reference_run[0]))
+  res = json.loads((workdir / "results.json").read_text())
+  ref = json.loads((reference_run[0] / "results.json").read_text())
+  for key in ("evals", "confusion_matrix", "per_class_accuracy"):
+    assert res[key] == ref[key], key
+  rows, ref_rows = (_train_rows(w) for w in (workdir, reference_run[0]))
+  assert rows == ref_rows
+
+
+def _train_rows(workdir) -> list:
+  """metrics.jsonl train rows without the timing field."""
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows
+          if "train/loss" in r]
+
+
+def test_a_run_without_any_confident_target_stays_finite(tmp_path, data_dir):
+  """δ = 1: no target passes the strict threshold in any step; L_T is empty, losses stay finite."""
+  workdir = tmp_path / "run"
+  _main(workdir, data_dir, "--config.loss.threshold=1.0")
+  rows = _train_rows(workdir)
+  assert len(rows) == 6 and all(r["train/confident_frac"] == 0.0 for r in rows)
+  assert all(np.isfinite(v) for r in rows for v in r.values())
+  state = _params(workdir)[1]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
+  assert json.loads((workdir / "results.json").read_text())["steps"] == 6

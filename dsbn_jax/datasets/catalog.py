@@ -126,6 +126,11 @@ def resolve_domain(data: ml_collections.ConfigDict, domain: str) -> DomainInfo:
   builder = get_builder(data, name)
   train, test = ('train', 'test') if data.dataset == 'digits' else (name, name)
   splits = builder.info.splits
+  if data.get('eval_split'):
+    if data.eval_split not in splits:
+      raise UserError(f'data.eval_split={data.eval_split!r} is not a split of {name!r}; valid: '
+                      f"{sorted(splits)} or '' (the protocol's split)")
+    test = data.eval_split
   return DomainInfo(name=name, builder=builder, train_split=train, eval_split=test,
                     num_train=splits[train].num_examples, num_eval=splits[test].num_examples)
 
