@@ -4,8 +4,10 @@ Every (method, direction, seed) is one real ``python -m dsbn_jax.main --config=c
 run (the command a user types), in ``<workdir>/<method>/<source>-<target>/seed<k>`` (the layout of
 ``dsbn_jax.sweep``), ``--jobs`` of them at a time. A run is single-threaded (XLA's Eigen pool off):
 the small CNN's step does not use a second core (6.3 vs 7.5 steps/s measured with 1 and 2 cores),
-so two one-core runs side by side finish the table in about half the time. Finished runs
-(``results.json`` present) are skipped, so an interrupted table resumes.
+so two one-core runs side by side finish the table in about half the time. Re-running the command
+resumes an interrupted table: a finished run only re-evaluates its final checkpoint (seconds), an
+interrupted one resumes from its checkpoint, and a workdir of another configuration (after an edit
+of ``configs/digits.py``, say) fails that run with the workdir guard's one-line error.
 
 The target-only oracle is ``source_only`` trained on the labelled target train split
 (``--config.data.source=<target>``) and evaluated on the same held-out target test split as the
@@ -97,11 +99,8 @@ def main() -> None:
   root = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
   env = _env(os.path.join(root, "jax_cache"))
-  pending = []
-  for label, task, seed, overrides in _runs(args):
-    workdir = sweep.run_dir(root, label, task, seed)
-    if not os.path.exists(os.path.join(workdir, "results.json")):
-      pending.append((label, task, seed, overrides, workdir))
+  pending = [(label, task, seed, overrides, sweep.run_dir(root, label, task, seed))
+             for label, task, seed, overrides in _runs(args)]
   total, t0, load0 = len(pending), time.time(), os.getloadavg()
   print(f"{total} runs to do, {args.jobs} at a time; logs in {root}/logs", flush=True)
   running, failed, done = [], [], 0

@@ -24,11 +24,13 @@ def get_config():
   config = default.get_config()
   config.data = data_lib.get_data_config("digits")
   config.method = "alda_dsbn"
-  # Sized so that `bash run.sh` (two runs) takes about 3 minutes on 2 CPU cores.
-  config.batch_size = 32  # images per domain per step
-  config.total_steps = 600  # steps
-  config.eval_every_steps = 100  # steps
-  config.checkpoint_every_steps = 200  # steps
+  # Chosen on the target *train* split's labels (data.eval_split='train'), never on the held-out
+  # test digits: 16 + 16 images x 1000 steps scored 74 % there against 71 % for 32 + 32 x 600 (the
+  # first setting), at the same number of images; the candidates tried are in BENCHMARKS.md.
+  config.batch_size = 16  # images per domain per step
+  config.total_steps = 1000  # steps
+  config.eval_every_steps = 200  # steps
+  config.checkpoint_every_steps = 500  # steps
   config.log_every_steps = 50  # steps
 
   m = config.model
@@ -41,7 +43,7 @@ def get_config():
   config.optim.lr_mult_head = 1.0
   config.optim.lr_mult_disc = 1.0
   config.loss.threshold = 0.6  # ALDA's digits δ
-  config.loss.ramp_max_steps = 600  # steps; the ramps reach ~1 by the end of this short run
+  config.loss.ramp_max_steps = 1000  # steps; the ramps reach ~1 by the end of this short run
 
   config.sweep.tasks = ("digits->digits_m",)
   config.sweep.methods = ("source_only", "alda_dsbn")

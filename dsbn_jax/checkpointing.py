@@ -81,6 +81,10 @@ class Checkpointer:
         if _is_key(ref) else x, like, out["state"])
     return state, out["meta"]
 
-  def close(self) -> None:
+  def wait(self) -> None:
+    """Blocks until the pending async save (if any) is on disk."""
     self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
     self._mngr.close()

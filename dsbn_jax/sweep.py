@@ -46,14 +46,15 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
   runs = [(m, t, int(s)) for m in methods for t in tasks for s in seeds]
   for i, (method, task, seed) in enumerate(runs):
     workdir = run_dir(root, method, task, seed)
-    if _load_results(os.path.join(workdir, "results.json")) is not None:
-      logging.info("[%d/%d] %s %s seed %d: finished, skipped", i + 1, len(runs), method, task, seed)
-      continue
-    print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.method, cfg.seed = method, seed
       cfg.data.source, cfg.data.target = task.split("->")
+    if _load_results(os.path.join(workdir, "results.json")) is not None:
+      train.guard_workdir(workdir, cfg, resolved=False)  # a finished run of *this* config only
+      logging.info("[%d/%d] %s %s seed %d: finished, skipped", i + 1, len(runs), method, task, seed)
+      continue
+    print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
     train.train_and_evaluate(cfg, workdir)
   return write_summary(root, tasks, methods, seeds)
 
@@ -104,23 +105,29 @@ def _seed_averages(by_task: dict, tasks, key):
 
 
 def _plot(summary, tasks, methods, path: str) -> None:
+  """Bars of the mean target accuracy per task and method, last and best, ± the sample std."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
-  fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) * len(methods) / 2 + 3), 4))
+  def mean_std(rows, key):  # the sample std, as in the table; no bar for a missing cell
+    values = [r[key] for r in rows]
+    return (np.mean(values) if values else 0.0,
+            np.std(values, ddof=1) if len(values) > 1 else 0.0)
+
   width = 0.8 / len(methods)
-  for i, m in enumerate(methods):
-    means = [np.mean([r["last_accuracy"] for r in summary[m][t]]) if summary[m][t] else 0
-             for t in tasks]
-    stds = [np.std([r["last_accuracy"] for r in summary[m][t]]) if summary[m][t] else 0
-            for t in tasks]
-    ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=stds, label=m, capsize=3)
-  ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
-  ax.set_xticklabels([t.replace("->", "→") for t in tasks])
-  ax.set(ylabel="last target accuracy (%)", ylim=(0, 100))
-  ax.legend(fontsize=8)
+  panel = max(4.0, 0.35 * len(tasks) * len(methods) + 2)  # inches per panel
+  fig, axes = plt.subplots(1, 2, figsize=(2 * panel, 4))
+  for ax, key, title in zip(axes, ("last_accuracy", "best_accuracy"),
+                            ("last evaluation (final model)", "best over evaluations")):
+    for i, m in enumerate(methods):
+      means, stds = zip(*(mean_std(summary[m][t], key) for t in tasks))
+      ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=stds, label=m, capsize=3)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+    ax.set_xticklabels([t.replace("->", "→") for t in tasks])
+    ax.set(ylabel="target accuracy (%)", ylim=(0, 100), title=title)
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

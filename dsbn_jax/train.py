@@ -56,16 +56,22 @@ def _jsonable(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def guard_workdir(workdir: str, config) -> None:
-  """Refuses a workdir that holds a run of another configuration (never overwrites it)."""
+def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
+  """Refuses a workdir that holds a run of another configuration (never overwrites it).
+
+  ``resolved=False`` compares a config before ``resolve_config`` (what a sweep has before it
+  decides to skip a finished run): the fields derived from the data are then not compared.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
     old = traverse_util.flatten_dict(json.load(f), sep=".")
   new = traverse_util.flatten_dict(_jsonable(config), sep=".")
+  derived = () if resolved else ("model.num_classes",) + (
+      ("optim.lr0",) if config.optim.lr0 < 0 else ())
   differ = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE))
+                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE + derived))
   if differ:
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
     raise UserError(f"workdir {workdir} holds a run of another configuration ({shown}"
@@ -158,15 +164,23 @@ class _Run:
     return result
 
 
-def _inject_fault(step: int) -> None:
-  """Test hook: ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process as step k starts (crash tests)."""
+def _inject_fault(step: int, batch: dict) -> dict:
+  """Test hooks for the reliability tests (both off unless their variable is set):
+  ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process as step k starts (crash + resume);
+  ``DSBN_JAX_NAN_AT_STEP=k`` feeds step k a source batch of NaN pixels (a non-finite loss computed
+  by the real step, which must stop the run and keep the last good checkpoint)."""
   if os.environ.get("DSBN_JAX_KILL_AT_STEP") == str(step):
     os.kill(os.getpid(), signal.SIGKILL)
+  if os.environ.get("DSBN_JAX_NAN_AT_STEP") == str(step):
+    source = dict(batch["source"], image=np.full_like(batch["source"]["image"], np.nan))
+    batch = dict(batch, source=source)
+  return batch
 
 
 def _check_finite(step: int, metrics: dict, ckpt: checkpointing.Checkpointer) -> None:
   bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
   if bad:
+    ckpt.wait()  # the last good checkpoint may still be being written (async): finish it first
     last = ckpt.latest_step()
     kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
         "no checkpoint had been written yet"
@@ -185,25 +199,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = reporting.Progress(total, run.start_step, batch_images, enabled=run.is_main)
   t_start, pending, last_eval = time.perf_counter(), None, None
   wall0 = run.meta["wall_time_s"]
-  for step in range(run.start_step, total):
-    _inject_fault(step)
-    batch = sharding.to_global(next(train_iter), run.mesh)
-    run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
-    if pending is not None:  # read the previous step's metrics: no stall on the current step
-      _check_finite(step, jax.device_get(pending), run.ckpt)
-    pending, done = metrics, step + 1
-    if done % config.log_every_steps == 0 or done == total:
-      host = jax.device_get(metrics)
-      _check_finite(done, host, run.ckpt)
-      host["train/images_per_s"] = progress.rate(done)
-      run.writer.write(done, host)
-      progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host})
-    if done % config.eval_every_steps == 0 or done == total:
-      last_eval = run.run_eval(done)
-    if done % config.checkpoint_every_steps == 0 or done == total:
-      _check_finite(done, jax.device_get(metrics), run.ckpt)
-      run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
-      run.checkpoint(done)
+  try:
+    for step in range(run.start_step, total):
+      batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
+      run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
+      if pending is not None:  # read the previous step's metrics: no stall on the current step
+        _check_finite(step, jax.device_get(pending), run.ckpt)
+      pending, done = metrics, step + 1
+      if done % config.log_every_steps == 0 or done == total:
+        host = jax.device_get(metrics)
+        _check_finite(done, host, run.ckpt)
+        host["train/images_per_s"] = progress.rate(done)
+        run.writer.write(done, host)
+        progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host})
+      if done % config.eval_every_steps == 0 or done == total:
+        last_eval = run.run_eval(done)
+      if done % config.checkpoint_every_steps == 0 or done == total:
+        _check_finite(done, jax.device_get(metrics), run.ckpt)
+        run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
+        run.checkpoint(done)
+  except BaseException:  # an error, a NaN stop, Ctrl-C: finish a pending async save, then stop
+    run.ckpt.close()
+    run.writer.close()
+    raise
   progress.close()
   if last_eval is None:  # resumed a finished run: evaluate the final state again
     last_eval = run.run_eval(int(jax.device_get(run.state.step)))

@@ -138,6 +138,25 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
 
 
+def test_nan_injected_at_step_4_stops_the_run_and_keeps_the_good_step_3_checkpoint(
+    reference_run, tmp_path, data_dir):
+  """NaN pixels in step 4's source batch: the real step computes a NaN loss; the run stops at once
+  with a one-line error, nothing non-finite is saved, and checkpoint 3 is the uninterrupted one."""
+  workdir = tmp_path / "run"
+  proc = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_NAN_AT_STEP": "4"})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: non-finite train/") and "at step 5" in last, last
+  assert "the last good checkpoint (step 3) is kept" in last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+  assert not (workdir / "results.json").exists()
+  _assert_same_state(checkpointing.read_state_arrays(str(workdir), 3),
+                     checkpointing.read_state_arrays(str(reference_run[0]), 3))
+  resumed = _main(workdir, data_dir)  # the fault was transient: resuming finishes the run exactly
+  assert "at step 3" in resumed.stdout
+  _assert_same_state(_params(workdir), _params(reference_run[0]))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -1,0 +1,54 @@
+"""Sweeps: the table from finished runs, skipping finished runs, refusing a changed config."""
+
+import json
+import os
+import subprocess
+import sys
+
+from dsbn_jax import sweep
+from tests.train_test import ROOT, _env
+
+
+def _fake_run(root, method, task, seed, best, last):
+  workdir = sweep.run_dir(str(root), method, task, seed)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump({"seed": seed, "best_accuracy": best, "last_accuracy": last}, f)
+
+
+def test_summary_tables_mean_and_sample_std_per_task_and_average(tmp_path):
+  tasks, seeds = ["a->b", "b->a"], [0, 1]
+  for seed, (ab, ba) in enumerate([(60.0, 70.0), (64.0, 80.0)]):
+    _fake_run(tmp_path, "m", "a->b", seed, ab + 1, ab)
+    _fake_run(tmp_path, "m", "b->a", seed, ba + 1, ba)
+  out = sweep.write_summary(str(tmp_path), tasks, ["m", "missing"], seeds)
+  last = out["markdown"].split("last evaluation")[1]
+  # a->b: 60, 64 -> 62.0 ± 2.8 (sample std); b->a: 70, 80 -> 75.0 ± 7.1; per-seed avg 65, 72
+  assert "| m | 62.0 ± 2.8 | 75.0 ± 7.1 | 68.5 ± 4.9 |" in last, last
+  assert "| missing | – | – |" in last
+  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert [r["last_accuracy"] for r in summary["m"]["b->a"]] == [70.0, 80.0]
+
+
+def _sweep(root, data_dir, *overrides):
+  cmd = [sys.executable, "-m", "dsbn_jax.sweep", "--config=configs/smoke.py", f"--workdir={root}",
+         "--methods=source_only", "--seeds=0", f"--config.data.data_dir={data_dir}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_runs_then_skips_finished_runs_and_refuses_a_changed_config(tmp_path):
+  root, data_dir = tmp_path / "sweep", tmp_path / "tfds"
+  first = _sweep(root, data_dir)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert "| source_only |" in first.stdout and (root / "results.md").exists()
+  results = root / "source_only" / "digits-digits_m" / "seed0" / "results.json"
+  before = results.read_bytes()
+  again = _sweep(root, data_dir)
+  assert again.returncode == 0 and "[sweep 1/1]" not in again.stdout  # skipped, not re-run
+  assert results.read_bytes() == before
+  changed = _sweep(root, data_dir, "--config.optim.lr0=0.5")
+  assert changed.returncode == 2, changed.stderr[-2000:]
+  last = changed.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: workdir") and "optim.lr0: 0.01 -> 0.5" in last, last
+  assert results.read_bytes() == before
