@@ -13,13 +13,25 @@ import numpy as np
 class MetricWriter:
   """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+               reevaluate: bool = False):
+    """``resume_step``: the step the run resumes from. Rows after it in ``metrics.jsonl`` were
+    written by the crashed attempt and are written again as the run repeats those steps, so they
+    are dropped first (TensorBoard keeps the newest value per step by itself). ``reevaluate``: the
+    run is finished and evaluates its final step again, so that step's eval row goes too."""
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      kept = [r for r in read_jsonl(path) if r["step"] < resume_step or (
+          r["step"] == resume_step and not (reevaluate and "eval/accuracy" in r))]
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(path + ".tmp", path)  # atomic: a crash now keeps the old file
+    self._jsonl = open(path, "a", encoding="utf-8")
     import tensorflow as tf  # TensorBoard events via tf.summary (TF is already the input stack)
     self._tf = tf
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))

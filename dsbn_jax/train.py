@@ -137,7 +137,9 @@ class _Run:
     self.train_fn = sharding.jit_train_step(self.mesh, config)
     self.eval_fn = sharding.jit_eval_step(self.mesh, config)
     self.eval_data = input_pipeline.make_eval_data(config.data)
-    self.writer = reporting.MetricWriter(workdir, enabled=self.is_main)
+    self.writer = reporting.MetricWriter(
+        workdir, enabled=self.is_main, resume_step=self.start_step,  # 0: a crash before ckpt 1
+        reevaluate=self.start_step >= config.total_steps)
 
   def say(self, msg: str) -> None:
     if self.is_main:

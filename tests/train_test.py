@@ -93,6 +93,9 @@ def test_second_invocation_resumes_and_extends(reference_run, tmp_path, data_dir
   assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
   results = json.loads((workdir / "results.json").read_text())
   assert [e["step"] for e in results["evals"]] == [3]
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "eval/accuracy" in r] == [3]  # re-evaluated, logged once
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("kill_at", [2, 4, 5])
@@ -112,6 +115,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path,
   res = json.loads((workdir / "results.json").read_text())
   ref = json.loads((reference_run[0] / "results.json").read_text())
   assert res["evals"] == ref["evals"]
+  assert _train_rows(workdir) == _train_rows(reference_run[0])  # each step logged once, as ref
 
 
 def test_workdir_of_another_config_is_refused_untouched(reference_run, data_dir):
