@@ -221,17 +221,14 @@ def load_split(data, domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def diagnose_run(workdir: str) -> dict:
   import jax
-  import ml_collections
 
-  from dsbn_jax import checkpointing, input_pipeline, sharding, train, train_step
+  from dsbn_jax import input_pipeline, predict, sharding, train, train_step
   from dsbn_jax.datasets import catalog
   from dsbn_jax.models import heads
 
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config, _, step, state = predict.read_run(workdir)
   with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
-  step, state = checkpointing.read_state_arrays(workdir)
   if step != results["steps"]:
     raise AssertionError(f"{workdir}: latest checkpoint is step {step}, results.json is for step "
                          f"{results['steps']}")

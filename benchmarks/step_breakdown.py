@@ -126,13 +126,9 @@ class Torch:
 
 def jax_step_only(args) -> dict:
   """The whole JAX step of step_throughput.py (its JaxSide), alone: median of --reps x --steps."""
-  st_argv = ["--batch", str(args.batch), "--image_size", str(args.image_size)]
-  saved, sys.argv = sys.argv, sys.argv[:1] + st_argv  # step_throughput parses argv on import
-  try:
-    import step_throughput  # pylint: disable=g-import-not-at-top  (benchmarks/ is on sys.path)
-  finally:
-    sys.argv = saved
-  st_args = step_throughput.parse_args(st_argv)
+  import step_throughput  # pylint: disable=g-import-not-at-top  (benchmarks/ is on sys.path)
+  st_args = step_throughput.parse_args(["--batch", str(args.batch), "--image_size",
+                                        str(args.image_size)])
   side = step_throughput.JaxSide(st_args, step_throughput.make_config(st_args),
                                  step_throughput.host_batch(st_args, np.random.default_rng(0)))
   compile_s = side.first_call()
@@ -196,23 +192,22 @@ def main(args) -> dict:
           f"{r['gflop_per_call'] or float('nan'):.1f} GFLOP: {r['jax_gflop_s'] or float('nan'):.1f}"
           f" / {r['torch_gflop_s'] or float('nan'):.1f} GFLOP/s | "
           f"{r['jax_compile_s']:.1f} s | `{result['command']}` |", flush=True)
-  out = args.out or os.path.join(
-      _REPO, "benchmarks", "results",
-      f"step_breakdown_{args.batch}x{args.image_size}_{flags.replace('--', '').replace('=', '-').replace(' ', '_')}.json")
+  return result
+
+
+def write_result(result: dict, args, kind: str) -> None:
+  """``--out``, or benchmarks/results/<kind>_<batch>x<size>_<XLA flags>.json."""
+  flags = (result["xla_flags"] or "default").replace("--", "").replace("=", "-").replace(" ", "_")
+  out = args.out or os.path.join(_REPO, "benchmarks", "results",
+                                 f"{kind}_{args.batch}x{args.image_size}_{flags}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
-  return result
 
 
 if __name__ == "__main__":
   _args = parse_args()
   if _args.jax_step:
-    _res = jax_step_only(_args)
-    _name = (_res["xla_flags"] or "default").replace("--", "").replace("=", "-").replace(" ", "_")
-    _out = _args.out or os.path.join(_REPO, "benchmarks", "results",
-                                     f"jax_step_{_args.batch}x{_args.image_size}_{_name}.json")
-    with open(_out, "w", encoding="utf-8") as _f:
-      json.dump(_res, _f, indent=2)
+    write_result(jax_step_only(_args), _args, "jax_step")
   else:
-    main(_args)
+    write_result(main(_args), _args, "step_breakdown")

@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-ARGS = parse_args()
+# The device decides the environment below, which must be set before JAX is imported. Imported as a
+# module (benchmarks/step_breakdown.py), the defaults apply and the importer's argv is not read.
+ARGS = parse_args(None if __name__ == "__main__" else [])
 if ARGS.device == "cpu":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 else:

@@ -38,14 +38,12 @@ def list_images(folder: str) -> list[str]:
   return paths
 
 
-def load_run(workdir: str):
-  """``(config, class_names, predictor)`` of a workdir; predictor maps a batch to eval outputs."""
-  import jax
+def read_run(workdir: str):
+  """``(config, class_names, step, state arrays)`` of a training workdir's latest checkpoint."""
   import ml_collections
 
-  from dsbn_jax import checkpointing, train_step
+  from dsbn_jax import checkpointing
   from dsbn_jax.errors import UserError
-  from dsbn_jax.models import heads
 
   paths = [os.path.join(workdir, f) for f in ("config.json", "classes.json")]
   if not all(os.path.exists(p) for p in paths):
@@ -58,6 +56,17 @@ def load_run(workdir: str):
     step, state = checkpointing.read_state_arrays(workdir)
   except FileNotFoundError as e:
     raise UserError(f"{e}: train it first") from e
+  return config, class_names, step, state
+
+
+def load_run(workdir: str):
+  """``(config, class_names, predictor)`` of a workdir; predictor maps a batch to eval outputs."""
+  import jax
+
+  from dsbn_jax import train_step
+  from dsbn_jax.models import heads
+
+  config, class_names, step, state = read_run(workdir)
   model = heads.create_model(config)
   held = types.SimpleNamespace(apply_fn=model.apply, params=state["params"],
                                batch_stats=state["batch_stats"])
