@@ -7,12 +7,15 @@ A ``.pth`` file is a pickle whose tensors point, through ``persistent_id`` recor
   (magic number, protocol version, sys info, the object, the list of storage keys), followed by every
   storage as ``int64 numel`` + raw bytes, in the order of that list.
 
-Only the globals a state_dict needs are resolved (a restricted unpickler), so a foreign or malicious
-pickle is refused instead of executed.
+Every pickle in either format -- the legacy header pickles (magic number, protocol version, sys info),
+the object and the storage-key list alike -- goes through one restricted unpickler (``_Unpickler``)
+that resolves only the globals a state_dict needs, so a foreign or malicious pickle is refused
+before any of its code can run. Tensor views are bounds-checked against their storage.
 """
 
 import collections
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -40,7 +43,19 @@ class _StorageType:
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   """``torch._utils._rebuild_tensor(_v2)``: a strided view of a flat storage, copied out."""
-  size, stride = tuple(size), tuple(stride)
+  if not isinstance(storage, np.ndarray):
+    raise pickle.UnpicklingError("a tensor without a storage")
+  offset = int(offset)
+  size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+  if (len(size) != len(stride) or offset < 0 or any(n < 0 for n in size)
+      or any(s < 0 for s in stride)):
+    raise pickle.UnpicklingError("a tensor with a malformed size/stride")
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:  # a crafted view must not read past its storage
+    raise pickle.UnpicklingError(
+        f"a tensor view reaches element {last} of a storage of {storage.size}")
   if not size:
     return np.array(storage[offset])
   itemsize = storage.dtype.itemsize
@@ -62,9 +77,13 @@ _GLOBALS = {
 
 
 class _Unpickler(pickle.Unpickler):
-  """Resolves storages through ``load_storage(dtype, key, numel)``; refuses unknown globals."""
+  """The only unpickler of this module: refuses every global but a state_dict's few.
 
-  def __init__(self, f, load_storage):
+  Storages resolve through ``load_storage(dtype, key, numel)``; ``None`` (the legacy header pickles
+  and the storage-key list, which hold plain ints, dicts and strings) refuses any storage.
+  """
+
+  def __init__(self, f, load_storage=None):
     super().__init__(f, encoding="latin1")  # latin1: py2-era pickles hold byte strings
     self._load_storage = load_storage
 
@@ -73,11 +92,12 @@ class _Unpickler(pickle.Unpickler):
       return _StorageType(name)
     if (module, name) in _GLOBALS:
       return _GLOBALS[(module, name)]
-    raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a .pth state_dict")
+    raise pickle.UnpicklingError(
+        f"it names {module}.{name}, which a weights file never holds; refused, nothing was run")
 
   def persistent_load(self, pid):
     kind, storage_type, key, _location, numel, *view = pid
-    if kind != "storage":
+    if kind != "storage" or self._load_storage is None or not isinstance(storage_type, _StorageType):
       raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
     storage = self._load_storage(storage_type.dtype, str(key), numel)
     if view and view[0] is not None:  # legacy storage view: (view_key, offset, size)
@@ -104,22 +124,30 @@ def _read_zip(path):
 
 def _read_legacy(path):
   with open(path, "rb") as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
+    if _Unpickler(f).load() != _LEGACY_MAGIC:
       raise UserError(f"{path}: not a torch.save() file (bad magic number)")
-    pickle.load(f)  # protocol version
-    pickle.load(f)  # sys info (endianness, type sizes)
+    _Unpickler(f).load()  # protocol version
+    sys_info = _Unpickler(f).load()  # endianness, type sizes
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+      raise UserError(f"{path}: big-endian .pth files are not supported; re-save it on x86/ARM")
     # The storages' bytes come after the object's pickle: unpickle once with placeholder storages
     # to get past it, read the storages, then unpickle again from the same position for real.
     obj_pos = f.tell()
     dtypes = {}
+    file_size = os.fstat(f.fileno()).st_size
 
     def placeholder(dtype, key, numel):
+      if not 0 <= int(numel) * dtype.itemsize <= file_size:  # a crafted size must not allocate
+        raise pickle.UnpicklingError(f"storage {key} claims {numel} elements, more than the file")
       dtypes[key] = dtype
       return np.zeros(numel, dtype)
 
     _Unpickler(f, placeholder).load()
     storages = {}
-    for key in pickle.load(f, encoding="latin1"):
+    keys = _Unpickler(f).load()
+    if not isinstance(keys, (list, tuple)):
+      raise pickle.UnpicklingError("the storage-key list is not a list")
+    for key in keys:
       key = str(key)
       (numel,) = struct.unpack("<q", f.read(8))
       storages[key] = np.frombuffer(f.read(numel * dtypes[key].itemsize), dtypes[key], numel)
@@ -135,9 +163,11 @@ def read_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
       sd = _read_zip(path)
     else:
       sd = _read_legacy(path)
-  except (pickle.UnpicklingError, EOFError, struct.error, KeyError, ValueError) as e:
-    if isinstance(e, UserError):
-      raise
+  except UserError:
+    raise
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from e
+  except Exception as e:  # pylint: disable=broad-except -- any malformed pickle is the user's file
     raise UserError(f"{path}: cannot read as a PyTorch state_dict ({e})") from e
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
     sd = sd["state_dict"]  # a training checkpoint that wraps the weights
