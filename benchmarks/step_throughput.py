@@ -14,8 +14,9 @@ update of G, C and D with the per-group learning rates.
 Both sides run a warm-up (JAX: the first call, which compiles, timed separately as compile time,
 then `--warmup` more steps), then `--reps` timed repetitions of `--steps_per_rep` steps each,
 alternating JAX and PyTorch (the order flips every repetition), so that load from other processes
-hits both alike. Reported: the median images/s over repetitions (images = source + target), the
-ratio JAX/PyTorch of the medians and the median of the per-repetition (paired) ratios, the compile
+hits both alike (`--conv_impl xla,auto`: one JAX side per form, the order of the three rotating, so
+that the forms are compared under the same load). Reported: the median images/s over repetitions
+(images = source + target), the ratio JAX/PyTorch of the medians and the median of the per-repetition (paired) ratios, the compile
 time, and memory: peak RSS while each side runs (sampled every 10 ms; one process, so each figure
 also holds the other side's resident state: compare the increments), or on GPU the peak device
 memory (`device.memory_stats()` / `torch.cuda.max_memory_allocated`).
@@ -35,10 +36,12 @@ losses stay float32). PyTorch uses autocast bf16 on GPU only (the networks under
 losses in float32: `BCELoss` refuses autocast); on CPU it stays float32 (recorded in the JSON).
 
   python benchmarks/step_throughput.py [--batch 8 --image_size 112 --reps 3 --steps_per_rep 3
-      --warmup 1 --dtype float32 --device cpu --torch_threads 0 --pause_s 1 --out PATH]
+      --warmup 1 --dtype float32 --device cpu --torch_threads 0 --pause_s 1 --conv_impl auto
+      --out PATH]
 
 Prints a Markdown table row (with the command) and writes the JSON to `--out` (default
-benchmarks/results/step_throughput_<device>_<batch>x<size>_<dtype>.json).
+benchmarks/results/step_throughput_<device>_<batch>x<size>_<dtype>.json, with `_conv-<impl>` before
+`.json` for a `--conv_impl` other than auto).
 """
 
 from __future__ import annotations
@@ -80,13 +83,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--pause_s", type=float, default=1.0,
                  help="idle seconds before each timed repetition (lets the other framework's "
                       "worker threads go to sleep)")
+  p.add_argument("--conv_impl", default="auto",
+                 help="JAX convolution form (config model.conv_impl, dsbn_jax/models/conv.py): "
+                      "auto = 1x1 convs as matmuls on CPU, xla = lax.conv_general_dilated, "
+                      "matmul; a comma list (e.g. xla,auto) times one JAX step per form, all "
+                      "alternating with PyTorch (the first is the `jax` side of the JSON)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
   args = p.parse_args(argv)
+  args.conv_impls = args.conv_impl.split(",")
+  bad = [v for v in args.conv_impls if v not in ("auto", "xla", "matmul")]
+  if bad or len(set(args.conv_impls)) != len(args.conv_impls):
+    p.error(f"--conv_impl {args.conv_impl!r}: distinct values of auto, xla, matmul")
+  args.conv_impl = args.conv_impls[0]
   if args.out is None:
+    suffix = "" if args.conv_impls == ["auto"] else "_conv-" + "-".join(args.conv_impls)
     args.out = os.path.join(_REPO, "benchmarks", "results",
                             f"step_throughput_{args.device}_{args.batch}x{args.image_size}_"
-                            f"{args.dtype}.json")
+                            f"{args.dtype}{suffix}.json")
   return args
 
 
@@ -152,13 +166,14 @@ class PeakRSS:
     self.peak_mb = max(self.peak_mb, rss_mb())
 
 
-def make_config(args):
+def make_config(args, conv_impl: str | None = None):
   cfg = default_config.get_config()
   cfg.method = "alda_dsbn"
   cfg.batch_size = args.batch
   cfg.model.backbone = "resnet50"
   cfg.model.num_classes = args.num_classes
   cfg.model.dtype = args.dtype
+  cfg.model.conv_impl = conv_impl or args.conv_impl
   cfg.model.pretrained_path = ""
   cfg.loss.threshold = args.threshold
   return cfg
@@ -368,20 +383,31 @@ def main(args) -> dict:
   print(f"[jax] init {jx.init_s:.1f} s, first (compiling) call {first_call_s:.1f} s, donation "
         f"{'ok' if jx.donation_ok else 'NOT applied'}", flush=True)
 
+  extras = []  # one more JAX side per further --conv_impl value
+  for impl in args.conv_impls[1:]:
+    side = JaxSide(args, make_config(args, impl), batch_np)
+    side.name, side.conv_impl = f"jax[{impl}]", impl
+    side.first_call_s = side.first_call()
+    print(f"[{side.name}] first (compiling) call {side.first_call_s:.1f} s", flush=True)
+    extras.append(side)
+
   th = TorchSide(args, cfg, batch_np)
   rss["torch_model_built_mib"] = round(rss_mb(), 1)
   torch_first_s = th.run(1)
   print(f"[torch] init {th.init_s:.1f} s, first step {torch_first_s:.2f} s", flush=True)
 
-  for side in (jx, th):  # warm-up
+  sides = [jx, th, *extras]
+  for side in sides:  # warm-up
     if args.warmup:
       side.run(args.warmup)
 
-  times = {"jax": [], "torch": []}
-  peaks = {"jax": 0.0, "torch": 0.0}
+  times = {side.name: [] for side in sides}
+  peaks = {side.name: 0.0 for side in sides}
   rep_load = []
+  rep_order = []
   for r in range(args.reps):
-    order = (jx, th) if r % 2 == 0 else (th, jx)
+    order = sides[r % len(sides):] + sides[:r % len(sides)]  # two sides: flips every rep
+    rep_order.append(",".join(side.name for side in order))
     for side in order:
       time.sleep(args.pause_s)
       with PeakRSS() as peak:
@@ -389,7 +415,9 @@ def main(args) -> dict:
       peaks[side.name] = max(peaks[side.name], peak.peak_mb)
     rep_load.append(round(os.getloadavg()[0], 2))
     print(f"[rep {r + 1}/{args.reps}] jax {times['jax'][-1]:.2f} s, torch "
-          f"{times['torch'][-1]:.2f} s for {args.steps_per_rep} steps "
+          f"{times['torch'][-1]:.2f} s"
+          + "".join(f", {e.name} {times[e.name][-1]:.2f} s" for e in extras)
+          + f" for {args.steps_per_rep} steps "
           f"(load {os.getloadavg()[0]:.2f})", flush=True)
   rss["peak_during_jax_steps_mib"] = round(peaks["jax"], 1)
   rss["peak_during_torch_steps_mib"] = round(peaks["torch"], 1)
@@ -409,6 +437,18 @@ def main(args) -> dict:
             compute_dtype="bfloat16 (autocast)" if th.autocast else "float32",
             channels_last=th.channels_last, mode="eager")
   paired = [t / j for j, t in zip(times["jax"], times["torch"])]
+  extra_results = {}
+  for e in extras:
+    es = summarize(times[e.name], imgs_per_step, args.steps_per_rep)
+    e_paired = [t / j for j, t in zip(times[e.name], times["torch"])]
+    es.update(first_call_s=round(e.first_call_s, 2), donation_ok=e.donation_ok,
+              final_loss=e.final_loss(),
+              ratio_jax_over_torch=round(es["median_images_per_s"] / ts["median_images_per_s"], 3),
+              ratio_paired_median=round(statistics.median(e_paired), 3),
+              ratio_paired_per_rep=[round(v, 3) for v in e_paired],
+              speedup_over_first_paired_median=round(statistics.median(
+                  [j / x for j, x in zip(times["jax"], times[e.name])]), 3))
+    extra_results[e.conv_impl] = es
   result = {
       "command": cmd,
       "benchmark": "alda_dsbn train step, ResNet-50 (DSBN), source + target batch",
@@ -417,8 +457,8 @@ def main(args) -> dict:
                  "reps": args.reps, "steps_per_rep": args.steps_per_rep,
                  "warmup_steps": args.warmup, "num_classes": args.num_classes,
                  "threshold": args.threshold, "seed": args.seed, "pause_s": args.pause_s,
-                 "rep_order": ["jax,torch" if r % 2 == 0 else "torch,jax"
-                               for r in range(args.reps)]},
+                 "conv_impl": args.conv_impl,
+                 "rep_order": rep_order},
       "machine": machine_info(args),
       "load_average": {"start": [round(v, 2) for v in load_start],
                        "end": [round(v, 2) for v in os.getloadavg()],
@@ -428,6 +468,7 @@ def main(args) -> dict:
       "ratio_jax_over_torch": round(js["median_images_per_s"] / ts["median_images_per_s"], 3),
       "ratio_paired_median": round(statistics.median(paired), 3),
       "ratio_paired_per_rep": [round(v, 3) for v in paired],
+      **({"jax_other_conv_impls": extra_results} if extras else {}),
       "rss": rss,
       "wall_s": round(time.perf_counter() - wall0, 1),
   }
@@ -447,12 +488,19 @@ def main(args) -> dict:
         "load | command |")
   print("|---|---|---|---|---|---|---|---|---|")
   print(f"| alda_dsbn ResNet-50, {args.batch}+{args.batch} @ {args.image_size}, {args.dtype} "
-        f"(torch {ts['compute_dtype']}) | {result['machine']['jax_device_kind']}, "
+        f"(torch {ts['compute_dtype']}), conv_impl {args.conv_impl} | "
+        f"{result['machine']['jax_device_kind']}, "
         f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads | "
         f"{js['median_images_per_s']} | {ts['median_images_per_s']} | "
         f"{result['ratio_jax_over_torch']} (paired {result['ratio_paired_median']}) | "
         f"{js['compile_s_est']} s | {mem} | {load_start[0]:.1f}-{os.getloadavg()[0]:.1f} | "
         f"`{cmd}` |")
+  for impl, es in extra_results.items():
+    print(f"| same, conv_impl {impl} (alternating with the row above) | | "
+          f"{es['median_images_per_s']} | {ts['median_images_per_s']} | "
+          f"{es['ratio_jax_over_torch']} (paired {es['ratio_paired_median']}; "
+          f"{es['speedup_over_first_paired_median']}x conv_impl {args.conv_impl}, paired) | "
+          f"| | | |")
   print(f"\nwrote {os.path.relpath(args.out, _REPO)}")
   return result
 

@@ -3,8 +3,8 @@
 `get_data_config(name)` for name in 'digits' (the embedded default), 'office31', 'office_home' and
 'custom'. Experiment configs nest it as ``config.data = data.get_data_config('office_home')`` and
 override a few fields (``--config.data.source=Art --config.data.target=Clipart``). The Office
-values mirror the ALDA reference pipeline (facts §3, `pre_process.py`); Digits use 32x32 images
-and no crop.
+values mirror the ALDA reference pipeline (docs/reference.md §6, `pre_process.py`); Digits use
+32x32 images and no crop.
 """
 
 import ml_collections
@@ -44,7 +44,7 @@ def get_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
   data.crop_size = 224 if office else 0  # px; train RandomResizedCrop / eval crop size; 0 = no crop
   # Filter of the square resize: the reference calls PIL img.resize((256, 256)) without a filter,
   # i.e. BICUBIC with Pillow >= 7 (NEAREST with its pinned Pillow 5.3); TF resizes with antialias.
-  data.resize_method = 'bicubic'  # bicubic | bilinear | nearest | area
+  data.resize_method = 'bicubic'  # bicubic | bilinear | nearest | area | lanczos3 | lanczos5 | ...
   data.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction range (torchvision default)
   data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop aspect-ratio (w/h) range
   data.random_flip = office  # train: horizontal flip with probability 0.5 (never for digits)

@@ -1,8 +1,8 @@
 """Shared defaults: ALDA + DSBN on ResNet-50 with the official ALDA Office hyper-parameters.
 
 Experiment configs import this and override a few fields. The values follow the official ALDA code
-(``train.py`` ``__main__``, ``train.sh``; facts §1-2) unless a comment says otherwise. The data side
-(domains, paths, image size, crops) is configured in ``configs/data.py``.
+(``train.py`` ``__main__``, ``train.sh``; docs/reference.md §1-§5) unless a comment says
+otherwise. The data side (domains, paths, image size, crops) is configured in ``configs/data.py``.
 """
 
 import os
@@ -36,11 +36,23 @@ def get_config() -> ml_collections.ConfigDict:
   m.disc_hidden_dim = 1024  # discriminator hidden width (units), both hidden layers
   m.dropout_rate = 0.5  # discriminator dropout probability; 0 disables dropout
   m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params and BN stats stay float32)
+  # float32 matmul/conv precision: 'default' (the hardware's fast passes where it has them: TF32 on
+  # NVIDIA Ampere and later, bf16 passes on TPU; exact float32 on CPU) | 'high' | 'highest' (strict
+  # float32 everywhere: parity work). Only float32 compute is affected (model.dtype='float32').
+  m.matmul_precision = "default"
+  # One backbone pass over the source and target batches together (each domain still normalised
+  # with its own batch statistics and branch; the same maths as the reference's two calls).
+  m.fused_pass = True
+  # How the ResNet convolutions are computed (same params, same values; models/conv.py): 'auto'
+  # (1x1 convs as channel matmuls when JAX's default backend is CPU, where that is ~2x faster than
+  # XLA's conv; the plain conv on GPU/TPU) | 'xla' (always lax.conv_general_dilated) | 'matmul'
+  # (1x1 convs as matmuls on every backend).
+  m.conv_impl = "auto"
   # torchvision ImageNet V1 ResNet-50 weights (resnet50-19c8e357.pth); '' = random init.
   m.pretrained_path = ""
 
   config.optim = o = ml_collections.ConfigDict()
-  o.name = "sgd"  # 'sgd' (reference Office: SGD + Nesterov) | 'adam' (reference digits scripts)
+  o.name = "sgd"  # 'sgd' (reference Office: SGD + Nesterov) | 'adam' (torch Adam update rule)
   o.lr0 = 0.001  # base learning rate (backbone); 0.0003 for Office-31 A->D and D->W
   o.momentum = 0.9  # SGD momentum
   o.nesterov = True  # Nesterov momentum (torch.optim.SGD nesterov=True)

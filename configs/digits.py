@@ -6,9 +6,13 @@ One method:
   python -m dsbn_jax.main --config=configs/digits.py --config.method=alda_dsbn
 Expected result: see README.md "Results" (produced by the command above; not typed in here).
 
-Small CNN with DSBN (``SmallCNN``), 32x32 inputs, no crop. The optimisation follows the Office
-recipe (SGD + Nesterov, inv schedule, heads x10), scaled to a short run; the ALDA digits threshold
-δ = 0.6 (facts §1, README of the official code).
+Digits -> Digits-M is our own benchmark and ``SmallCNN`` (with DSBN; 32x32 inputs, no crop) our own
+network, not ALDA's digits setting (USPS/MNIST/SVHN with 256-d or 128-d nets, Adam, step decay;
+docs/reference.md §9), so the numbers are not comparable with ALDA's digits table. The
+optimisation is the Office SGD recipe (SGD + Nesterov, inv schedule, coupled weight decay) scaled
+to a short run, with lr0 0.01 and every group at lr x1 (no x10 for the heads and D); from ALDA's
+digits code it takes the threshold δ = 0.6 (README of the official code), D's hidden width 500
+and the absence of a bottleneck.
 """
 
 import os
@@ -35,9 +39,9 @@ def get_config():
 
   m = config.model
   m.backbone = "small_cnn"
-  m.feature_dim = 500  # ALDA digits nets: 500-d features
+  m.feature_dim = 500  # features (ours; ALDA's digits nets have 256-d or 128-d features)
   m.bottleneck_dim = 0  # features go straight to C and D, as the ALDA digits nets
-  m.disc_hidden_dim = 500  # ALDA digits discriminator width
+  m.disc_hidden_dim = 500  # ALDA's digits discriminator width
 
   config.optim.lr0 = 0.01
   config.optim.lr_mult_head = 1.0

@@ -7,7 +7,7 @@ All twelve tasks x methods x seeds (resumable):  bash run.sh officehome
 Needs: the Office-Home archive or folder in data/manual/office_home and torchvision's
 resnet50-19c8e357.pth in data/weights/.
 Published (best over evaluations, %): ALDA avg 66.6, the paper (ALDA+DSBN) avg 67.4; per task in
-../shared/reference/paper.md. Our own figures: README.md, produced by the sweep command above.
+docs/reference.md §11. Our own figures: README.md, produced by the sweep command above.
 """
 
 import os

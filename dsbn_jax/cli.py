@@ -1,6 +1,7 @@
 """What every command-line entry point shares: quiet library logs, one-line user errors."""
 
 import os
+import re
 import sys
 
 from absl import logging
@@ -32,7 +33,8 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a bad value or an unknown flag
-    msg = str(e)
+    msg = re.sub(r": \('Non-boolean argument to boolean flag', .*\)$", " is not a boolean; valid: "
+                 "true, false", str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field
     while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
       e = e.args[0]
@@ -44,9 +46,24 @@ def parse_flags(argv):
 
 
 def run_cli(fn, *args):
-  """Calls ``fn``; a UserError becomes one line on stderr and exit status 2 (no traceback)."""
+  """Calls ``fn``; a UserError becomes one line on stderr and exit status 2 (no traceback).
+
+  A run stopped by SIGINT/SIGTERM after saving its checkpoint (``run_control.Stopped``) prints
+  that on stdout and exits with ``run_control.EXIT_STOPPED`` (75); a Ctrl-C before training
+  started exits 130 with one line.
+  """
+  from dsbn_jax import run_control  # pylint: disable=g-import-not-at-top
   try:
     return fn(*args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except run_control.Stopped as e:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      print(str(e), flush=True)
+    sys.exit(run_control.EXIT_STOPPED)
+  except KeyboardInterrupt:
+    print("\ninterrupted (no checkpoint written: training had not started, or Ctrl-C was "
+          "pressed twice)", file=sys.stderr, flush=True)
+    sys.exit(130)

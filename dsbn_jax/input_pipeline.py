@@ -5,7 +5,7 @@ Batch contract (numpy arrays, B = rows of this process = global batch // process
   eval:  {'image': f32[B,H,W,3] (center) or f32[B,10,H,W,3] (10crop), 'label': i32[B],
           'mask': bool[B]}
 
-Transforms mirror the ALDA reference (`pre_process.py`, facts §3): train = decode -> square resize
+Transforms mirror ALDA's `pre_process.py` (docs/reference.md §6): train = decode -> square resize
 -> RandomResizedCrop -> random horizontal flip -> /255 -> mean/std; eval = square resize -> 10 crops
 (5 on the flipped image, then the same 5 on the unflipped one) or the center crop. After each resize
 pixels are rounded and clipped to [0, 255] because the reference works on uint8 PIL images.
@@ -38,6 +38,11 @@ from dsbn_jax.errors import UserError
 # (ForceFlip) image, then to the unflipped one.
 TEN_CROP_ORIGINS = (('first', 'first'), ('last', 'last'), ('last', 'first'), ('first', 'last'),
                     ('center', 'center'))
+EVAL_MODES = ('10crop', 'center')  # data.eval_mode
+TRAIN_SHARDINGS = ('global', 'process')  # data.train_sharding
+# data.resize_method: tf.image.resize's methods (always with antialias=True, see resize_square)
+RESIZE_METHODS = ('bicubic', 'bilinear', 'nearest', 'area', 'lanczos3', 'lanczos5', 'gaussian',
+                  'mitchellcubic')
 _MAX_STEP = 2**62  # "infinite" train stream
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params tries 10 boxes, then falls back
 
@@ -185,13 +190,14 @@ def eval_image_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def _check_config(data: ml_collections.ConfigDict) -> None:
-  if data.eval_mode not in ('10crop', 'center'):
-    raise UserError(f'data.eval_mode={data.eval_mode!r}; valid: 10crop, center')
+  if data.eval_mode not in EVAL_MODES:
+    raise UserError(f'data.eval_mode={data.eval_mode!r}; valid: {", ".join(EVAL_MODES)}')
   if data.eval_mode == '10crop' and not 0 < data.crop_size <= data.resize_size - 1:
     raise UserError(f'data.eval_mode=10crop needs 0 < data.crop_size < data.resize_size, got '
                     f'{data.crop_size} and {data.resize_size}')
-  if data.train_sharding not in ('global', 'process'):
-    raise UserError(f'data.train_sharding={data.train_sharding!r}; valid: global, process')
+  if data.train_sharding not in TRAIN_SHARDINGS:
+    raise UserError(f'data.train_sharding={data.train_sharding!r}; valid: '
+                    f'{", ".join(TRAIN_SHARDINGS)}')
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """ALDA losses, DANN's domain loss, the coefficient ramps and gradient reversal.
 
 Everything mirrors what the official PyTorch code computes (``ZJULearning/ALDA`` ``loss.py`` and
-``network.py``; facts §1), including its quirks, so that values *and* gradients match torch
-autograd:
+``network.py``; docs/reference.md §1-§3), including its quirks, so that values *and* gradients
+match torch autograd:
 
 - ``alda_losses`` is ``loss.py::ALDA_loss``: pseudo labels from detached probabilities for both
   domains, a strict ``> threshold`` target mask, the corrected label = column ŷ of the per-sample
@@ -13,9 +13,9 @@ autograd:
 - Where torch returns NaN (``L_T`` over an empty confident set) we return exactly 0, and the
   gradient is 0 in both.
 
-Where the official code and the paper disagree, the code wins (facts §7.3-4): the source rows'
-corrected label uses the *predicted* class (only the BCE target uses the ground truth), and ``L_T``
-is linear in the probabilities (no log).
+Where the official code and the paper disagree, the code wins (docs/reference.md §1): the source
+rows' corrected label uses the *predicted* class (only the BCE target uses the ground truth), and
+``L_T`` is linear in the probabilities (no log).
 """
 
 import jax
@@ -77,10 +77,11 @@ def pairwise_sum(x: jax.Array) -> jax.Array:
 
 
 def _corrected_labels(xi_NxK: jax.Array, pred_N: jax.Array) -> jax.Array:
-  """Column ŷ of the confusion matrix: c[ŷ] = ξ_ŷ, c[k≠ŷ] = (1 - ξ_ŷ) / (K - 1)  (facts §1.4-5).
+  """Column ŷ of the confusion matrix: c[ŷ] = ξ_ŷ, c[k≠ŷ] = (1 - ξ_ŷ) / (K - 1).
 
   Computed as fl(1/(K-1)) - fl(1/(K-1))·ξ_ŷ, the same float32 operations as the reference's
-  ``ant_eye/(K-1) + create_matrix(K)·ξ`` summed against a one-hot, so the values are bit-identical.
+  ``ant_eye/(K-1) + create_matrix(K)·ξ`` summed against a one-hot, so the values are bit-identical
+  (docs/reference.md §1, steps 4-5).
   """
   k = xi_NxK.shape[-1]
   onehot_NxK = jax.nn.one_hot(pred_N, k, dtype=jnp.bool_)
@@ -114,7 +115,7 @@ def alda_losses(disc_logits: jax.Array, labels_source: jax.Array, probs: jax.Arr
                      f"{disc_logits.shape}, {probs.shape}, {labels_source.shape}")
   xi_NxK = jax.nn.sigmoid(disc_logits)
   probs_sg_NxK = jax.lax.stop_gradient(probs)
-  pred_N = jnp.argmax(probs_sg_NxK, axis=-1)  # pseudo labels for *both* domains (facts §1.2)
+  pred_N = jnp.argmax(probs_sg_NxK, axis=-1)  # pseudo labels, both domains (docs/reference.md §1)
   confident_B = confident_mask(probs_sg_NxK[b:], threshold)
   keep_N = jnp.concatenate([jnp.ones((b,), jnp.bool_), confident_B])  # source rows always kept
   # A non-confident target row gets an all-zero one-hot, hence an all-zero corrected label.
@@ -159,7 +160,8 @@ def ramp(step, high: float = 1.0, alpha: float = 10.0, max_steps: float = 10000.
 def grl_coeff(step, alpha: float = 10.0, max_steps: float = 10000.0) -> jax.Array:
   """Gradient-reversal coefficient at 0-based step i: ``calc_coeff(i + 1)``.
 
-  D's forward increments its ``iter_num`` *before* computing the coefficient (facts §1, §7.7).
+  D's forward increments its ``iter_num`` *before* computing the coefficient
+  (docs/reference.md §2-§3).
   """
   return ramp(step + 1, 1.0, alpha, max_steps)
 

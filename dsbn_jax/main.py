@@ -30,10 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
-  from dsbn_jax import sharding, train  # heavy imports after flag parsing
+  from dsbn_jax import config_check, sharding, train  # heavy imports after flag parsing
   use_cpu_collectives()
   run_cli(sharding.maybe_initialize_distributed)
   config = _CONFIG.value
+  run_cli(config_check.validate, config)  # every field, before the workdir is created or touched
   workdir = _WORKDIR.value or default_workdir(config)
   logging.info("workdir %s", workdir)
   results = run_cli(train.train_and_evaluate, config, workdir)

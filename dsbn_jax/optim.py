@@ -1,6 +1,6 @@
 """The reference optimizer in optax: Nesterov SGD, coupled weight decay, per-group lr, inv decay.
 
-Reference (official ALDA ``train.py``/``lr_schedule.py``/``network.py``; facts §2): one
+Reference (official ALDA ``train.py``/``lr_schedule.py``/``network.py``; docs/reference.md §5): one
 ``torch.optim.SGD(momentum=0.9, nesterov=True)`` over the groups backbone (lr x1), bottleneck and
 classifier (x10) and D (x10), every group with weight decay 0.0005 x decay_mult 2 = 0.001; before
 step i ``inv_lr_scheduler`` sets each group's lr to lr0 (1 + 0.001 i)^-0.75 x lr_mult.
@@ -18,6 +18,7 @@ import optax
 from dsbn_jax.errors import UserError
 
 # Top-level param name (``heads.AdaptationNet``) -> optimizer group.
+OPTIMIZERS = ("sgd", "adam")  # optim.name
 PARAM_GROUPS = {"backbone": "backbone", "bottleneck": "head", "classifier": "head",
                 "disc": "disc"}
 
@@ -53,7 +54,8 @@ def _group_optimizer(optim_cfg, lr_mult: float) -> optax.GradientTransformation:
   elif name == "adam":  # torch.optim.Adam(weight_decay=wd): coupled L2 before the moments
     update = optax.adam(lr, b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2, eps=optim_cfg.adam_eps)
   else:
-    raise UserError(f"unknown optimizer config.optim.name={name!r}; valid: 'sgd', 'adam'")
+    raise UserError(f"unknown optimizer config.optim.name={name!r}; valid: "
+                    f"{', '.join(OPTIMIZERS)}")
   return optax.chain(
       optax.add_decayed_weights(optim_cfg.weight_decay),  # coupled L2: g + wd·w, on every param
       update)
@@ -62,9 +64,11 @@ def _group_optimizer(optim_cfg, lr_mult: float) -> optax.GradientTransformation:
 def create_optimizer(optim_cfg) -> optax.GradientTransformation:
   """One optimizer for G, C and D (the reference's single ``optimizer.step()``), lr per group.
 
-  ``optim.name='adam'`` is the optimizer of the reference's digits scripts (facts §16: Adam with
-  weight decay 5e-4, a separate Adam for D with the same settings: per-param moments make the
-  split into optimizers immaterial); the lr schedule and multipliers stay those of the config.
+  ``optim.name='adam'`` swaps in ``torch.optim.Adam``'s update (coupled L2 before the moments), the
+  update rule of ALDA's digits scripts, but not their recipe (docs/reference.md §9): there G and D
+  have separate Adams (lr 2e-4 or 1e-3, weight decay 5e-4), G's lr decays in steps (halved every
+  5 or 6 epochs; x0.3 every 3 for SVHN) while D's never decays, and there are no lr multipliers.
+  Here one optimizer keeps the config's inv schedule and multipliers for every group, D included.
   """
   transforms = {group: _group_optimizer(optim_cfg, mult)
                 for group, mult in lr_multipliers(optim_cfg).items()}

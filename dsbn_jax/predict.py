@@ -1,11 +1,16 @@
 """Classify a folder of images with a trained workdir (target DSBN branch), writing a CSV.
 
   python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --out=predictions.csv
+  python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --checkpoint=best
 
 Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (hidden files skipped) is
 preprocessed exactly as the run's evaluation (``data.eval_mode``: 10-crop or center crop) and
-classified with the latest checkpoint, through the same ``eval_step`` the training loop uses. The
-CSV has one row per image: path, predicted class, its probability, and the top-5 classes.
+classified through the same ``eval_step`` the training loop uses, with the model of
+``--checkpoint``: ``last`` (default) the latest checkpoint, chosen without any label; ``best`` the
+best-evaluated one (``checkpoints_best/``, the model behind ``best_accuracy`` in results.json),
+which was selected with the target test labels -- the papers' protocol, not an unbiased estimate.
+The CSV has one row per image: path, predicted class, its probability, and the top-5 classes;
+stderr names the checkpoint and step used.
 """
 
 import csv
@@ -24,6 +29,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to classify (searched recursively).")
 _OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+CHECKPOINTS = ("last", "best")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint", "last", list(CHECKPOINTS),
+    "Which model: 'last' = the latest checkpoint (no labels used to choose it); 'best' = the "
+    "best-evaluated state, selected with the target test labels (the papers' protocol, the "
+    "model behind results.json's best_accuracy).")
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -38,45 +49,67 @@ def list_images(folder: str) -> list[str]:
   return paths
 
 
-def read_run(workdir: str):
-  """``(config, class_names, step, state arrays)`` of a training workdir's latest checkpoint."""
+def read_run(workdir: str, checkpoint: str = "last"):
+  """``(config, class_names, step, state arrays)`` of a training workdir's ``checkpoint``."""
+  config, class_names, step, state, _ = read_run_checkpoint(workdir, checkpoint)
+  return config, class_names, step, state
+
+
+def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
+  """``read_run`` plus the checkpoint's meta (its evaluations; ``meta['best']`` for ``best``)."""
   import ml_collections
 
-  from dsbn_jax import checkpointing
+  from dsbn_jax import checkpointing, config_check
   from dsbn_jax.errors import UserError
 
+  if checkpoint not in CHECKPOINTS:
+    raise UserError(f"invalid --checkpoint={checkpoint}; valid: {', '.join(CHECKPOINTS)}")
   paths = [os.path.join(workdir, f) for f in ("config.json", "classes.json")]
   if not all(os.path.exists(p) for p in paths):
     raise UserError(f"{workdir} is not a training workdir (no config.json/classes.json)")
   with open(paths[0], encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
+  config_check.validate(config, for_predict=True, where=paths[0])
   with open(paths[1], encoding="utf-8") as f:
     class_names = json.load(f)
+  if checkpoint == "best":
+    try:
+      step, state, meta = checkpointing.read_checkpoint(workdir, best=True)
+    except FileNotFoundError as e:
+      raise UserError(f"{workdir} has no best checkpoint ({checkpointing.BEST_DIR}/; runs trained "
+                      "before it existed keep none): use --checkpoint=last") from e
+    return config, class_names, step, state, meta
   try:
-    step, state = checkpointing.read_state_arrays(workdir)
+    step, state, meta = checkpointing.read_checkpoint(workdir)
   except FileNotFoundError as e:
     raise UserError(f"{e}: train it first") from e
-  return config, class_names, step, state
+  return config, class_names, step, state, meta
 
 
-def load_run(workdir: str):
+def load_run(workdir: str, checkpoint: str = "last"):
   """``(config, class_names, predictor)`` of a workdir; predictor maps a batch to eval outputs."""
   import jax
 
   from dsbn_jax import train_step
   from dsbn_jax.models import heads
 
-  config, class_names, step, state = read_run(workdir)
+  config, class_names, step, state, meta = read_run_checkpoint(workdir, checkpoint)
   model = heads.create_model(config)
   held = types.SimpleNamespace(apply_fn=model.apply, params=state["params"],
                                batch_stats=state["batch_stats"])
   predictor = jax.jit(lambda batch: train_step.eval_step(held, batch, cfg=config))
-  print(f"{workdir}: checkpoint of step {step}, method {config.method}", file=sys.stderr)
+  if checkpoint == "best":
+    used = (f"best checkpoint (step {step}, target accuracy {meta['best']['accuracy']:.2f}% at "
+            "that evaluation, selected with the target labels)")
+  else:
+    used = f"last checkpoint (step {step})"
+  print(f"{workdir}: {used}, method {config.method}", file=sys.stderr)
   return config, class_names, predictor
 
 
-def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32) -> int:
-  """Writes ``out_csv``; returns the number of images classified."""
+def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32,
+                   checkpoint: str = "last") -> int:
+  """Writes ``out_csv`` with the model of ``checkpoint`` (last | best); returns the image count."""
   import numpy as np
   import tensorflow as tf
 
@@ -84,8 +117,10 @@ def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32
   from dsbn_jax.datasets import catalog
   from dsbn_jax.errors import UserError
 
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise UserError(f"invalid --batch_size={batch_size}; valid: an integer >= 1")
   catalog.hide_accelerators_from_tf()
-  config, class_names, predictor = load_run(workdir)
+  config, class_names, predictor = load_run(workdir, checkpoint)
   paths = list_images(folder)
   rows = []
   for start in range(0, len(paths), batch_size):
@@ -117,8 +152,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
-  n = run_cli(predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value)
-  print(f"classified {n} images -> {_OUT.value}")
+  n = run_cli(predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value,
+              _CHECKPOINT.value)
+  print(f"classified {n} images with the {_CHECKPOINT.value} checkpoint -> {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -98,30 +98,52 @@ class Progress:
       print(flush=True)
 
 
-def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> None:
-  """Target accuracy (eval) and training losses against step, from ``metrics.jsonl``."""
+# plot_curves' panels, in order: (metric, title, y label). A term a method does not log is skipped.
+CURVES = (
+    ("eval/accuracy", "target accuracy (evaluation)", "accuracy (%)"),
+    ("train/loss", "total loss (CE + transfer)", "loss"),
+    ("train/ce", "source cross-entropy", "loss"),
+    ("train/adv", "adversarial loss (ALDA)", "loss"),
+    ("train/reg", "discriminator regulariser", "loss"),
+    ("train/correct", "corrected-target loss", "loss"),
+    ("train/dann", "DANN domain loss", "loss"),
+    ("train/confident_frac", "confident target fraction", "fraction of target batch"),
+)
+
+
+def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> list[str]:
+  """Target accuracy, each training loss term and the confident fraction against step, each on
+  its own axes, from ``metrics.jsonl``; returns the titles of the axes drawn.
+
+  The accuracy panel is always drawn (empty before the first evaluation); the others only for the
+  metrics the run logged (source_only: total and CE).
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rows = read_jsonl(jsonl_path)
-  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-  acc = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-  if acc:
-    ax_acc.plot(*zip(*acc), marker="o", label="target accuracy")
-  ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="evaluation (target branch)")
-  for key in sorted({k for r in rows for k in r if k.startswith("train/") and "loss" in k}):
+  panels = []
+  for key, name, ylabel in CURVES:
     pts = [(r["step"], r[key]) for r in rows if key in r and np.isfinite(r[key])]
+    if pts or key == "eval/accuracy":
+      panels.append((key, name, ylabel, pts))
+  ncols = min(len(panels), 4)
+  nrows = math.ceil(len(panels) / ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+  for ax, (key, name, ylabel, pts) in zip(axes.flat, panels):
     if pts:
-      ax_loss.plot(*zip(*pts), label=key.split("/", 1)[1])
-  ax_loss.set(xlabel="step", ylabel="loss", title="training losses")
-  for ax in (ax_acc, ax_loss):
-    if ax.lines:
-      ax.legend(fontsize=7)
+      ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None,
+              markersize=3, linewidth=1)
+    ax.set(xlabel="step", ylabel=ylabel, title=name)
+    ax.title.set_fontsize(9)
+  for ax in axes.flat[len(panels):]:
+    fig.delaxes(ax)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(png_path, dpi=110)
   plt.close(fig)
+  return [name for _, name, _, _ in panels]
 
 
 def mean_std(values) -> str:

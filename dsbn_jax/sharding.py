@@ -7,6 +7,7 @@ XLA inserts the gradient all-reduce. BatchNorm then normalises with *global*-bat
 devices compute what one device holding the whole batch computes, up to float reduction order.
 """
 
+import collections
 import functools
 import os
 
@@ -50,6 +51,29 @@ def make_mesh(devices=None) -> Mesh:
     raise UserError("no JAX devices available to build the ('data',) mesh")
   # Auto axis type: classic jit sharding propagation (jax.make_mesh now defaults to Explicit).
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': what the mesh's devices are."""
+  return mesh.devices.flat[0].platform
+
+
+def describe(mesh: Mesh, config, workdir: str) -> str:
+  """The one start-up line of a run: where it computes, how, and with which global batch."""
+  kinds = collections.Counter(d.device_kind for d in mesh.devices.flat)
+  devices = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+  n_proc = jax.process_count()
+  axes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  b = config.batch_size
+  return (f"dsbn_jax: platform {platform(mesh)}, {devices}, {n_proc} process"
+          f"{'es' if n_proc > 1 else ''}, mesh {axes}, compute {config.model.dtype}, matmul "
+          f"precision {config.model.matmul_precision}, batch {b} + {b} (source + target, global),"
+          f" workdir {workdir}")
+
+
+def slow_on_cpu(mesh: Mesh, config) -> bool:
+  """A ResNet-50 run on CPU devices: days per run, worth a warning."""
+  return platform(mesh) == "cpu" and config.model.backbone == "resnet50"
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

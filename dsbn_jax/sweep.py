@@ -19,6 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from dsbn_jax import reporting  # noqa: E402
 from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -28,8 +29,26 @@ _METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.me
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: config.sweep.seeds).")
 
 
+def task_domains(task: str) -> tuple[str, str]:
+  """``'source->target'`` -> ``(source, target)``; a one-line UserError for another shape."""
+  parts = str(task).split("->")
+  if len(parts) != 2 or not all(p.strip() for p in parts):
+    raise UserError(f"invalid task {task!r} (--tasks or config.sweep.tasks); valid: "
+                    "'source->target', e.g. 'Art->Clipart'")
+  return parts[0], parts[1]
+
+
+def parse_seeds(values) -> list[int]:
+  """``--seeds`` / ``config.sweep.seeds`` as integers; a one-line UserError for anything else."""
+  try:
+    return [int(s) for s in values]
+  except (TypeError, ValueError):
+    raise UserError(f"invalid seeds {list(values)} (--seeds or config.sweep.seeds); valid: "
+                    "integers, e.g. --seeds=0,1,2") from None
+
+
 def run_dir(root: str, method: str, task: str, seed: int) -> str:
-  source, target = task.split("->")
+  source, target = task_domains(task)
   return os.path.join(root, method, f"{source}-{target}", f"seed{seed}")
 
 
@@ -41,17 +60,29 @@ def _load_results(path: str):
 
 
 def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
-  """Runs what is not finished yet, then writes and returns the summary."""
-  from dsbn_jax import train  # heavy import (TF, JAX) only when something runs
-  runs = [(m, t, int(s)) for m in methods for t in tasks for s in seeds]
-  for i, (method, task, seed) in enumerate(runs):
+  """Checks every run first (nothing is written if one is bad), runs what is not finished yet,
+  then writes and returns the summary."""
+  from dsbn_jax import config_check, train  # heavy imports (TF, JAX) only when something runs
+  from dsbn_jax.models import heads
+  bad = [m for m in methods if m not in heads.METHODS]
+  if bad:
+    raise UserError(f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: "
+                    f"{', '.join(heads.METHODS)}")
+  runs = []
+  for method, task, seed in [(m, t, s) for m in methods for t in tasks for s in parse_seeds(seeds)]:
     workdir = run_dir(root, method, task, seed)
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.method, cfg.seed = method, seed
-      cfg.data.source, cfg.data.target = task.split("->")
-    if _load_results(os.path.join(workdir, "results.json")) is not None:
+      cfg.data.source, cfg.data.target = task_domains(task)
+    config_check.validate(cfg)
+    finished = _load_results(os.path.join(workdir, "results.json")) is not None
+    if finished:
       train.guard_workdir(workdir, cfg, resolved=False)  # a finished run of *this* config only
+    runs.append((method, task, seed, workdir, cfg, finished))
+  os.makedirs(root, exist_ok=True)
+  for i, (method, task, seed, workdir, cfg, finished) in enumerate(runs):
+    if finished:
       logging.info("[%d/%d] %s %s seed %d: finished, skipped", i + 1, len(runs), method, task, seed)
       continue
     print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
@@ -141,10 +172,9 @@ def main(argv):
   sw = config.sweep
   tasks = _TASKS.value or list(sw.tasks)
   methods = _METHODS.value or list(sw.methods)
-  seeds = [int(s) for s in (_SEEDS.value or list(sw.seeds))]
+  seeds = run_cli(parse_seeds, _SEEDS.value or list(sw.seeds))
   root = _WORKDIR.value or os.path.join("runs", f"sweep_{config.data.dataset}")
-  os.makedirs(root, exist_ok=True)
-  out = run_cli(run_sweep, config, root, tasks, methods, seeds)
+  out = run_cli(run_sweep, config, root, tasks, methods, seeds)  # creates root once all are valid
   print("\n" + out["markdown"], flush=True)
   print(f"table: {os.path.join(root, 'results.md')}, plot: {os.path.join(root, 'results.png')}",
         file=sys.stderr)

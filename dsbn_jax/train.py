@@ -8,9 +8,9 @@ time, img/s).
 
 Evaluation protocol: the target set with the target DSBN branch in eval mode, every
 ``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number the ALDA
-code logs and the papers report (model selection on the test set, facts §4) -- and ``last`` is the
-final model's; both are recorded. The reference evaluates before iteration i for i % 500 == 499
-(after 499, 999, ... updates); here it is after 500, 1000, ... updates.
+code logs and the papers report (model selection on the test set, docs/reference.md §7) -- and
+``last`` is the final model's; both are recorded. The reference evaluates before iteration i for
+i % 500 == 499 (after 499, 999, ... updates); here it is after 500, 1000, ... updates.
 """
 
 import json
@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from dsbn_jax import checkpointing, input_pipeline, reporting, sharding
+from dsbn_jax import checkpointing, input_pipeline, reporting, run_control, sharding
 from dsbn_jax.datasets import catalog
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads
@@ -108,15 +108,22 @@ class _Run:
   def __init__(self, config, workdir: str):
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
-    pretrained = heads.load_pretrained_backbone(config)  # first: a missing file fails fast
+    self.mesh = sharding.make_mesh()
+    sharding.check_batch_sizes(config, self.mesh)
+    self.say(sharding.describe(self.mesh, config, workdir))
+    if sharding.slow_on_cpu(self.mesh, config):
+      self.say("warning: this trains a ResNet-50 on the CPU (JAX found no GPU or TPU), which "
+               "takes days; on an accelerator host install its extra (README, 'GPU and TPU'). "
+               "An estimate from the measured step rate follows after a few steps.")
+    pretrained = heads.load_pretrained_backbone(config)  # a missing file fails before data prep
     tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
     self.config = config = resolve_config(config, self.info)
     guard_workdir(workdir, config)
-    self.mesh = sharding.make_mesh()
-    sharding.check_batch_sizes(config, self.mesh)
+    self.lock = run_control.WorkdirLock(workdir)
     if self.is_main:
       os.makedirs(workdir, exist_ok=True)
+      self.lock.acquire()  # one live run per workdir; refused before this run writes anything
       _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
       _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
     self.model = heads.create_model(config)
@@ -156,8 +163,14 @@ class _Run:
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
       evals.pop()
     evals.append(entry)
-    if self.meta["best"] is None or result["accuracy"] > self.meta["best"]["accuracy"]:
+    improved = self.meta["best"] is None or result["accuracy"] > self.meta["best"]["accuracy"]
+    if improved:
       self.meta["best"] = entry
+    # The best state apart (predict --checkpoint=best), on every improvement; a resumed run
+    # re-evaluating the step of a best checkpoint its crashed attempt wrote overwrites it. Also
+    # when a finished run from before checkpoints_best re-evaluates its best (final) step.
+    if improved or (self.meta["best"]["step"] == step and self.ckpt.best_step() != step):
+      self.ckpt.save_best(step, self.state, self.meta)
     self.writer.write(step, {"eval/accuracy": result["accuracy"],
                              "eval/best_accuracy": self.meta["best"]["accuracy"],
                              "eval/seconds": time.perf_counter() - t0})
@@ -167,12 +180,15 @@ class _Run:
 
 
 def _inject_fault(step: int, batch: dict) -> dict:
-  """Test hooks for the reliability tests (both off unless their variable is set):
+  """Test hooks for the reliability tests (all off unless their variable is set):
   ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process as step k starts (crash + resume);
+  ``DSBN_JAX_SIGNAL_AT_STEP=k:SIGTERM`` (or ``:SIGINT``) sends it that signal as step k starts;
   ``DSBN_JAX_NAN_AT_STEP=k`` feeds step k a source batch of NaN pixels (a non-finite loss computed
   by the real step, which must stop the run and keep the last good checkpoint)."""
   if os.environ.get("DSBN_JAX_KILL_AT_STEP") == str(step):
     os.kill(os.getpid(), signal.SIGKILL)
+  if os.environ.get("DSBN_JAX_SIGNAL_AT_STEP", "").split(":")[0] == str(step):
+    os.kill(os.getpid(), getattr(signal, os.environ["DSBN_JAX_SIGNAL_AT_STEP"].split(":")[1]))
   if os.environ.get("DSBN_JAX_NAN_AT_STEP") == str(step):
     source = dict(batch["source"], image=np.full_like(batch["source"]["image"], np.nan))
     batch = dict(batch, source=source)
@@ -190,9 +206,54 @@ def _check_finite(step: int, metrics: dict, ckpt: checkpointing.Checkpointer) ->
                              f"{kept}: lower optim.lr0 or check the data")
 
 
+class _CpuEstimate:
+  """For a ResNet-50 on CPU: after a few steps past compilation, one line with the time to go."""
+
+  WARMUP, MEASURED = 1, 3  # steps: the first compiles; the next three are timed
+
+  def __init__(self, run: _Run, enabled: bool):
+    self.run, self.enabled = run, enabled
+    self.t0 = self.first = None
+
+  def tick(self, done: int, metrics) -> None:
+    if not self.enabled:
+      return
+    start = self.run.start_step
+    if done == start + self.WARMUP:
+      jax.block_until_ready(metrics)
+      self.t0, self.first = time.perf_counter(), done
+    elif self.t0 is not None and done == self.first + self.MEASURED:
+      jax.block_until_ready(metrics)
+      s_per_step = (time.perf_counter() - self.t0) / self.MEASURED
+      left = self.run.config.total_steps - done
+      self.run.say(f"warning: at {s_per_step:.1f} s per step on the CPU, the remaining {left} "
+                   f"steps take about {_duration(left * s_per_step)} (evaluations not included)")
+      self.enabled = False
+
+
+def _duration(seconds: float) -> str:
+  if seconds >= 2 * 86400:
+    return f"{seconds / 86400:.1f} days"
+  if seconds >= 2 * 3600:
+    return f"{seconds / 3600:.1f} hours"
+  return f"{seconds / 60:.0f} minutes"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming the latest checkpoint there); returns results."""
-  run = _Run(config, workdir)
+  """Trains ``config`` in ``workdir`` (resuming the latest checkpoint there); returns results.
+
+  Every float32 matmul and convolution runs at ``model.matmul_precision``.
+  """
+  with jax.default_matmul_precision(config.model.matmul_precision):
+    run = _Run(config, workdir)
+    try:
+      return _train_loop(run)
+    finally:
+      run.lock.release()
+
+
+def _train_loop(run: _Run) -> dict:
+  workdir = run.workdir
   config, total = run.config, run.config.total_steps
   batch_images = 2 * config.batch_size
   train_iter = input_pipeline.make_train_iterator(
@@ -200,11 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       start_step=run.start_step)
   progress = reporting.Progress(total, run.start_step, batch_images, enabled=run.is_main)
   t_start, pending, last_eval = time.perf_counter(), None, None
+  cpu_clock = _CpuEstimate(run, enabled=sharding.slow_on_cpu(run.mesh, config))
   wall0 = run.meta["wall_time_s"]
+  stop, saved = run_control.GracefulStop(), None
   try:
+    stop.__enter__()  # SIGINT/SIGTERM from here on: finish the step, checkpoint, exit 75
     for step in range(run.start_step, total):
       batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
       run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
+      cpu_clock.tick(step + 1, metrics)
       if pending is not None:  # read the previous step's metrics: no stall on the current step
         _check_finite(step, jax.device_get(pending), run.ckpt)
       pending, done = metrics, step + 1
@@ -220,10 +285,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(done, jax.device_get(metrics), run.ckpt)
         run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
         run.checkpoint(done)
-  except BaseException:  # an error, a NaN stop, Ctrl-C: finish a pending async save, then stop
+        saved = done
+      if done < total and stop.requested(sync=done % config.log_every_steps == 0):
+        if saved != done:
+          _check_finite(done, jax.device_get(metrics), run.ckpt)
+          run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
+          run.checkpoint(done)
+        run.ckpt.wait()
+        raise run_control.Stopped(done, stop.signal_name)
+  except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop
     run.ckpt.close()
     run.writer.close()
     raise
+  finally:
+    stop.__exit__()
   progress.close()
   if last_eval is None:  # resumed a finished run: evaluate the final state again
     last_eval = run.run_eval(int(jax.device_get(run.state.step)))

@@ -1,9 +1,11 @@
 """The pure training and evaluation steps (no devices, no I/O: ``sharding.py`` jits them).
 
-One step mirrors one iteration of the official ALDA ``train.py::train`` (facts §1-2):
+One step mirrors one iteration of the official ALDA ``train.py::train`` (docs/reference.md §1-§2):
 1. source batch through G+C (BN branch 0), then target batch (branch 1 for DSBN methods, the shared
-   branch 0 otherwise) -- two calls, so BN batch statistics are per domain, and the running
-   statistics are threaded from the first call into the second, as torch updates them in place;
+   branch 0 otherwise): BN batch statistics are per domain, and the running statistics of the
+   target call start from those the source call left, as torch updates them in place. The
+   reference makes two calls; ``model.fused_pass`` (default) makes one over both batches
+   interleaved, with the same maths (``_forward_both_domains``);
 2. D on the concatenated bottleneck features [f_s; f_t] behind gradient reversal (coefficient
    ``calc_coeff(i + 1)``), ALDA's three terms (or DANN's domain loss);
 3. total = CE_s + adv_weight·L_adv + adv_weight·λ_T(i)·L_T, plus L_reg on D only;
@@ -67,18 +69,18 @@ def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_co
   """
   spec = heads.method_spec(cfg.method)
   src, tgt = batch["source"], batch["target"]
-  (feat_s, logits_s), upd = apply_fn({"params": params, "batch_stats": batch_stats}, src["image"],
-                                     domain=0, train=True, mutable=["batch_stats"])
-  terms = {"ce": losses.cross_entropy(logits_s, src["label"])}
-  aux = {"batch_stats": upd["batch_stats"], "logits_s": logits_s}
   if spec.adversary == "none":
     # Source-only: the target batch never enters the network, so it cannot leak into the shared
     # BN statistics (that would be AdaBN-style adaptation, not the "ResNet-50" baseline).
-    return terms, aux
-  (feat_t, logits_t), upd = apply_fn({"params": params, "batch_stats": upd["batch_stats"]},
-                                     tgt["image"], domain=1 if spec.dsbn else 0, train=True,
-                                     mutable=["batch_stats"])
-  aux.update(batch_stats=upd["batch_stats"], logits_t=logits_t)
+    (_, logits_s), upd = apply_fn({"params": params, "batch_stats": batch_stats}, src["image"],
+                                  domain=0, train=True, mutable=["batch_stats"])
+    return ({"ce": losses.cross_entropy(logits_s, src["label"])},
+            {"batch_stats": upd["batch_stats"], "logits_s": logits_s})
+  (feat_s, logits_s), (feat_t, logits_t), new_stats = _forward_both_domains(
+      apply_fn, params, batch_stats, src["image"], tgt["image"], target_branch=int(spec.dsbn),
+      fused=cfg.model.fused_pass)
+  terms = {"ce": losses.cross_entropy(logits_s, src["label"])}
+  aux = {"batch_stats": new_stats, "logits_s": logits_s, "logits_t": logits_t}
   feat_Nxf = jnp.concatenate([feat_s, feat_t])
 
   def discriminate(feat):  # same rng each call -> the same dropout mask, like the single D forward
@@ -97,6 +99,32 @@ def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_co
   _, terms["reg"], _ = losses.alda_losses(discriminate(jax.lax.stop_gradient(feat_Nxf)),
                                           labels_s, probs_NxK, threshold)
   return terms, aux
+
+
+def _forward_both_domains(apply_fn, params, batch_stats, images_s, images_t, *, target_branch: int,
+                          fused: bool):
+  """``(feat_s, logits_s), (feat_t, logits_t), new_batch_stats`` of G+C in train mode.
+
+  The reference makes two calls, source (branch 0) then target (``target_branch``), each normalised
+  with its own batch statistics, the running statistics threaded from the first into the second.
+  ``fused`` computes the same in one call over the 2B images interleaved (source row i, target row
+  i, ...): every BN layer normalises each domain with its own statistics and branch and updates the
+  running statistics in the same order (``DomainSpecificBatchNorm`` with a domain tuple).
+  """
+  variables = {"params": params, "batch_stats": batch_stats}
+  if not fused:
+    out_s, upd = apply_fn(variables, images_s, domain=0, train=True, mutable=["batch_stats"])
+    out_t, upd = apply_fn({"params": params, "batch_stats": upd["batch_stats"]}, images_t,
+                          domain=target_branch, train=True, mutable=["batch_stats"])
+    return out_s, out_t, upd["batch_stats"]
+  b = images_s.shape[0]
+  images = jnp.stack([images_s, images_t], axis=1).reshape((2 * b, *images_s.shape[1:]))
+  (feat, logits), upd = apply_fn(variables, images, domain=(0, target_branch), train=True,
+                                 mutable=["batch_stats"])
+  split = lambda a: (a.reshape((b, 2, *a.shape[1:]))[:, 0],  # noqa: E731
+                     a.reshape((b, 2, *a.shape[1:]))[:, 1])
+  (feat_s, feat_t), (logits_s, logits_t) = split(feat), split(logits)
+  return (feat_s, logits_s), (feat_t, logits_t), upd["batch_stats"]
 
 
 def total_loss(terms: dict, lambda_t, cfg) -> jax.Array:

@@ -81,7 +81,7 @@ def test_every_top_level_param_needs_a_group():
 
 
 def test_adam_matches_torch_adam_with_coupled_decay_and_the_schedule():
-  """optim.name='adam' (the reference's digits optimizer) against torch.optim.Adam, per group."""
+  """optim.name='adam' (torch Adam's update, as in ALDA's digits scripts) vs torch.optim.Adam."""
   cfg = default.get_config().optim
   cfg.name, cfg.lr0, cfg.weight_decay, cfg.lr_gamma = "adam", 0.01, 0.01, 0.3
   cfg.lr_mult_backbone, cfg.lr_mult_head, cfg.lr_mult_disc = 1.0, 2.0, 3.0

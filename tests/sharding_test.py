@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,3 +124,31 @@ def test_single_process_does_not_initialize_distributed(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   assert sharding.maybe_initialize_distributed() is False
   assert jax.process_count() == 1
+
+
+def test_start_up_line_and_the_cpu_warning_for_resnet50():
+  from configs import smoke
+  from dsbn_jax import train
+  config = smoke.get_config()
+  mesh = sharding.make_mesh()
+  line = sharding.describe(mesh, config, "runs/x")
+  assert line == ("dsbn_jax: platform cpu, 8 x cpu, 1 process, mesh data=8, compute float32, "
+                  "matmul precision default, batch 8 + 8 (source + target, global), workdir runs/x")
+  assert not sharding.slow_on_cpu(mesh, config)
+  config.model.backbone = "resnet50"
+  assert sharding.slow_on_cpu(mesh, config)
+
+  class FakeRun:  # what the estimate reads of a run
+    start_step, said = 100, []
+    config = smoke.get_config()
+    config.total_steps = 20000
+
+    def say(self, msg):
+      self.said.append(msg)
+
+  estimate = train._CpuEstimate(FakeRun(), enabled=True)
+  for done in range(101, 106):
+    estimate.tick(done, jnp.zeros(()))
+  assert len(FakeRun.said) == 1, FakeRun.said
+  assert "s per step on the CPU, the remaining 19896 steps take about" in FakeRun.said[0]
+  assert train._duration(3 * 86400) == "3.0 days" and train._duration(5 * 3600) == "5.0 hours"

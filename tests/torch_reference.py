@@ -1,7 +1,7 @@
 """A PyTorch re-implementation of the official ALDA (+ DSBN) training iteration: the parity oracle.
 
-Written from the description of the official code in ``shared/reference/alda-dsbn-facts.md`` §1-2
-and §5 (``loss.py::ALDA_loss``, ``network.py``, ``train.py::train``, ``lr_schedule.py``,
+Written from the description of the official code in ``docs/reference.md`` §1-§5
+and §8 (``loss.py::ALDA_loss``, ``network.py``, ``train.py::train``, ``lr_schedule.py``,
 ``model/dsbn.py``), in the reference's own style (confusion matrix + batched product, boolean-index
 reductions, ``register_hook`` gradient reversal, ``requires_grad`` toggling) -- independently of the
 JAX code under test. Only the CUDA calls are gone (CPU here).

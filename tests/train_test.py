@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsbn_jax import checkpointing
+from dsbn_jax import checkpointing, run_control
 from tests import data_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +82,10 @@ def test_outputs_exist_and_parse(reference_run):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert "step 6/6" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
+  assert proc.stdout.splitlines()[0] == (
+      "dsbn_jax: platform cpu, 1 x cpu, 1 process, mesh data=1, compute float32, matmul precision "
+      f"default, batch 8 + 8 (source + target, global), workdir {workdir}")
+  assert "warning" not in proc.stdout  # a small CNN on CPU is what CPUs are for
 
 
 def test_second_invocation_resumes_and_extends(reference_run, tmp_path, data_dir):
@@ -116,6 +120,46 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path,
   ref = json.loads((reference_run[0] / "results.json").read_text())
   assert res["evals"] == ref["evals"]
   assert _train_rows(workdir) == _train_rows(reference_run[0])  # each step logged once, as ref
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_after_the_step_saves_it_and_resumes_bit_identical(reference_run, tmp_path,
+                                                                         data_dir, sig):
+  """SIGTERM/SIGINT as step 4 starts: step 4 finishes, checkpoint 5 (none is due there) is
+  written, exit 75; the same command resumes at step 5 and ends where the uninterrupted run did."""
+  workdir = tmp_path / "run"
+  stopped = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_SIGNAL_AT_STEP": f"4:{sig}"})
+  assert stopped.returncode == run_control.EXIT_STOPPED, stopped.stderr[-2000:]
+  assert stopped.stdout.splitlines()[-1] == (
+      f"stopped at step 5 ({sig}), checkpoint saved; run the same command to resume")
+  assert "Traceback" not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "5"]  # no step lost
+  assert not (workdir / "results.json").exists()
+  resumed = _main(workdir, data_dir)
+  assert "at step 5" in resumed.stdout
+  _assert_same_state(_params(workdir), _params(reference_run[0]))
+  assert _train_rows(workdir) == _train_rows(reference_run[0])  # each step logged once, as ref
+
+
+def test_second_run_in_a_live_workdir_is_refused_naming_the_holder(tmp_path, data_dir):
+  """One live run per workdir. (A holder that dies never leaves the lock stale: the kill -9
+  resume tests above restart in the workdir of a killed run.)"""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = run_control.WorkdirLock(str(workdir))
+  lock.acquire()  # as a live run holds it
+  try:
+    second = _main(workdir, data_dir, check=False)
+  finally:
+    lock.release()
+  assert second.returncode == 2
+  err = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and f"is in use by a running run (pid {os.getpid()} on " in err[0], err
+  assert "Traceback" not in second.stderr
+  assert sorted(os.listdir(workdir)) == [".lock"]  # the refused run wrote nothing
+  again = run_control.WorkdirLock(str(workdir))  # released: free again
+  again.acquire()
+  again.release()
 
 
 def test_workdir_of_another_config_is_refused_untouched(reference_run, data_dir):
@@ -182,6 +226,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  assert outs[0][0].splitlines()[0].startswith(  # the main process speaks for the whole mesh
+      "dsbn_jax: platform cpu, 4 x cpu, 2 processes, mesh data=4, ")
+  assert not outs[1][0].startswith("dsbn_jax:")
   # Reduction order differs (gloo all-reduce vs one process): params and BN statistics agree to
   # 1e-5; the momentum buffers (sums of raw gradients, O(1) and larger) to 1e-4 relative.
   (step_m, sm), (step_s, ss) = _params(multi), _params(single)

@@ -25,14 +25,20 @@ _ABBREVIATIONS = {
 
 
 def hide_accelerators_from_tf() -> None:
-  """Keeps TensorFlow on the CPU so it never grabs GPU/TPU memory meant for JAX."""
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except (RuntimeError, ValueError):  # TF already initialised or no such device type
-    if tf.config.get_visible_devices('GPU'):
-      logging.warning('TensorFlow was initialised with a visible GPU before the input pipeline was '
-                      'built; call dsbn_jax.datasets.catalog.hide_accelerators_from_tf() earlier')
+  """Keeps TensorFlow on the CPU so it never grabs GPU/TPU memory meant for JAX.
+
+  The install uses tensorflow-cpu, but a user's environment may hold a full TensorFlow: hiding its
+  accelerators before it initialises them is what keeps it off the device (TF would otherwise
+  reserve most of a GPU's memory on its first op).
+  """
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # TF already initialised, or no such device type
+      if tf.config.get_visible_devices(kind):
+        logging.warning('TensorFlow was initialised with a visible %s before the input pipeline was'
+                        ' built; call dsbn_jax.datasets.catalog.hide_accelerators_from_tf() '
+                        'earlier', kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,7 @@ class DomainInfo:
   name: str  # canonical domain name, e.g. 'Real_World' or 'digits_m'
   builder: tfds.core.DatasetBuilder
   train_split: str  # split the train stream reads (the whole domain for Office, as the reference)
-  eval_split: str  # split evaluated on (the same for Office: transductive protocol, facts §3)
+  eval_split: str  # split evaluated on (the same for Office: transductive, docs/reference.md §6)
   num_train: int  # examples in train_split, all processes together
   num_eval: int  # examples in eval_split, all processes together
 

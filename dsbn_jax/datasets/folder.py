@@ -8,11 +8,11 @@ verbatim (it only encodes numpy arrays), so we read each file, check it and hand
 Every image is fully decoded with PIL at build time, so a truncated or unreadable file stops the
 build with its path (benchmark images are never dropped silently). Pixels become RGB at decode time
 (`tf.io.decode_*(channels=3)` in the input pipeline), which matches the reference's PIL
-``.convert('RGB')`` (facts §3) for grayscale, palette, alpha and bilevel JPEG/PNG. The few files
-whose TF decode would *not* match ``.convert('RGB')`` -- CMYK/YCCK JPEGs (we do not rely on TF's
-CMYK path), 16-bit or other exotic PNG modes (TF rescales, PIL clips), and any other container
-(GIF, BMP, TIFF, WebP, MPO) -- are converted with PIL ``.convert('RGB')`` and stored as lossless
-PNG; the number of such files is logged.
+``.convert('RGB')`` (docs/reference.md §6) for grayscale, palette, alpha and bilevel JPEG/PNG. The
+few files whose TF decode would *not* match ``.convert('RGB')`` -- CMYK/YCCK JPEGs (we do not rely
+on TF's CMYK path), 16-bit or other exotic PNG modes (TF rescales, PIL clips), and any other
+container (GIF, BMP, TIFF, WebP, MPO) -- are converted with PIL ``.convert('RGB')`` and stored as
+lossless PNG; the number of such files is logged.
 """
 
 from __future__ import annotations
@@ -123,8 +123,13 @@ def manual_dir_or_raise(dl_manager: tfds.download.DownloadManager, instructions:
     return os.fspath(dl_manager.manual_dir)
   except (AssertionError, ValueError) as e:  # TFDS asserts "does not exist or is empty"
     where = getattr(dl_manager, '_manual_dir', None) or '(not set)'
-    raise UserError(f'the manual directory {where} is missing or empty: '
-                    f'{" ".join(instructions.split())} (config field data.manual_dir)') from e
+    raise missing_manual_dir_error(where, instructions) from e
+
+
+def missing_manual_dir_error(where: str, instructions: str) -> UserError:
+  """The one-line error for a missing or empty manual directory, with the download instructions."""
+  return UserError(f'the manual directory {where} is missing or empty: '
+                   f'{" ".join(instructions.split())} (config field data.manual_dir)')
 
 
 @dataclasses.dataclass(frozen=True)

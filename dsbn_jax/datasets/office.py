@@ -1,7 +1,8 @@
 """TFDS builders for Office-31 (`office31`) and Office-Home (`office_home`), manual download.
 
 Label order is the **sorted class folder names** (Python `sorted`, so upper case sorts first: 'TV'
-before 'Table'). For Office-31 that is the ALDA list order (back_pack=0 ... trash_can=30, facts §3).
+before 'Table'). For Office-31 that is the ALDA list order (back_pack=0 ... trash_can=30,
+docs/reference.md §6).
 For Office-Home the ALDA/CDAN lists use a non-alphabetical order (Drill=0, Exit_Sign=1, ...);
 DSBN uses an alphabetical one. The order only has to be consistent between source and target,
 which it is, so accuracies are unaffected; map labels by name when comparing with the reference.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dsbn_jax.datasets import folder
 
-# Published image counts per domain (lines of the official ALDA lists, facts §3).
+# Published image counts per domain (lines of the official ALDA lists, docs/reference.md §6).
 OFFICE31_COUNTS = {'amazon': 2817, 'dslr': 498, 'webcam': 795}
 OFFICE_HOME_COUNTS = {'Art': 2427, 'Clipart': 4365, 'Product': 4439, 'Real_World': 4357}
 
@@ -22,7 +23,7 @@ OFFICE31_CLASSES = (
     'printer', 'projector', 'punchers', 'ring_binder', 'ruler', 'scissors', 'speaker', 'stapler',
     'tape_dispenser', 'trash_can')
 
-# The 65 Office-Home class folders (the ALDA list's names, facts §3), sorted.
+# The 65 Office-Home class folders (the ALDA list's names, docs/reference.md §6), sorted.
 OFFICE_HOME_CLASSES = tuple(sorted((
     'Drill', 'Exit_Sign', 'Bottle', 'Glasses', 'Computer', 'File_Cabinet', 'Shelf', 'Toys', 'Sink',
     'Laptop', 'Kettle', 'Folder', 'Keyboard', 'Flipflops', 'Pencil', 'Bed', 'Hammer', 'ToothBrush',

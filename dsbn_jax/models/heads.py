@@ -1,6 +1,6 @@
 """The heads on top of the backbone, the discriminator, and the full model assembled from a config.
 
-Reference (official ALDA ``network.py``; facts §2):
+Reference (official ALDA ``network.py``; docs/reference.md §4):
 - ``ResNetFc``: backbone -> bottleneck ``Linear(2048, 512)`` (no BN, no ReLU, no dropout) ->
   classifier ``Linear(512, K)``. The bottleneck output is what both the classifier and D see.
 - ``Multi_AdversarialNetwork(512, 1024, K)``: Linear -> ReLU -> Dropout(0.5), twice, then
@@ -8,7 +8,7 @@ Reference (official ALDA ``network.py``; facts §2):
   (its final sigmoid lives in ``losses.dann_loss``).
 - ``init_weights``: every Linear is ``xavier_normal_`` (an *untruncated* normal with std
   sqrt(2 / (fan_in + fan_out))) with zero bias. Flax's ``glorot_normal`` is truncated, hence
-  ``variance_scaling(1, 'fan_avg', 'normal')`` (facts §7.10).
+  ``variance_scaling(1, 'fan_avg', 'normal')`` (docs/reference.md §4).
 
 The gradient reversal layer that the reference puts inside D's forward lives in the train step
 (its coefficient depends on the step), so ``Discriminator`` is a plain MLP.
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import resnet, torchvision_port
+from dsbn_jax.models.dsbn import Domain
 
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
@@ -45,6 +46,10 @@ METHODS = {
     "alda_dsbn": MethodSpec("alda", dsbn=True),  # the paper's method
     "dann_dsbn": MethodSpec("dann", dsbn=True),
 }
+
+
+BACKBONES = ("resnet50", "resnet", "small_cnn")  # model.backbone
+DTYPES = ("float32", "bfloat16")  # model.dtype: compute dtype (params and BN stats stay float32)
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -102,7 +107,7 @@ class AdaptationNet(nn.Module):
       self.disc = Discriminator(self.disc_outputs, self.disc_hidden_dim, self.dropout_rate,
                                 self.dtype)
 
-  def __call__(self, x_NHWC, *, domain: int, train: bool):
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     feat = self.backbone(x_NHWC, domain=domain, train=train)
     if self.bottleneck_dim:
       feat = self.bottleneck(feat.astype(self.dtype)).astype(jnp.float32)
@@ -122,16 +127,17 @@ class AdaptationNet(nn.Module):
 
 def _backbone(model_cfg, num_domains: int, dtype: Any) -> nn.Module:
   name = model_cfg.backbone
+  conv_impl = model_cfg.get("conv_impl", "auto")  # absent from configs saved before the field
   if name == "resnet50":
-    return resnet.ResNet50(num_domains=num_domains, dtype=dtype)
+    return resnet.ResNet50(num_domains=num_domains, dtype=dtype, conv_impl=conv_impl)
   if name == "resnet":
     return resnet.ResNet(stage_sizes=tuple(model_cfg.stage_sizes), num_domains=num_domains,
-                         num_filters=model_cfg.num_filters, dtype=dtype)
+                         num_filters=model_cfg.num_filters, dtype=dtype, conv_impl=conv_impl)
   if name == "small_cnn":
     return resnet.SmallCNN(num_domains=num_domains, feature_dim=model_cfg.feature_dim,
                            dtype=dtype)
   raise UserError(f"unknown backbone {name!r} (config field model.backbone); valid: "
-                  "resnet50, resnet, small_cnn")
+                  f"{', '.join(BACKBONES)}")
 
 
 def create_model(config) -> AdaptationNet:

@@ -17,18 +17,19 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsbn_jax.models.dsbn import DomainSpecificBatchNorm
+from dsbn_jax.models.conv import Conv
+from dsbn_jax.models.dsbn import Domain, DomainSpecificBatchNorm
 
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu'): an
 # untruncated normal with std sqrt(2 / fan_out).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any,
+          impl: str = "auto") -> Conv:
+  # No bias, padding kernel // 2 on both sides, HWIO float32 kernel; impl: see models/conv.py.
+  return Conv(features, kernel, stride, kernel_init=conv_init, dtype=dtype,
+              param_dtype=jnp.float32, impl=impl, name=name)
 
 
 class Bottleneck(nn.Module):
@@ -38,19 +39,21 @@ class Bottleneck(nn.Module):
   stride: int
   num_domains: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # models/conv.py: 'auto' | 'xla' | 'matmul'
 
   @nn.compact
-  def __call__(self, x, *, domain: int, train: bool):
+  def __call__(self, x, *, domain: Domain, train: bool):
     norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
     out_features = self.width * 4
-    y = _conv(self.width, 1, 1, "conv1", self.dtype)(x)
+    y = _conv(self.width, 1, 1, "conv1", self.dtype, self.conv_impl)(x)
     y = nn.relu(norm(name="bn1")(y, domain=domain, train=train))
-    y = _conv(self.width, 3, self.stride, "conv2", self.dtype)(y)
+    y = _conv(self.width, 3, self.stride, "conv2", self.dtype, self.conv_impl)(y)
     y = nn.relu(norm(name="bn2")(y, domain=domain, train=train))
-    y = _conv(out_features, 1, 1, "conv3", self.dtype)(y)
+    y = _conv(out_features, 1, 1, "conv3", self.dtype, self.conv_impl)(y)
     y = norm(name="bn3")(y, domain=domain, train=train)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype)(x)
+      x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype,
+                self.conv_impl)(x)
       x = norm(name="downsample_bn")(x, domain=domain, train=train)
     return nn.relu(y + x)
 
@@ -62,11 +65,12 @@ class ResNet(nn.Module):
   num_domains: int = 2
   num_filters: int = 64  # width of the stem and of the first stage's bottlenecks
   dtype: Any = jnp.float32  # compute dtype; params and BN statistics stay float32
+  conv_impl: str = "auto"  # convolution form, models/conv.py: 'auto' | 'xla' | 'matmul'
 
   @nn.compact
-  def __call__(self, x_NHWC, *, domain: int, train: bool):
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     x = x_NHWC.astype(self.dtype)
-    x = _conv(self.num_filters, 7, 2, "conv1", self.dtype)(x)
+    x = _conv(self.num_filters, 7, 2, "conv1", self.dtype, self.conv_impl)(x)
     x = DomainSpecificBatchNorm(self.num_domains, dtype=self.dtype, name="bn1")(
         x, domain=domain, train=train)
     x = nn.relu(x)
@@ -76,7 +80,7 @@ class ResNet(nn.Module):
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
         x = Bottleneck(self.num_filters * 2**i, stride, self.num_domains, self.dtype,
-                       name=f"layer{i + 1}_{j}")(x, domain=domain, train=train)
+                       self.conv_impl, name=f"layer{i + 1}_{j}")(x, domain=domain, train=train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # adaptive avg-pool to 1x1, flattened
 
 
@@ -87,8 +91,9 @@ class SmallCNN(nn.Module):
   """LeNet-like CNN for 32x32 digits, every norm layer domain-specific.
 
   conv5x5(32) -> BN -> ReLU -> maxpool2 -> conv5x5(64) -> BN -> ReLU -> maxpool2 -> fc(feature_dim)
-  -> BN -> ReLU. The shape follows ALDA's digits nets (two 5x5 convs + a 500-d fc, ``train_*.py``),
-  with BN after every layer so that DSBN has something to specialise.
+  -> BN -> ReLU, with BN after every layer so that DSBN has something to specialise. This network
+  is ours, for our Digits -> Digits-M benchmark: ALDA's digits nets are different (``network.py``
+  ``USPS_EnsembNet``, 256-d features, and ``SVHN_EnsembNet``, 128-d; docs/reference.md §9).
   """
 
   num_domains: int = 2
@@ -97,7 +102,7 @@ class SmallCNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_NHWC, *, domain: int, train: bool):
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
     x = x_NHWC.astype(self.dtype)
     for i, w in enumerate(self.widths):

@@ -7,7 +7,7 @@ matters for torch's momentum=None mode). Everything else is strict: a missing, u
 mis-shaped key raises an error naming it. Reading the file needs no torch (``pth_reader``).
 
 Weights to use for parity with ALDA: torchvision's ImageNet V1 file ``resnet50-19c8e357.pth`` (or its
-zip re-save ``resnet50-0676ba61.pth``); facts §7.11.
+zip re-save ``resnet50-0676ba61.pth``); docs/reference.md §4.
 """
 
 import os
@@ -91,6 +91,15 @@ def convert_state_dict(state_dict, num_domains: int = 2, source: str = "state_di
   return {col: traverse_util.unflatten_dict(d) for col, d in out.items()}
 
 
+def check_weights_file(path, config_field: str = "model.pretrained_path") -> str:
+  """``path`` as a string if it is a file, else a one-line UserError saying what to download."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f"weights file {path!r} (config field {config_field}) not found: download "
+                    f"{WEIGHTS_HINT} and put it there, or set --config.{config_field}=/path/to/it")
+  return path
+
+
 def load_resnet50(path, num_domains: int = 2, config_field: str = "model.pretrained_path"):
   """Reads a torchvision ResNet-50 ``.pth`` (zip or legacy format, no torch needed).
 
@@ -101,8 +110,5 @@ def load_resnet50(path, num_domains: int = 2, config_field: str = "model.pretrai
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` for ``resnet.ResNet50(num_domains=num_domains)``.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise UserError(f"weights file {path!r} (config field {config_field}) not found: download "
-                    f"{WEIGHTS_HINT} and put it there, or set --config.{config_field}=/path/to/it")
+  path = check_weights_file(path, config_field)
   return convert_state_dict(read_state_dict(path), num_domains, source=path)
