@@ -176,7 +176,8 @@ def _weight_grad_s2d(x_NHWC, g_NHWC, k, stride, pad):
                    ((0, 0, 0), (pad, s * h2 - h - pad, 0), (pad, s * w2 - w - pad, 0), (0, 0, 0)))
   xs = xp.reshape(n, h2, s, w2, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, s * s * c)
   w4 = jnp.zeros((k2, k2, s * s * c, g_NHWC.shape[3]), g_NHWC.dtype)
-  dw4 = jax.vjp(lambda k_: conv.conv_xla(xs, k_, 1), w4)[1](g_NHWC)[0]
+  dw4 = jax.vjp(lambda k_: jax.lax.conv_general_dilated(
+      xs, k_, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")), w4)[1](g_NHWC)[0]
   dw = dw4.reshape(k2, k2, s, s, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(k2 * s, k2 * s, c, -1)
   return dw[:k, :k]
 

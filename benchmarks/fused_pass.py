@@ -5,7 +5,9 @@ the source and target batches through the backbone in one call over the 2B inter
 in two calls of B images. Timed repetitions alternate between the two (the order flips every
 repetition) so that load from other processes hits both alike; reported: median images/s of each,
 the ratio fused / two-call of the medians and the median of the per-repetition ratios, compile
-times, and the loss after the timed steps (equal up to float rounding: the same maths).
+times, and the loss of the first step (equal up to float rounding: the same maths; the loss after
+the timed steps is not comparable: a random-init ResNet-50 stepping on one batch diverges, and
+chaotically amplifies the rounding differences).
 
   python benchmarks/fused_pass.py [--batch 8 --image_size 224 --reps 5 --steps_per_rep 2
       --method alda_dsbn --dtype float32 --device cpu --out PATH]
@@ -66,12 +68,13 @@ def main(args) -> dict:
                               "--num_classes", str(args.num_classes), "--seed", str(args.seed)])
   batch_np = st.host_batch(bench_args, np.random.default_rng(args.seed))
   load_start = os.getloadavg()
-  sides, first = {}, {}
+  sides, first, first_loss = {}, {}, {}
   for name, fused in (("two_calls", False), ("fused", True)):
     cfg = st.make_config(bench_args)
     cfg.method, cfg.model.fused_pass = args.method, fused
     sides[name] = st.JaxSide(bench_args, cfg, batch_np)
     first[name] = sides[name].first_call()
+    first_loss[name] = sides[name].final_loss()
     sides[name].run(1)  # warm-up
     print(f"[{name}] first (compiling) call {first[name]:.1f} s", flush=True)
   times = {name: [] for name in sides}
@@ -85,7 +88,8 @@ def main(args) -> dict:
   imgs = 2 * args.batch
   summary = {n: st.summarize(times[n], imgs, args.steps_per_rep) for n in sides}
   for n in sides:
-    summary[n].update(first_call_s=round(first[n], 2), final_loss=sides[n].final_loss(),
+    summary[n].update(first_call_s=round(first[n], 2), first_step_loss=first_loss[n],
+                      final_loss=sides[n].final_loss(),
                       device_memory=sides[n].device_memory())
   paired = [t / f for t, f in zip(times["two_calls"], times["fused"])]
   result = {

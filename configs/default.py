@@ -40,9 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   # NVIDIA Ampere and later, bf16 passes on TPU; exact float32 on CPU) | 'high' | 'highest' (strict
   # float32 everywhere: parity work). Only float32 compute is affected (model.dtype='float32').
   m.matmul_precision = "default"
-  # One backbone pass over the source and target batches together (each domain still normalised
-  # with its own batch statistics and branch; the same maths as the reference's two calls).
-  m.fused_pass = True
+  # True: one backbone pass over the source and target batches together (each domain still
+  # normalised with its own batch statistics and branch: the same maths as the reference's two
+  # calls, tested to 1e-5). Off by default: on CPU it measured 0.83-0.98x the speed of two calls
+  # (BENCHMARKS.md); on GPUs it halves the kernel launches of a step (not measured yet).
+  m.fused_pass = False
   # How the ResNet convolutions are computed (same params, same values; models/conv.py): 'auto'
   # (1x1 convs as channel matmuls when JAX's default backend is CPU, where that is ~2x faster than
   # XLA's conv; the plain conv on GPU/TPU) | 'xla' (always lax.conv_general_dilated) | 'matmul'

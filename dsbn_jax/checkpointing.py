@@ -9,14 +9,27 @@ re-wrapped on restore.
 The best-evaluated state lives apart, in ``<workdir>/checkpoints_best/<step>`` (one kept, the same
 two items): the rolling ``max_to_keep`` never prunes it and resume never reads it. It is selected
 with the target labels (the papers' protocol), and is what ``predict --checkpoint=best`` loads.
+
+A restored state is verified (every leaf of the expected shape and dtype, every float finite). A
+checkpoint that fails (bytes flipped, a truncated file, an empty step folder) is reported in one
+``warning: checkpoint <dir>/<step> is damaged (<why>); falling back to step <k>`` line and the next
+older one is tried; none good is a ``DamagedCheckpointError`` (one line). Training moves the
+damaged folders to ``<workdir>/checkpoints_damaged/`` (kept, never deleted) so that it can write
+those steps again; reading for inspection or prediction changes nothing.
 """
 
+import gc
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dsbn_jax.errors import UserError
 
 
 def _is_key(x) -> bool:
@@ -36,14 +49,154 @@ def _abstract(x):
 
 
 BEST_DIR = "checkpoints_best"  # the best-evaluated state, beside the rolling "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # where training moves the damaged checkpoints it skipped
 
 
-def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False
-                    ) -> tuple[int, dict, dict]:
+class DamagedCheckpointError(UserError):
+  """No checkpoint of a directory restores to a valid state (the callers add what to do)."""
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat(tree) -> dict:
+  """``'params/backbone/fc/kernel' -> leaf`` of a pytree (dicts and dataclasses alike)."""
+  return {"/".join(_key_name(k) for k in path): x
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _all_finite(leaves: list) -> list[bool]:
+  """Per leaf: every value finite (host arrays on the host; device arrays in one jitted check)."""
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return [bool(np.isfinite(x).all()) for x in leaves]
+  flags = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))(leaves)
+  return [bool(v) for v in np.asarray(flags.addressable_data(0))]
+
+
+def check_state(state, like=None) -> str | None:
+  """Why ``state`` is not a usable restored state, or None.
+
+  Checks every float leaf is finite and, given ``like`` (concrete or abstract arrays, possibly a
+  subset of the state's leaves), that each of its leaves is in ``state`` with its shape and dtype.
+  """
+  flat = _flat(state)
+  for path, ref in (_flat(like) if like is not None else {}).items():
+    ref_dtype = jax.random.key_data(ref).dtype if _is_key(ref) else ref.dtype
+    got = flat.get(path)
+    if got is None:
+      return f"{path} is missing"
+    got_dtype = jax.random.key_data(got).dtype if _is_key(got) else got.dtype
+    if tuple(np.shape(got)) != tuple(np.shape(ref)) or got_dtype != ref_dtype:
+      return (f"{path} is {got_dtype}{list(np.shape(got))}, expected "
+              f"{ref_dtype}{list(np.shape(ref))}")
+  floats = [(p, x) for p, x in flat.items()
+            if not _is_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)]
+  bad = [p for (p, _), ok in zip(floats, _all_finite([x for _, x in floats]) if floats else [])
+         if not ok]
+  if bad:
+    more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
+    return f"non-finite values in {bad[0]}{more}"
+  return None
+
+
+class _QuietOrbaxReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's sibling reads of a damaged
+  checkpoint (a page of traceback each; the first failure is reported in one line instead)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.getMessage().startswith("Task exception was never retrieved")
+                and "async_deserialize" in record.getMessage())
+
+
+def _quiet_unraisable(previous):
+  """``sys.unraisablehook`` minus the echoes of a failed orbax read: its sibling reads' errors
+  and their callbacks into the closed event loop (dozens of tracebacks, printed whenever
+  collected)."""
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if not (text.startswith("Encountered error while reading array index")
+            or (isinstance(unraisable.exc_value, RuntimeError) and text == "Event loop is closed")):
+      previous(unraisable)
+
+  hook.quiet_orbax_reads = True
+  return hook
+
+
+def _quiet_failed_reads() -> None:
+  """After a failed restore: keep its background echoes off stderr (the reason is in one line)."""
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _QuietOrbaxReads) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxReads())
+  if not getattr(sys.unraisablehook, "quiet_orbax_reads", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+  gc.collect()  # most echoes come when the failed tasks are collected: now, with the filters on
+
+
+def _why(e: Exception) -> str:
+  """A restore exception in a few words: its root cause (tensorstore's messages run to pages)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  text = text if len(text) <= 120 else text[:117] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _agree(ok: bool) -> bool:
+  """True only if every process found its copy good (all processes call it, in the same order)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_newest_good(directory: str, steps, restore: Callable[[int], tuple[Any, dict]],
+                        like=None) -> tuple[int, Any, dict, list[tuple[int, str]]]:
+  """``(step, state, meta, damaged)``: the newest of ``steps`` whose ``restore(step)`` gives a
+  valid state (``check_state``), and the ``(step, why)`` of the newer ones that did not.
+
+  Raises ``DamagedCheckpointError`` if none is good (``steps`` must not be empty).
+  """
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    try:
+      state, meta = restore(step)
+      why = check_state(state, like)
+      if why is None and not isinstance(meta, dict):
+        why = "its meta item is not a JSON object"
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore: any type)
+      why = _why(e)
+      _quiet_failed_reads()
+    if _agree(why is None):
+      return step, state, meta, damaged
+    damaged.append((step, why or "damaged on another process"))
+  (step, why), n = damaged[0], len(damaged)
+  more = f"; so are the {n - 1} older ones" if n > 1 else "; there is no older one"
+  raise DamagedCheckpointError(
+      f"checkpoint {os.path.join(directory, str(step))} is damaged ({why}){more}")
+
+
+def fallback_lines(directory: str, damaged, step: int, suffix: str = "") -> list[str]:
+  """The warning lines for the damaged checkpoints skipped on the way to ``step``."""
+  olders = [s for s, _ in damaged[1:]] + [step]
+  return [f"warning: checkpoint {os.path.join(directory, str(s))} is damaged ({why}); falling back "
+          f"to step {older}{suffix.format(step=s)}" for (s, why), older in zip(damaged, olders)]
+
+
+def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False, like=None,
+                    warn: Callable[[str], None] | None = None) -> tuple[int, dict, dict]:
   """``(step, state, meta)`` of a workdir's checkpoint, state as host numpy arrays.
 
-  No model or sharding needed (inspection, prediction, tests). ``step=None`` reads the latest;
-  ``best=True`` reads the best-evaluated checkpoint instead of the rolling ones.
+  No model or sharding needed (inspection, prediction, tests). ``step=None`` reads the newest good
+  checkpoint: a damaged newer one is skipped with a ``warning: ...`` line through ``warn``
+  (default: stderr); a given ``step`` must be good. ``best=True`` reads the best-evaluated
+  checkpoint instead of the rolling ones. ``like`` (a subset of the state's leaves, e.g.
+  ``{"params": ...}``) is checked for shapes and dtypes; every float is checked finite. Changes
+  nothing on disk; ``DamagedCheckpointError`` when no checkpoint is good.
   """
   directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best else "checkpoints"))
   if not os.path.isdir(directory):  # read-only: orbax would not create it, but fail obscurely
@@ -52,18 +205,28 @@ def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False
                                options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "meta": ocp.JsonCheckpointHandler()})
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  steps = mngr.all_steps() if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   # Read onto one local device whatever topology wrote it (e.g. 2 processes x 2 devices).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  meta = mngr.item_metadata(step)["state"]
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        meta=ocp.args.JsonRestore()))
-  mngr.close()
-  return step, jax.tree_util.tree_map(np.asarray, restored["state"]), restored["meta"]
+
+  def restore(s):
+    meta = mngr.item_metadata(s)["state"]
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                  meta=ocp.args.JsonRestore()))
+    return jax.tree_util.tree_map(np.asarray, out["state"]), out["meta"]
+
+  try:
+    step, state, meta, damaged = restore_newest_good(directory, steps, restore, like)
+  finally:
+    mngr.close()
+  warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+  for line in fallback_lines(directory, damaged, step):
+    warn(line)
+  return step, state, meta
 
 
 def read_state_arrays(workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -122,6 +285,39 @@ class Checkpointer:
       if old >= step:
         mngr.delete(old)
     mngr.save(step, args=_save_args(state, meta), force=True)
+
+  def restore_latest(self, like: Any, say: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+    """``(step, state, meta)`` of the newest good checkpoint (``restore``), None if there is none.
+
+    Damaged newer ones are moved to ``<workdir>/checkpoints_damaged/<step>`` (by process 0; kept
+    for inspection, so that this run can write those steps again) and named in one ``say`` line
+    each. ``DamagedCheckpointError`` if every checkpoint is damaged (then nothing is moved).
+    """
+    steps = self._mngr.all_steps()
+    if not steps:
+      return None
+    step, state, meta, damaged = restore_newest_good(
+        self.directory, steps, lambda s: self.restore(s, like), like=_unwrap_keys(like))
+    if damaged:
+      aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+      moved = {}
+      for s, _ in damaged:
+        dest = os.path.join(aside, str(s))
+        n = 1
+        while os.path.exists(dest):  # an earlier fallback moved this step already: keep both
+          n += 1
+          dest = os.path.join(aside, f"{s}-{n}")
+        moved[s] = dest
+        if jax.process_index() == 0:
+          os.makedirs(aside, exist_ok=True)
+          os.replace(os.path.join(self.directory, str(s)), dest)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices("checkpointing: damaged checkpoints moved")
+      self._mngr.reload()
+      for (s, _), line in zip(damaged, fallback_lines(self.directory, damaged, step)):
+        say(f"{line} (moved to {moved[s]})")
+    return step, state, meta
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """Restores ``step`` into the structure, dtypes and shardings of ``like`` (concrete or abstract)."""

@@ -72,18 +72,35 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
   config_check.validate(config, for_predict=True, where=paths[0])
   with open(paths[1], encoding="utf-8") as f:
     class_names = json.load(f)
-  if checkpoint == "best":
-    try:
-      step, state, meta = checkpointing.read_checkpoint(workdir, best=True)
-    except FileNotFoundError as e:
+  like = _model_variables(config)  # each checkpoint read must fit the model of config.json
+  other = "last" if checkpoint == "best" else "best"
+  try:
+    step, state, meta = checkpointing.read_checkpoint(workdir, best=checkpoint == "best",
+                                                      like=like)
+  except FileNotFoundError as e:
+    if checkpoint == "best":
       raise UserError(f"{workdir} has no best checkpoint ({checkpointing.BEST_DIR}/; runs trained "
                       "before it existed keep none): use --checkpoint=last") from e
-    return config, class_names, step, state, meta
-  try:
-    step, state, meta = checkpointing.read_checkpoint(workdir)
-  except FileNotFoundError as e:
     raise UserError(f"{e}: train it first") from e
+  except checkpointing.DamagedCheckpointError as e:
+    raise UserError(f"{e}: try --checkpoint={other}, or train again in a new --workdir (no "
+                    "predictions written)") from None
   return config, class_names, step, state, meta
+
+
+def _model_variables(config):
+  """Shapes and dtypes of the ``params`` and ``batch_stats`` the run's model expects."""
+  import jax
+  import jax.numpy as jnp
+
+  from dsbn_jax.models import heads
+
+  model = heads.create_model(config)
+  size = config.data.crop_size or config.data.resize_size
+  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init({"params": jax.random.key(0)}, x, method="init_all"), image)
+  return {k: variables[k] for k in ("params", "batch_stats")}
 
 
 def load_run(workdir: str, checkpoint: str = "last"):
@@ -119,6 +136,7 @@ def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32
 
   if not isinstance(batch_size, int) or batch_size < 1:
     raise UserError(f"invalid --batch_size={batch_size}; valid: an integer >= 1")
+  _check_out(out_csv)
   catalog.hide_accelerators_from_tf()
   config, class_names, predictor = load_run(workdir, checkpoint)
   paths = list_images(folder)
@@ -136,16 +154,39 @@ def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32
              "label": np.zeros(batch_size, np.int32),
              "mask": np.arange(batch_size) < len(chunk)}
     probs = np.asarray(predictor(batch)["probs"])[:len(chunk)]
+    if not np.isfinite(probs).all():  # never written: a NaN row would read as class 0
+      bad = chunk[int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])]
+      raise UserError(f"the {checkpoint} checkpoint of {workdir} gives non-finite probabilities "
+                      f"(e.g. for {bad}): its weights are damaged or the run diverged; try "
+                      f"--checkpoint={'best' if checkpoint == 'last' else 'last'} or train again "
+                      f"(no predictions written to {out_csv})")
     for p, pr in zip(chunk, probs):
       top = np.argsort(-pr)[:5]
       rows.append([os.path.relpath(p, folder), class_names[top[0]], f"{pr[top[0]]:.4f}",
                    " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top)])
   os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
-  with open(out_csv, "w", newline="", encoding="utf-8") as f:
+  with open(out_csv + ".tmp", "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
-    w.writerow(["path", "prediction", "probability", "top5"])
+    w.writerow(_HEADER)
     w.writerows(rows)
+  os.replace(out_csv + ".tmp", out_csv)  # atomic: a failure never leaves half a CSV
   return len(rows)
+
+
+_HEADER = ["path", "prediction", "probability", "top5"]
+
+
+def _check_out(out_csv: str) -> None:
+  """``--out`` may replace a predictions CSV (a previous run's), never another file."""
+  from dsbn_jax.errors import UserError
+  if os.path.isdir(out_csv):
+    raise UserError(f"--out={out_csv} is a folder; give the CSV file to write")
+  if os.path.exists(out_csv):
+    with open(out_csv, encoding="utf-8", errors="replace") as f:
+      first = f.readline().strip()
+    if first != ",".join(_HEADER):
+      raise UserError(f"--out={out_csv} exists and is not a predictions CSV (its first line is "
+                      f"not {','.join(_HEADER)}); choose another --out (it was left unchanged)")
 
 
 def main(argv):

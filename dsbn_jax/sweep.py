@@ -76,10 +76,11 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
       cfg.method, cfg.seed = method, seed
       cfg.data.source, cfg.data.target = task_domains(task)
     config_check.validate(cfg)
+    # New, empty, or a (finished or interrupted) run of *this* config only, before any run starts.
+    train.guard_workdir(workdir, cfg, resolved=False)
     finished = _load_results(os.path.join(workdir, "results.json")) is not None
-    if finished:
-      train.guard_workdir(workdir, cfg, resolved=False)  # a finished run of *this* config only
     runs.append((method, task, seed, workdir, cfg, finished))
+  _check_root(root, heads.METHODS)
   os.makedirs(root, exist_ok=True)
   for i, (method, task, seed, workdir, cfg, finished) in enumerate(runs):
     if finished:
@@ -88,6 +89,25 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
     train.train_and_evaluate(cfg, workdir)
   return write_summary(root, tasks, methods, seeds)
+
+
+SUMMARY_FILES = ("results.md", "summary.json", "results.png")  # what write_summary (re)writes
+
+
+def _check_root(root: str, methods) -> None:
+  """A sweep root is new, empty, or a sweep's: its method folders and summary files only (the
+  summary files of another tool in a folder without runs would be replaced)."""
+  from dsbn_jax import train
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise UserError(f"sweep --workdir={root} is a file, not a folder; choose a new --workdir")
+  if not os.path.isdir(root):
+    return
+  runs = [n for n in os.listdir(root) if n in methods and os.path.isdir(os.path.join(root, n))]
+  foreign = train.foreign_entries(root, ours=runs + list(SUMMARY_FILES) if runs else runs)
+  if foreign:
+    raise UserError(f"sweep --workdir={root} is not empty and is not a sweep's (it holds "
+                    f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new "
+                    "or empty --workdir (nothing was changed in this one)")
 
 
 def _cell(rows, key):

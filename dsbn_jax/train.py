@@ -56,17 +56,44 @@ def _jsonable(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
-  """Refuses a workdir that holds a run of another configuration (never overwrites it).
+# What a workdir may hold without our config.json and still be ours, empty: the lock of a run that
+# stopped before writing config.json, and what file browsers drop into any folder.
+_EMPTY_ENOUGH = frozenset({".lock", ".DS_Store", "Thumbs.db", "desktop.ini"})
 
+
+def foreign_entries(folder: str, ours=()) -> list[str]:
+  """Sorted names in an existing ``folder`` other than ``ours`` and ``_EMPTY_ENOUGH``."""
+  return sorted(n for n in os.listdir(folder) if n not in _EMPTY_ENOUGH and n not in ours)
+
+
+def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
+  """Refuses a workdir that is not new, empty or a run of this configuration (never touches it).
+
+  A non-empty folder without our ``config.json`` holds someone else's files (a results.json or
+  metrics.jsonl of another tool would be replaced); a run of another configuration would be mixed.
   ``resolved=False`` compares a config before ``resolve_config`` (what a sweep has before it
   decides to skip a finished run): the fields derived from the data are then not compared.
   """
   path = os.path.join(workdir, "config.json")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a folder; choose a new --workdir")
   if not os.path.exists(path):
+    foreign = foreign_entries(workdir) if os.path.isdir(workdir) else []
+    if foreign:
+      shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+      raise UserError(f"workdir {workdir} is not empty and is not a run's (no config.json; it "
+                      f"holds {shown}); choose a new or empty --workdir (nothing was changed in "
+                      "this one)")
     return
-  with open(path, encoding="utf-8") as f:
-    old = traverse_util.flatten_dict(json.load(f), sep=".")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except ValueError as e:  # JSONDecodeError too
+    raise UserError(f"workdir {workdir} holds a config.json that is not a run's ({e}); choose a "
+                    "new --workdir (nothing was changed in this one)") from None
+  old = traverse_util.flatten_dict(saved, sep=".")
   new = traverse_util.flatten_dict(_jsonable(config), sep=".")
   derived = () if resolved else ("model.num_classes",) + (
       ("optim.lr0",) if config.optim.lr0 < 0 else ())
@@ -96,10 +123,16 @@ def evaluate(eval_fn, state, eval_data, mesh, num_classes: int) -> dict:
   total = int(confusion.sum())
   if total != eval_data.num_examples:
     raise RuntimeError(f"evaluated {total} images, expected {eval_data.num_examples}")
-  per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+  counts = confusion.sum(1)
+  # None for a class without target images (no accuracy to speak of, not 0 %), left out of the
+  # mean over classes.
+  per_class = [100.0 * (float(confusion[k, k]) / float(n)) if n else None
+               for k, n in enumerate(counts)]
+  present = [a for a in per_class if a is not None]
   return {"accuracy": 100.0 * confusion.diagonal().sum() / max(total, 1),
-          "per_class_accuracy": (100.0 * per_class).tolist(), "confusion": confusion.tolist(),
-          "num_images": total}
+          "per_class_accuracy": per_class,
+          "mean_class_accuracy": sum(present) / len(present) if present else None,
+          "confusion": confusion.tolist(), "num_images": total}
 
 
 class _Run:
@@ -119,6 +152,9 @@ class _Run:
     tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
     self.config = config = resolve_config(config, self.info)
+    if self.info.source.name == self.info.target.name:
+      self.say(f"warning: source and target are the same domain ({self.info.source.name}): this "
+               "is no domain adaptation; check config.data.source and config.data.target")
     guard_workdir(workdir, config)
     self.lock = run_control.WorkdirLock(workdir)
     if self.is_main:
@@ -136,9 +172,15 @@ class _Run:
                                                image_shape, pretrained)
     self.ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     self.meta = {"evals": [], "best": None, "wall_time_s": 0.0}
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      self.state, self.meta = self.ckpt.restore(latest, self.state)
+    try:  # the newest good checkpoint; damaged newer ones are named and moved aside
+      found = self.ckpt.restore_latest(self.state, self.say)
+    except checkpointing.DamagedCheckpointError as e:
+      self.ckpt.close()
+      self.lock.release()
+      raise UserError(f"{e}: choose a new --workdir, or move {self.ckpt.directory} away to train "
+                      "from scratch in this one (nothing was deleted)") from None
+    if found is not None:
+      latest, self.state, self.meta = found
       self.say(f"resumed from {self.ckpt.directory} at step {latest}")
     self.start_step = int(jax.device_get(self.state.step))
     self.train_fn = sharding.jit_train_step(self.mesh, config)
@@ -323,6 +365,7 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
       "best_accuracy": run.meta["best"]["accuracy"], "best_step": run.meta["best"]["step"],
       "last_accuracy": last_eval["accuracy"], "evals": run.meta["evals"],
       "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
+      "mean_class_accuracy": last_eval["mean_class_accuracy"],
       "confusion_matrix": last_eval["confusion"], "class_names": list(run.info.class_names),
       "num_target_images": last_eval["num_images"], "wall_time_s": wall,
       "images_per_s_this_session": trained * 2 * config.batch_size / elapsed if elapsed else 0.0,

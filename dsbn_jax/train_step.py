@@ -4,8 +4,8 @@ One step mirrors one iteration of the official ALDA ``train.py::train`` (docs/re
 1. source batch through G+C (BN branch 0), then target batch (branch 1 for DSBN methods, the shared
    branch 0 otherwise): BN batch statistics are per domain, and the running statistics of the
    target call start from those the source call left, as torch updates them in place. The
-   reference makes two calls; ``model.fused_pass`` (default) makes one over both batches
-   interleaved, with the same maths (``_forward_both_domains``);
+   reference makes two calls, as here by default; ``model.fused_pass`` makes one over both
+   batches interleaved, with the same maths (``_forward_both_domains``);
 2. D on the concatenated bottleneck features [f_s; f_t] behind gradient reversal (coefficient
    ``calc_coeff(i + 1)``), ALDA's three terms (or DANN's domain loss);
 3. total = CE_s + adv_weight·L_adv + adv_weight·λ_T(i)·L_T, plus L_reg on D only;

@@ -42,9 +42,10 @@ def _train(mesh, cfg, state, batches):
   return state, metrics, out, len(traces), old
 
 
-@pytest.fixture(scope="module")
-def runs():
+@pytest.fixture(scope="module", params=[False, True], ids=["two_calls", "fused_pass"])
+def runs(request):
   cfg = make_config("alda_dsbn", **SMALL)
+  cfg.model.fused_pass = request.param  # interleaved [src_i, tgt_i] rows stay sharded by row
   cfg.loss.threshold = 0.3  # some target rows confident: every ALDA term is live
   # Reduction order differs between 1 and 8 devices (~1 ulp); keep the dynamics tame so that
   # 3 steps do not amplify it (the parity config's lr 0.01 / GRL ~1 does, chaotically).

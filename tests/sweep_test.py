@@ -52,3 +52,42 @@ def test_sweep_runs_then_skips_finished_runs_and_refuses_a_changed_config(tmp_pa
   last = changed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: workdir") and "optim.lr0: 0.01 -> 0.5" in last, last
   assert results.read_bytes() == before
+
+
+def _foreign_folder(folder) -> dict:
+  """A folder of someone else's files (what issue 13 found overwritten); returns its bytes."""
+  folder.mkdir(parents=True)
+  (folder / "results.json").write_text('{"mine": 1}')
+  (folder / "curves.png").write_bytes(b"\x89PNG not ours")
+  (folder / "metrics.jsonl").write_text("".join(f'{{"step": {i}}}\n' for i in range(10)))
+  return _bytes(folder)
+
+
+def _bytes(root) -> dict:
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(root) for f in files}
+
+
+def test_sweep_refuses_a_foreign_root_or_run_folder_before_any_run(tmp_path):
+  """A folder of someone else's files as the sweep root, or as one run's folder: one line, before
+  the first run starts, every byte kept (issue 13)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from dsbn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "configs", "smoke.py"))
+  smoke = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(smoke)
+  config = smoke.get_config()
+  args = (["digits->digits_m"], ["alda_dsbn"], [0])
+  root = tmp_path / "root"
+  before = _foreign_folder(root)
+  with pytest.raises(UserError, match=r"sweep --workdir=.* is not empty and is not a sweep's \(it "
+                     r"holds curves.png, metrics.jsonl, results.json\)"):
+    sweep.run_sweep(config, str(root), *args)
+  assert _bytes(root) == before
+  root2 = tmp_path / "root2"  # a sweep's layout, but the run's folder holds someone's files
+  before = _foreign_folder(root2 / "alda_dsbn" / "digits-digits_m" / "seed0")
+  with pytest.raises(UserError, match="is not empty and is not a run's"):
+    sweep.run_sweep(config, str(root2), *args)
+  assert _bytes(root2) == {os.path.join("alda_dsbn", "digits-digits_m", "seed0", k): v
+                           for k, v in before.items()}

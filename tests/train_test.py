@@ -211,19 +211,43 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes(workdir, data_dir, env_by_process=({}, {})):
+  """The smoke run as 2 processes x 2 CPU devices (gloo); returns the Popens and their outputs."""
+  port = _free_port()
+  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                                **env_by_process[i]))
+           for i in range(2)]
+  return procs, [p.communicate(timeout=600) for p in procs]
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, tmp_path,
+                                                                      data_dir):
+  """SIGTERM to process 1 alone as its step 4 starts: both processes agree, both save checkpoint
+  5 (a collective save) and exit 75; both resumed, the run ends as the uninterrupted one."""
+  multi = tmp_path / "multi"
+  procs, outs = _two_processes(multi, data_dir, ({}, {"DSBN_JAX_SIGNAL_AT_STEP": "4:SIGTERM"}))
+  assert [p.returncode for p in procs] == [run_control.EXIT_STOPPED] * 2, outs[1][1][-2000:]
+  assert outs[0][0].splitlines()[-1].startswith("stopped at step 5 (a signal to another process)")
+  assert sorted(os.listdir(multi / "checkpoints")) == ["3", "5"]
+  procs, outs = _two_processes(multi, data_dir)
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+  assert "at step 5" in outs[0][0]
+  (step_m, sm), (step_r, sr) = _params(multi), _params(reference_run[0])
+  assert step_m == step_r == 6
+  _assert_same_state((6, {k: sm[k] for k in ("params", "batch_stats")}),  # 4 devices vs 1
+                     (6, {k: sr[k] for k in ("params", "batch_stats")}), atol=1e-5)
+
+
 def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
   """Real multi-host: 2 processes x 2 CPU devices (gloo) == 1 process x 4 devices."""
   single = tmp_path / "single"
   _main(single, data_dir, devices=4)
   multi = tmp_path / "multi"
-  port = _free_port()
-  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
-         f"--workdir={multi}", f"--config.data.data_dir={data_dir}"]
-  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+  procs, outs = _two_processes(multi, data_dir)
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert outs[0][0].splitlines()[0].startswith(  # the main process speaks for the whole mesh

@@ -91,13 +91,26 @@ def valid_domains(data: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def canonical_domain(data: ml_collections.ConfigDict, name: str) -> str:
-  """Resolves case, spaces ("Real World") and abbreviations ("Rw"); else lists the valid ones."""
+  """Resolves spaces ("Real World"), case and abbreviations ("Rw"); else lists the valid ones.
+
+  An exact name wins; another case only if one domain matches it (a custom tree may hold both
+  ``Src`` and ``src``: ``SRC`` is then an error naming both, never one of them silently).
+  """
   valid = valid_domains(data)
-  key = folder.split_name(str(name)).lower()
-  lookup = {v.lower(): v for v in valid} | _ABBREVIATIONS.get(data.dataset, {})
-  if key not in lookup:
-    raise UserError(f'unknown domain {name!r} for dataset {data.dataset}; valid: {list(valid)}')
-  return lookup[key]
+  exact = folder.split_name(str(name))
+  if exact in valid:
+    return exact
+  key = exact.lower()
+  matches = [v for v in valid if v.lower() == key]
+  if len(matches) > 1:
+    raise UserError(f'domain {name!r} is ambiguous for dataset {data.dataset}: it matches '
+                    f'{matches}, which differ only by case; give the exact name')
+  if matches:
+    return matches[0]
+  abbreviations = _ABBREVIATIONS.get(data.dataset, {})
+  if key in abbreviations:
+    return abbreviations[key]
+  raise UserError(f'unknown domain {name!r} for dataset {data.dataset}; valid: {list(valid)}')
 
 
 def _custom_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

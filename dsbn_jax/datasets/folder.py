@@ -149,6 +149,11 @@ def collect_domain(domain_dir: str, split: str, class_names: Sequence[str] | Non
   if not os.path.isdir(domain_dir):
     raise UserError(f'domain folder {domain_dir} is missing; re-extract the dataset archive')
   classes = _visible_subdirs(domain_dir)
+  loose = list_images(domain_dir)[0]
+  if loose:  # one class per sub-folder: an image beside them has no label and would be left out
+    raise UserError(f'{len(loose)} image(s) directly in the domain folder {domain_dir} (e.g. '
+                    f'{loose[0]}) belong to no class; move each into its <class>/ sub-folder (or '
+                    'out of the tree) and build the dataset again')
   if class_names is not None:
     unknown = sorted(set(classes) - set(class_names))
     if unknown:
