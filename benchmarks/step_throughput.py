@@ -16,10 +16,11 @@ then `--warmup` more steps), then `--reps` timed repetitions of `--steps_per_rep
 alternating JAX and PyTorch (the order flips every repetition), so that load from other processes
 hits both alike (`--conv_impl xla,auto`: one JAX side per form, the order of the three rotating, so
 that the forms are compared under the same load). Reported: the median images/s over repetitions
-(images = source + target), the ratio JAX/PyTorch of the medians and the median of the per-repetition (paired) ratios, the compile
-time, and memory: peak RSS while each side runs (sampled every 10 ms; one process, so each figure
-also holds the other side's resident state: compare the increments), or on GPU the peak device
-memory (`device.memory_stats()` / `torch.cuda.max_memory_allocated`).
+(images = source + target), the ratio JAX/PyTorch of the medians and the median of the
+per-repetition (paired) ratios, the compile time, and memory: peak RSS while each side runs
+(sampled every 10 ms; one process, so each figure also holds the other side's resident state:
+compare the increments), or on GPU the peak device memory (`device.memory_stats()` /
+`torch.cuda.max_memory_allocated`).
 
 Load matters beyond noise: on a CPU shared with another busy process, torch's OpenMP fork-join
 (one barrier per op, static split over `--torch_threads`) slows down far more than XLA's thread

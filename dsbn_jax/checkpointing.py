@@ -77,11 +77,57 @@ def _all_finite(leaves: list) -> list[bool]:
   return [bool(v) for v in np.asarray(flags.addressable_data(0))]
 
 
-def check_state(state, like=None) -> str | None:
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant: position weights of the checksum
+
+
+def _np_checksum(x: np.ndarray) -> int:
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    words = x.astype(np.uint32).ravel()
+  elif x.dtype.itemsize in (1, 2):
+    words = x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint32).ravel()
+  else:  # 4 bytes (float32, int32, uint32 key data) or 8 (two words each)
+    words = x.view(np.uint32).ravel()
+  weights = np.arange(words.size, dtype=np.uint32) * np.uint32(_GOLDEN) + np.uint32(1)
+  return int(np.sum(words * weights, dtype=np.uint32))
+
+
+def _jnp_checksum(x: jax.Array) -> jax.Array:
+  """The same sum as ``_np_checksum``, on the device (uint32 arithmetic wraps alike)."""
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    words = jax.lax.bitcast_convert_type(x, f"uint{8 * x.dtype.itemsize}").astype(jnp.uint32)
+  else:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  words = words.ravel()
+  weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+_device_checksums = jax.jit(lambda leaves: jnp.stack([_jnp_checksum(x) for x in leaves]))
+
+
+def checksums(state) -> dict[str, int]:
+  """``path -> uint32`` position-weighted sum of each leaf's bits (saved in the meta item): a
+  flipped byte that still decodes to finite numbers is caught on restore."""
+  flat = _flat(_unwrap_keys(state))
+  if not flat:
+    return {}
+  leaves = list(flat.values())
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    sums = [_np_checksum(x) for x in leaves]
+  else:
+    sums = np.asarray(_device_checksums(leaves).addressable_data(0)).tolist()
+  return {path: int(v) for path, v in zip(flat, sums)}
+
+
+def check_state(state, like=None, sums: dict | None = None) -> str | None:
   """Why ``state`` is not a usable restored state, or None.
 
-  Checks every float leaf is finite and, given ``like`` (concrete or abstract arrays, possibly a
-  subset of the state's leaves), that each of its leaves is in ``state`` with its shape and dtype.
+  Checks every float leaf is finite; given ``like`` (concrete or abstract arrays, possibly a
+  subset of the state's leaves), that each of its leaves is in ``state`` with its shape and dtype;
+  given ``sums`` (``checksums`` at save time), that every leaf still has its checksum.
   """
   flat = _flat(state)
   for path, ref in (_flat(like) if like is not None else {}).items():
@@ -100,6 +146,12 @@ def check_state(state, like=None) -> str | None:
   if bad:
     more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
     return f"non-finite values in {bad[0]}{more}"
+  if sums:
+    now = checksums(state)
+    bad = [p for p, v in now.items() if p in sums and sums[p] != v]
+    if bad:
+      more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
+      return f"checksum mismatch in {bad[0]}{more}"
   return None
 
 
@@ -165,9 +217,10 @@ def restore_newest_good(directory: str, steps, restore: Callable[[int], tuple[An
   for step in sorted(steps, reverse=True):
     try:
       state, meta = restore(step)
-      why = check_state(state, like)
-      if why is None and not isinstance(meta, dict):
-        why = "its meta item is not a JSON object"
+      if not isinstance(meta, dict):
+        raise ValueError("its meta item is not a JSON object")
+      meta = dict(meta)
+      why = check_state(state, like, meta.pop("checksums", None))  # None: saved before them
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore: any type)
       why = _why(e)
       _quiet_failed_reads()
@@ -343,5 +396,6 @@ class Checkpointer:
 
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
+  meta = dict(meta, checksums=checksums(state))  # verified by every restore (check_state)
   return ocp.args.Composite(state=ocp.args.StandardSave(_unwrap_keys(state)),
                             meta=ocp.args.JsonSave(meta))

@@ -1,28 +1,32 @@
-"""The backbone's convolution: a drop-in for ``nn.Conv`` that runs 1x1 convolutions as matmuls on CPU.
+"""The backbone's convolution: ``nn.Conv`` as ResNet uses it, with 1x1 convs as matmuls on CPU.
 
-Why: on CPU, XLA's convolutions are the step's gap to PyTorch, and a 1x1 convolution is a matmul
-over channels in disguise. Written as one (``dot_general`` over the channel axis; a stride-2 1x1
-is a stride-2 slice followed by the matmul, since its window sees one pixel), XLA:CPU runs it
-on its matmul path: for ResNet-50's 1x1 shapes at 8 images @ 224 the forward + both gradients take
-about half the time of XLA's 1x1 convolution, and the worst case, the kernel gradient of the stride-2
-downsample (56² -> 28², 256 -> 512), drops from ~330 ms to ~60 ms (``benchmarks/conv_profile.py``,
-BENCHMARKS.md). The gradients need no custom rule: the matmul's transposes are matmuls, and the
-slice's is a zero-interleaving pad.
+Why: on CPU the convolutions are the train step's gap to PyTorch, and a 1x1 convolution is a
+matmul over channels in disguise. Written as one (``dot_general`` over the channel axis; a
+stride-2 1x1 is a stride-2 slice, then the matmul, since its window sees one pixel), it runs on
+XLA:CPU's matmul path. For ResNet-50's 1x1 shapes at 8 images @ 224, forward + both gradients took
+1.3 s instead of 3.2 s with XLA's convolution. The worst case was the kernel gradient of the
+stride-2 downsample (56² -> 28², 256 -> 512), which dropped from 264 ms to 36 ms
+(``benchmarks/conv_profile.py``, BENCHMARKS.md). The gradients need no custom rule: the transposes
+of a matmul are matmuls, and that of the slice is a zero-interleaving pad.
 
-Every other convolution (the 7x7 stem, the 3x3s) stays ``lax.conv_general_dilated``: on this XLA
-none of the tried rewrites (stride-2 input gradients without ``lhs_dilation``, by explicit zero
-dilation or by output phases; kernel gradients by per-tap matmuls, im2col or space-to-depth) was
-measurably faster on CPU (the numbers are in BENCHMARKS.md).
+Every other convolution (the 7x7 stem, the 3x3s) stays ``lax.conv_general_dilated``. On this XLA
+none of the rewrites tried was measurably faster on CPU: stride-2 input gradients without
+``lhs_dilation`` (by explicit zero dilation, which XLA folds back into the conv, or by output
+phases), and kernel gradients by per-tap matmuls, im2col or space-to-depth. BENCHMARKS.md has the
+numbers.
 
-On GPU/TPU the plain convolution stays: cuDNN and the TPU compiler already treat 1x1 convs as
-matmuls, and nothing was measured there. ``impl`` chooses: ``'auto'`` (the matmul form when JAX's
-default backend is CPU at trace time, the plain conv otherwise), ``'xla'`` (always the plain conv),
-``'matmul'`` (always the matmul form, on any backend; for tests and measurements).
+On GPU/TPU the plain convolution stays: cuDNN and the TPU compiler have their own 1x1 paths, and
+nothing was measured there. ``impl`` chooses:
 
-The module is ``nn.Conv`` as ``resnet._conv`` configured it, param for param: one ``kernel`` in HWIO
-``(k, k, in, out)``, ``param_dtype`` float32, no bias, explicit torchvision padding ``k // 2`` on
-both sides, inputs and kernel cast to ``dtype`` for the compute (Flax's ``promote_dtype``). So
-ported torchvision weights and checkpoints do not change.
+- ``'auto'``: the matmul form when JAX's default backend is CPU at trace time, the plain conv
+  otherwise;
+- ``'xla'``: always the plain conv;
+- ``'matmul'``: always the matmul form, on any backend (for tests and measurements).
+
+The module is the ``nn.Conv`` that ``resnet._conv`` used to configure, param for param: one
+``kernel`` in HWIO ``(k, k, in, out)``, float32 ``param_dtype``, no bias, and explicit torchvision
+padding ``k // 2`` on both sides. Input and kernel are cast to ``dtype`` for the compute (Flax's
+``promote_dtype``). So ported torchvision weights and checkpoints do not change.
 """
 
 from typing import Any, Callable
