@@ -228,16 +228,17 @@ def restore_newest_good(directory: str, steps, restore: Callable[[int], tuple[An
       return step, state, meta, damaged
     damaged.append((step, why or "damaged on another process"))
   (step, why), n = damaged[0], len(damaged)
-  more = f"; so are the {n - 1} older ones" if n > 1 else "; there is no older one"
+  more = ("; there is no older one" if n == 1 else "; so is the older one" if n == 2 else
+          f"; so are the {n - 1} older ones")
   raise DamagedCheckpointError(
       f"checkpoint {os.path.join(directory, str(step))} is damaged ({why}){more}")
 
 
-def fallback_lines(directory: str, damaged, step: int, suffix: str = "") -> list[str]:
+def fallback_lines(directory: str, damaged, step: int) -> list[str]:
   """The warning lines for the damaged checkpoints skipped on the way to ``step``."""
   olders = [s for s, _ in damaged[1:]] + [step]
   return [f"warning: checkpoint {os.path.join(directory, str(s))} is damaged ({why}); falling back "
-          f"to step {older}{suffix.format(step=s)}" for (s, why), older in zip(damaged, olders)]
+          f"to step {older}" for (s, why), older in zip(damaged, olders)]
 
 
 def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False, like=None,

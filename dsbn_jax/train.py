@@ -3,8 +3,9 @@
 No math lives here (``train_step.py``) and no device logic (``sharding.py``). Outputs in the workdir:
 ``config.json`` (the resolved config that ran), ``metrics.jsonl`` + ``tensorboard/`` (every
 ``log_every_steps`` and every evaluation), ``checkpoints/`` (orbax), ``curves.png`` and the final
-``results.json`` (best and last target accuracy, per-class accuracy, confusion matrix, steps, wall
-time, img/s).
+``results.json`` (best and last target accuracy, per-class accuracy -- None for a class without
+target images -- and its mean over the classes with images, confusion matrix, steps, wall time,
+img/s).
 
 Evaluation protocol: the target set with the target DSBN branch in eval mode, every
 ``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number the ALDA

@@ -188,7 +188,7 @@ def test_every_checkpoint_damaged_is_a_one_line_error_and_moves_nothing(run, tmp
   msg = str(e.value)
   assert "\n" not in msg
   assert msg.startswith(f"checkpoint {workdir}/checkpoints/6 is damaged (KeyError: ")
-  assert msg.endswith("; so are the 1 older ones: choose a new --workdir, or move "
+  assert msg.endswith("; so is the older one: choose a new --workdir, or move "
                       f"{workdir}/checkpoints away to train from scratch in this one (nothing "
                       "was deleted)")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
@@ -237,6 +237,14 @@ def test_check_state_names_a_non_finite_or_misshapen_leaf():
   like = {"params": {"fc": {"kernel": jax.ShapeDtypeStruct((2, 4), np.float32)}}}
   assert checkpointing.check_state(state, like) == (
       "params/fc/kernel is float32[2, 3], expected float32[2, 4]")
+  sums = checkpointing.checksums(state)  # what a save stores; the device computes the same sums
+  assert sums == checkpointing.checksums(jax.tree_util.tree_map(jax.numpy.asarray, state))
+  assert checkpointing.check_state(state, sums=sums) is None
+  flipped = {"params": {"fc": {"kernel": state["params"]["fc"]["kernel"].copy()}},
+             "step": np.int32(4)}
+  flipped["params"]["fc"]["kernel"].view(np.uint8).reshape(-1)[5] ^= 0x10  # still finite
+  assert np.isfinite(flipped["params"]["fc"]["kernel"]).all()
+  assert checkpointing.check_state(flipped, sums=sums) == "checksum mismatch in params/fc/kernel"
 
 
 def test_predict_never_writes_non_finite_probabilities(run, images, tmp_path, monkeypatch):
