@@ -22,6 +22,16 @@ def use_cpu_collectives() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def define_flag(define, name: str, *args, **kwargs):
+  """``define(name, *args, **kwargs)`` (an absl or ml_collections ``DEFINE_*``), or the holder of
+  the flag ``name`` when another entry point imported in the same process (tests import main,
+  sweep and predict together) already defined it: absl refuses a second definition."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, *args, **kwargs)
+
+
 def parse_flags(argv):
   """absl's flag parsing, but a bad flag or config override is one line and exit status 2.
 

@@ -12,12 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli, use_cpu_collectives  # noqa: E402,E501
+from dsbn_jax.cli import (define_flag, parse_flags, quiet_library_logs, run_cli,  # noqa: E402
+                          use_cpu_collectives)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>/<method>/"
-                               "<source>-<target>/seed<seed>); an existing run there is resumed.")
+_CONFIG = define_flag(config_flags.DEFINE_config_file, "config", None, "Experiment config file.",
+                      lock_config=True)
+_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None,
+                       "Run directory (default: runs/<dataset>/<method>/<source>-<target>/"
+                       "seed<seed>); an existing run there is resumed.")
 
 
 def default_workdir(config) -> str:

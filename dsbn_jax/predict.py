@@ -23,9 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
+_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None, "A training run's directory.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to classify (searched recursively).")
 _OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")

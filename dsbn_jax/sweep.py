@@ -18,12 +18,13 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dsbn_jax import reporting  # noqa: E402
-from dsbn_jax.cli import parse_flags, quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default runs/sweep_<dataset>).")
+_CONFIG = define_flag(config_flags.DEFINE_config_file, "config", None, "Experiment config file.",
+                      lock_config=True)
+_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None,
+                       "Sweep directory (default runs/sweep_<dataset>).")
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks 'source->target' (default: config.sweep.tasks).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.methods).")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: config.sweep.seeds).")

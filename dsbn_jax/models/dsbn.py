@@ -57,38 +57,46 @@ class DomainSpecificBatchNorm(nn.Module):
     mean_DxC = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape_DxC, jnp.float32))
     var_DxC = self.variable("batch_stats", "var", lambda: jnp.ones(shape_DxC, jnp.float32))
 
-    # Rows as (N/G, G, ...): group g is [:, g]. The statistics are reduced over a (G, N/G, ...)
-    # view, group-major like G separate calls' reductions: reducing (N/G, G, ...) over the axes
-    # around G instead sums in another order, and the reference step's gradients (a random-init
-    # ResNet-50's, through dozens of train-mode BNs) amplify that float32 rounding ~10x.
-    x_group = x.reshape((x.shape[0] // g, g) + x.shape[1:])
-    reduce_axes = tuple(range(1, x_group.ndim - 1))
-    group_major = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
-    bshape = (1, g) + (1,) * (x_group.ndim - 3) + (c,)  # explicit broadcast (rank promotion)
-    rows = lambda a_DxC: jnp.stack([a_DxC[d] for d in domains])  # noqa: E731  (static slices)
+    # One group (a single-domain batch): reduce x itself. G groups: rows as (N/G, G, ...), group g
+    # is [:, g], and the statistics are reduced over a (G, N/G, ...) view, group-major like G
+    # separate calls' reductions: reducing (N/G, G, ...) over the axes around G sums in another
+    # order, which the reference step's gradients (a random-init ResNet-50's, through dozens of
+    # train-mode BNs) amplify ~10x. The one-group path is kept op for op as it was before fusing,
+    # so that single-domain runs reproduce earlier results bit for bit.
+    if g == 1:
+      xg, stats_view, bshape = x, lambda a: a, (1,) * (x.ndim - 1) + (c,)
+      reduce_axes = tuple(range(x.ndim - 1))
+      rows = lambda a_DxC: a_DxC[domains[0]]  # noqa: E731  (C,)
+      group = lambda a_C, i: a_C  # noqa: E731
+    else:
+      xg = x.reshape((x.shape[0] // g, g) + x.shape[1:])
+      stats_view = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
+      bshape = (1, g) + (1,) * (xg.ndim - 3) + (c,)  # explicit broadcast (rank promotion)
+      reduce_axes = tuple(range(1, xg.ndim - 1))
+      rows = lambda a_DxC: jnp.stack([a_DxC[d] for d in domains])  # noqa: E731  (GxC)
+      group = lambda a_GxC, i: a_GxC[i]  # noqa: E731
     if train:
-      x32 = x_group.astype(jnp.float32)
-      mean_GxC = jnp.mean(group_major(x32), axis=reduce_axes)
-      centred = x32 - mean_GxC.reshape(bshape)
-      var_GxC = jnp.mean(group_major(jnp.square(centred)), axis=reduce_axes)  # biased, two-pass
+      x32 = xg.astype(jnp.float32)
+      mean = jnp.mean(stats_view(x32), axis=reduce_axes)
+      centred = x32 - mean.reshape(bshape)
+      var = jnp.mean(stats_view(jnp.square(centred)), axis=reduce_axes)  # biased, two-pass
       # Flax would update the statistics during init; torch's freshly built module holds the
       # initial values, so init leaves them untouched.
       if not self.is_initializing():
         n = x.size // (c * g)
-        unbiased_GxC = var_GxC * (n / max(n - 1, 1))
+        unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         for i, d in enumerate(domains):  # in group order: G sequential calls' updates
           mean_DxC.value = mean_DxC.value.at[d].set(
-              (1.0 - m) * mean_DxC.value[d] + m * mean_GxC[i])
+              (1.0 - m) * mean_DxC.value[d] + m * group(mean, i))
           var_DxC.value = var_DxC.value.at[d].set(
-              (1.0 - m) * var_DxC.value[d] + m * unbiased_GxC[i])
+              (1.0 - m) * var_DxC.value[d] + m * group(unbiased, i))
     else:
-      mean_GxC = rows(mean_DxC.value)
-      var_GxC = rows(var_DxC.value)
+      mean, var = rows(mean_DxC.value), rows(var_DxC.value)
 
     # y = (x - mean) * (scale / sqrt(var + eps)) + bias, folded into one multiply-add.
-    mul_GxC = rows(scale_DxC) * jnp.reciprocal(jnp.sqrt(var_GxC + self.epsilon))
-    add_GxC = rows(bias_DxC) - mean_GxC * mul_GxC
+    mul = rows(scale_DxC) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
+    add = rows(bias_DxC) - mean * mul
     dtype = self.dtype or x.dtype
-    y = x_group * mul_GxC.reshape(bshape).astype(dtype) + add_GxC.reshape(bshape).astype(dtype)
+    y = xg * mul.reshape(bshape).astype(dtype) + add.reshape(bshape).astype(dtype)
     return y.astype(dtype).reshape(x.shape)
