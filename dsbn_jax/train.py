@@ -67,6 +67,14 @@ def foreign_entries(folder: str, ours=()) -> list[str]:
   return sorted(n for n in os.listdir(folder) if n not in _EMPTY_ENOUGH and n not in ours)
 
 
+# Config fields added after runs were already made, with the value that computes what those runs
+# computed: a run whose config.json lacks one resumes when the field holds that value. (conv_impl
+# 'auto' computes 1x1 convolutions as matmuls on CPU: the same maths within float rounding.)
+_ADDED_LATER = {"model.matmul_precision": "default", "model.fused_pass": False,
+                "model.conv_impl": "auto"}
+_NO = object()
+
+
 def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
   """Refuses a workdir that is not new, empty or a run of this configuration (never touches it).
 
@@ -99,7 +107,8 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
   derived = () if resolved else ("model.num_classes",) + (
       ("optim.lr0",) if config.optim.lr0 < 0 else ())
   differ = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE + derived))
+                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE + derived)
+                  and not (k not in old and _ADDED_LATER.get(k, _NO) == new.get(k)))
   if differ:
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
     raise UserError(f"workdir {workdir} holds a run of another configuration ({shown}"

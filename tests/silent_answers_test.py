@@ -331,3 +331,19 @@ def test_images_directly_in_a_domain_folder_are_an_error_naming_one(tmp_path):
     os.replace(tree / "b" / name, tree / "b" / "c1" / name)
   info = catalog.get_data_info(config.data)  # built now, the moved images counted
   assert info.target.num_eval == 2 + 3 + 2  # make_domain_tree: b/c0 2 images, b/c1 3
+
+
+def test_a_run_saved_before_fields_were_added_is_still_ours(tmp_path):
+  """A config.json without the fields added later resumes when they hold the values that compute
+  what it computed; another value is another configuration."""
+  from configs import smoke
+  from dsbn_jax import train
+  config = smoke.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  for field in ("matmul_precision", "fused_pass", "conv_impl"):
+    del saved["model"][field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.guard_workdir(str(tmp_path), config)  # no error
+  config.model.fused_pass = True
+  with pytest.raises(UserError, match="model.fused_pass: None -> True"):
+    train.guard_workdir(str(tmp_path), config)
