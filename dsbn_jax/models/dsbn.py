@@ -7,8 +7,8 @@ mean/var (``batch_stats``). The branch is static, chosen per call:
 - ``domain=(d_0, ..., d_{G-1})`` (a tuple): a *fused* batch of G single-domain groups whose rows are
   interleaved (row r belongs to group r % G: ``jnp.stack(groups, 1).reshape(-1, ...)``). Each group is
   normalised with its own batch statistics and its own branch ``d_g``, and the running statistics are
-  updated group after group, so the result is exactly that of G sequential calls, one per group, in
-  one pass. Interleaving keeps a batch sharded on its leading axis sharded the same way.
+  updated group after group: the maths of G sequential calls, one per group (equal within float
+  rounding), in one pass. Interleaving keeps a batch sharded on its leading axis sharded the same way.
 
 The branches are stored stacked along a leading axis of size ``num_domains`` (``scale_DxC``); a call
 reads and writes only row ``domain``, so the other rows stay bit-identical. ``num_domains=1`` is plain
