@@ -239,8 +239,9 @@ def _inject_fault(step: int, batch: dict) -> dict:
   by the real step, which must stop the run and keep the last good checkpoint)."""
   if os.environ.get("DSBN_JAX_KILL_AT_STEP") == str(step):
     os.kill(os.getpid(), signal.SIGKILL)
-  if os.environ.get("DSBN_JAX_SIGNAL_AT_STEP", "").split(":")[0] == str(step):
-    os.kill(os.getpid(), getattr(signal, os.environ["DSBN_JAX_SIGNAL_AT_STEP"].split(":")[1]))
+  signal_at, _, signal_name = os.environ.get("DSBN_JAX_SIGNAL_AT_STEP", "").partition(":")
+  if signal_at == str(step):
+    os.kill(os.getpid(), getattr(signal, signal_name))
   if os.environ.get("DSBN_JAX_NAN_AT_STEP") == str(step):
     source = dict(batch["source"], image=np.full_like(batch["source"]["image"], np.nan))
     batch = dict(batch, source=source)
@@ -265,16 +266,16 @@ class _CpuEstimate:
 
   def __init__(self, run: _Run, enabled: bool):
     self.run, self.enabled = run, enabled
-    self.t0 = self.first = None
+    self.t0 = None
 
   def tick(self, done: int, metrics) -> None:
     if not self.enabled:
       return
-    start = self.run.start_step
-    if done == start + self.WARMUP:
+    first = self.run.start_step + self.WARMUP
+    if done == first:
       jax.block_until_ready(metrics)
-      self.t0, self.first = time.perf_counter(), done
-    elif self.t0 is not None and done == self.first + self.MEASURED:
+      self.t0 = time.perf_counter()
+    elif self.t0 is not None and done == first + self.MEASURED:
       jax.block_until_ready(metrics)
       s_per_step = (time.perf_counter() - self.t0) / self.MEASURED
       left = self.run.config.total_steps - done
@@ -315,42 +316,44 @@ def _train_loop(run: _Run) -> dict:
   t_start, pending, last_eval = time.perf_counter(), None, None
   cpu_clock = _CpuEstimate(run, enabled=sharding.slow_on_cpu(run.mesh, config))
   wall0 = run.meta["wall_time_s"]
-  stop, saved = run_control.GracefulStop(), None
-  try:
-    stop.__enter__()  # SIGINT/SIGTERM from here on: finish the step, checkpoint, exit 75
-    for step in range(run.start_step, total):
-      batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
-      run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
-      cpu_clock.tick(step + 1, metrics)
-      if pending is not None:  # read the previous step's metrics: no stall on the current step
-        _check_finite(step, jax.device_get(pending), run.ckpt)
-      pending, done = metrics, step + 1
-      if done % config.log_every_steps == 0 or done == total:
-        host = jax.device_get(metrics)
-        _check_finite(done, host, run.ckpt)
-        host["train/images_per_s"] = progress.rate(done)
-        run.writer.write(done, host)
-        progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host})
-      if done % config.eval_every_steps == 0 or done == total:
-        last_eval = run.run_eval(done)
-      if done % config.checkpoint_every_steps == 0 or done == total:
-        _check_finite(done, jax.device_get(metrics), run.ckpt)
-        run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
-        run.checkpoint(done)
-        saved = done
-      if done < total and stop.requested(sync=done % config.log_every_steps == 0):
-        if saved != done:
-          _check_finite(done, jax.device_get(metrics), run.ckpt)
-          run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
-          run.checkpoint(done)
-        run.ckpt.wait()
-        raise run_control.Stopped(done, stop.signal_name)
-  except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop
-    run.ckpt.close()
-    run.writer.close()
-    raise
-  finally:
-    stop.__exit__()
+  saved = None
+
+  def save(done: int, metrics) -> None:  # a checkpoint of the state after step done, if finite
+    _check_finite(done, jax.device_get(metrics), run.ckpt)
+    run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
+    run.checkpoint(done)
+
+  # SIGINT/SIGTERM from here on: finish the step, checkpoint it, exit 75 (run_control).
+  with run_control.GracefulStop() as stop:
+    try:
+      for step in range(run.start_step, total):
+        batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
+        run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
+        cpu_clock.tick(step + 1, metrics)
+        if pending is not None:  # read the previous step's metrics: no stall on the current step
+          _check_finite(step, jax.device_get(pending), run.ckpt)
+        pending, done = metrics, step + 1
+        if done % config.log_every_steps == 0 or done == total:
+          host = jax.device_get(metrics)
+          _check_finite(done, host, run.ckpt)
+          host["train/images_per_s"] = progress.rate(done)
+          run.writer.write(done, host)
+          progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc")
+                                 if k in host})
+        if done % config.eval_every_steps == 0 or done == total:
+          last_eval = run.run_eval(done)
+        if done % config.checkpoint_every_steps == 0 or done == total:
+          save(done, metrics)
+          saved = done
+        if done < total and stop.requested(sync=done % config.log_every_steps == 0):
+          if saved != done:
+            save(done, metrics)
+          run.ckpt.wait()
+          raise run_control.Stopped(done, stop.signal_name)
+    except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop
+      run.ckpt.close()
+      run.writer.close()
+      raise
   progress.close()
   if last_eval is None:  # resumed a finished run: evaluate the final state again
     last_eval = run.run_eval(int(jax.device_get(run.state.step)))

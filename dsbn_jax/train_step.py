@@ -121,8 +121,7 @@ def _forward_both_domains(apply_fn, params, batch_stats, images_s, images_t, *, 
   images = jnp.stack([images_s, images_t], axis=1).reshape((2 * b, *images_s.shape[1:]))
   (feat, logits), upd = apply_fn(variables, images, domain=(0, target_branch), train=True,
                                  mutable=["batch_stats"])
-  split = lambda a: (a.reshape((b, 2, *a.shape[1:]))[:, 0],  # noqa: E731
-                     a.reshape((b, 2, *a.shape[1:]))[:, 1])
+  split = lambda a: tuple(jnp.moveaxis(a.reshape((b, 2, *a.shape[1:])), 1, 0))  # noqa: E731
   (feat_s, feat_t), (logits_s, logits_t) = split(feat), split(logits)
   return (feat_s, logits_s), (feat_t, logits_t), upd["batch_stats"]
 
