@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsbn_jax import cli
 from dsbn_jax.errors import UserError
 
 
@@ -179,6 +180,30 @@ def _quiet_unraisable(previous):
   return hook
 
 
+class _QuietFullDisk(logging.Filter):
+  """Drops orbax's own reports of a save that failed on a full disk, in the message or in the
+  exception logged (absl: "_SignalingThread.run() raised an exception: ... No space left on
+  device", "Save Finalize thread (save_finalize) failed.", each with a page of traceback; asyncio:
+  the same for its sibling writes): the error the save raises in the main thread says it in one
+  line (``cli.disk_full_message``)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (any(t in record.getMessage() for t in cli.DISK_FULL_TEXTS)
+                or (exc is not None and cli.disk_full(exc) is not None))
+
+
+def _quiet_save_echoes() -> None:
+  """Before any save: keep a failed async save's background echoes off stderr (a full disk, its
+  writes' callbacks into the closed event loop); the failure is raised to the caller."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietFullDisk) for f in logger.filters):
+      logger.addFilter(_QuietFullDisk())
+  if not getattr(sys.unraisablehook, "quiet_orbax_reads", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
 def _quiet_failed_reads() -> None:
   """After a failed restore: keep its background echoes off stderr (the reason is in one line)."""
   logger = logging.getLogger("asyncio")
@@ -283,6 +308,18 @@ def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False
   return step, state, meta
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of ``<workdir>/checkpoints`` that orbax finished writing, sorted (a save in progress
+  or interrupted, by a crash or a full disk, lives in a ``<step>.orbax-checkpoint-tmp-*`` folder
+  until it is complete). Reads the folder only: for messages after a failure."""
+  directory = os.path.join(workdir, "checkpoints")
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 def read_state_arrays(workdir: str, step: int | None = None) -> tuple[int, dict]:
   """``(step, state)`` of ``read_checkpoint`` (the rolling checkpoints)."""
   step, state, _ = read_checkpoint(workdir, step)
@@ -302,6 +339,8 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "meta"))
     self._best_mngr = None  # opened by the first best_step/save_best (collective, as saves are)
+    self._closed = False
+    _quiet_save_echoes()
 
   def _best(self) -> ocp.CheckpointManager:
     if self._best_mngr is None:
@@ -390,10 +429,16 @@ class Checkpointer:
       self._best_mngr.wait_until_finished()
 
   def close(self) -> None:
-    self.wait()
-    self._mngr.close()
-    if self._best_mngr is not None:
-      self._best_mngr.close()
+    """Waits for the pending saves and closes (once; a second call does nothing)."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
+      if self._best_mngr is not None:
+        self._best_mngr.close()
 
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:

@@ -1,5 +1,6 @@
 """What every command-line entry point shares: quiet library logs, one-line user errors."""
 
+import errno
 import os
 import re
 import sys
@@ -55,8 +56,62 @@ def parse_flags(argv):
   sys.exit(2)
 
 
+# A full disk (or a full quota) while writing anything: one line, exit 2, in every entry point.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What libraries that do not raise OSError (orbax/tensorstore, TensorFlow's file writers) put in
+# their messages for the same errors.
+DISK_FULL_TEXTS = tuple(os.strerror(n) for n in DISK_FULL_ERRNOS)
+# The file such a message names (tensorstore: 'Failed writing: "<path>"', 'local file "<path>"');
+# an orbax save in progress writes in '<step>.orbax-checkpoint-tmp...': the step folder is named.
+_QUOTED_PATH = re.compile(r'(?:writing|file)[:\s]+"(/[^"]+)"')
+_ORBAX_TMP = re.compile(r"\.orbax-checkpoint-tmp.*$")
+
+
+def _chain(e: BaseException):
+  """``e``, then its causes and contexts (what it was raised from or while handling)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException):
+  """``(reason, path or None)`` if ``e`` (or what it was raised from or while handling) says the
+  disk or the quota is full, else None. The path is the first file named along the chain."""
+  reason, path = None, None
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno in DISK_FULL_ERRNOS:
+      found = os.strerror(x.errno)
+    else:
+      found = next((t for t in DISK_FULL_TEXTS if t in str(x)), None)
+    if found:
+      reason = reason or found
+      named = getattr(x, "filename", None) if isinstance(x, OSError) else None
+      if named is None and (quoted := _QUOTED_PATH.search(str(x))):
+        named = _ORBAX_TMP.sub("", quoted.group(1))
+      path = path or named
+  return (reason, path) if reason else None
+
+
+def disk_full_message(e: BaseException, *, where: str | None = None,
+                      resume: str = "run the same command again") -> str | None:
+  """The one line for a full disk (None if ``e`` is not one): it starts with ``disk full``, names
+  the file (or ``where``, when no file is known) and says what to do (``resume``)."""
+  found = disk_full(e)
+  if found is None:
+    return None
+  reason, path = found
+  place = f" while writing {os.fspath(path)}" if path else f" while writing in {where}" if where \
+      else ""
+  return f"disk full ({reason}){place}; free some space, then {resume}"
+
+
 def run_cli(fn, *args):
   """Calls ``fn``; a UserError becomes one line on stderr and exit status 2 (no traceback).
+
+  So does a full disk or quota (``OSError`` ENOSPC/EDQUOT, or a library error saying so) raised
+  while writing anything (``disk_full_message``): one line starting ``error: disk full``.
 
   A run stopped by SIGINT/SIGTERM after saving its checkpoint (``run_control.Stopped``) prints
   that on stdout and exits with ``run_control.EXIT_STOPPED`` (75); a Ctrl-C before training
@@ -77,3 +132,9 @@ def run_cli(fn, *args):
     print("\ninterrupted (no checkpoint written: training had not started, or Ctrl-C was "
           "pressed twice)", file=sys.stderr, flush=True)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except  (only a full disk is answered here)
+    msg = disk_full_message(e)
+    if msg is None:
+      raise
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -9,13 +9,29 @@ classified through the same ``eval_step`` the training loop uses, with the model
 ``--checkpoint``: ``last`` (default) the latest checkpoint, chosen without any label; ``best`` the
 best-evaluated one (``checkpoints_best/``, the model behind ``best_accuracy`` in results.json),
 which was selected with the target test labels -- the papers' protocol, not an unbiased estimate.
-The CSV has one row per image: path, predicted class, its probability, and the top-5 classes;
-stderr names the checkpoint and step used.
+The CSV has one row per image: path, predicted class, its probability, the top-5 classes and an
+error cell (empty); stderr names the checkpoint and step used.
+
+Images are read exactly as the dataset builders read them (``datasets.decode.pipeline_bytes``: a
+full PIL decode under PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``, exotic modes
+and containers -- CMYK JPEG, 16-bit PNG, GIF, BMP, TIFF, WebP -- converted to RGB as in training),
+then decoded by the input pipeline, so an image gives the pixels it would give in training. A file
+that cannot be read (not an image, truncated, over the bomb limit) is skipped with a warning on
+stderr and a row whose prediction, probability and top-5 cells are empty and whose error cell says
+why; when no image can be read at all, the run is a one-line error and no CSV is written.
+
+Spreadsheet safety (OWASP CSV injection): text cells come from file and folder names (paths, and
+class names, which are the training tree's folder names), so a cell that would begin with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return -- which spreadsheets run as a formula -- is written
+with a single quote ``'`` in front; so is a cell that itself begins with ``'``, so the rule can be
+undone exactly: remove one leading ``'`` from any cell that has one to get the original text.
 """
 
 import csv
+import io
 import json
 import os
+import re
 import sys
 import types
 
@@ -67,11 +83,9 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
   paths = [os.path.join(workdir, f) for f in ("config.json", "classes.json")]
   if not all(os.path.exists(p) for p in paths):
     raise UserError(f"{workdir} is not a training workdir (no config.json/classes.json)")
-  with open(paths[0], encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  saved = [_read_json(p, kind) for p, kind in zip(paths, (dict, list))]
+  config, class_names = ml_collections.ConfigDict(saved[0]), saved[1]
   config_check.validate(config, for_predict=True, where=paths[0])
-  with open(paths[1], encoding="utf-8") as f:
-    class_names = json.load(f)
   like = _model_variables(config)  # each checkpoint read must fit the model of config.json
   other = "last" if checkpoint == "best" else "best"
   try:
@@ -86,6 +100,22 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
     raise UserError(f"{e}: try --checkpoint={other}, or train again in a new --workdir (no "
                     "predictions written)") from None
   return config, class_names, step, state, meta
+
+
+def _read_json(path: str, kind: type):
+  """A run's JSON file of the given top-level type; one line naming it when it is damaged."""
+  from dsbn_jax.errors import UserError
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError: truncated or not JSON
+    raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it is not the file training "
+                    "wrote, so this workdir cannot be used for predictions") from None
+  if not isinstance(value, kind):
+    raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not a "
+                    f"{'object' if kind is dict else 'list'}); this workdir cannot be used for "
+                    "predictions")
+  return value
 
 
 def _model_variables(config):
@@ -124,14 +154,29 @@ def load_run(workdir: str, checkpoint: str = "last"):
   return config, class_names, predictor
 
 
+def read_image(path: str) -> bytes:
+  """The bytes of image file ``path`` the input pipeline decodes: the dataset builders' ones.
+
+  Raises ``datasets.decode.READ_ERRORS`` for a file that cannot be read.
+  """
+  from dsbn_jax.datasets import decode
+  with open(path, "rb") as f:
+    return decode.pipeline_bytes(f.read())[0]
+
+
 def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32,
                    checkpoint: str = "last") -> int:
-  """Writes ``out_csv`` with the model of ``checkpoint`` (last | best); returns the image count."""
+  """Writes ``out_csv`` with the model of ``checkpoint`` (last | best); returns how many images
+  were classified.
+
+  Unreadable images are skipped (a warning on stderr, a CSV row with the error); none readable is
+  a UserError and no CSV.
+  """
   import numpy as np
   import tensorflow as tf
 
-  from dsbn_jax import input_pipeline
-  from dsbn_jax.datasets import catalog
+  from dsbn_jax import input_pipeline, reporting
+  from dsbn_jax.datasets import catalog, decode
   from dsbn_jax.errors import UserError
 
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -140,40 +185,71 @@ def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32
   catalog.hide_accelerators_from_tf()
   config, class_names, predictor = load_run(workdir, checkpoint)
   paths = list_images(folder)
-  rows = []
-  for start in range(0, len(paths), batch_size):
-    chunk = paths[start:start + batch_size]
-    images = []
-    for p in chunk:
-      try:
-        images.append(input_pipeline.preprocess_eval(tf.io.read_file(p), config.data).numpy())
-      except tf.errors.OpError as e:
-        raise UserError(f"cannot decode image {p}: {e.message.splitlines()[0]}") from e
-    pad = batch_size - len(chunk)  # fixed batch shape: one compilation
+  rows = [None] * len(paths)  # in path order, filled as batches are classified
+  pending, skipped = [], []  # (index, preprocessed image) of the next batch; (index, reason)
+
+  def classify():
+    images = [image for _, image in pending]
+    pad = batch_size - len(images)  # fixed batch shape: one compilation
     batch = {"image": np.stack(images + [np.zeros_like(images[0])] * pad),
              "label": np.zeros(batch_size, np.int32),
-             "mask": np.arange(batch_size) < len(chunk)}
-    probs = np.asarray(predictor(batch)["probs"])[:len(chunk)]
+             "mask": np.arange(batch_size) < len(images)}
+    probs = np.asarray(predictor(batch)["probs"])[:len(images)]
     if not np.isfinite(probs).all():  # never written: a NaN row would read as class 0
-      bad = chunk[int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])]
+      bad = paths[pending[int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])][0]]
       raise UserError(f"the {checkpoint} checkpoint of {workdir} gives non-finite probabilities "
                       f"(e.g. for {bad}): its weights are damaged or the run diverged; try "
                       f"--checkpoint={'best' if checkpoint == 'last' else 'last'} or train again "
                       f"(no predictions written to {out_csv})")
-    for p, pr in zip(chunk, probs):
+    for (i, _), pr in zip(pending, probs):
       top = np.argsort(-pr)[:5]
-      rows.append([os.path.relpath(p, folder), class_names[top[0]], f"{pr[top[0]]:.4f}",
-                   " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top)])
+      rows[i] = [os.path.relpath(paths[i], folder), class_names[top[0]], f"{pr[top[0]]:.4f}",
+                 " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top), ""]
+    pending.clear()
+
+  for i, p in enumerate(paths):
+    try:
+      data = tf.constant(read_image(p))
+      pending.append((i, input_pipeline.preprocess_eval(data, config.data).numpy()))
+    except (*decode.READ_ERRORS, tf.errors.OpError) as e:
+      if isinstance(e, tf.errors.OpError):  # TF refuses bytes PIL read: its message, no op names
+        e = type(e)(None, None, re.sub(r"\{\{.*?\}\}|\[Op:.*?\].*", "", e.message))
+      reason = decode.describe(e)
+      print(f"warning: skipped {p}, it cannot be read as an image ({reason})", file=sys.stderr)
+      rows[i] = [os.path.relpath(p, folder), "", "", "", reason]
+      skipped.append((i, reason))
+      continue
+    if len(pending) == batch_size:
+      classify()
+  if pending:
+    classify()
+  if len(skipped) == len(paths):
+    i, reason = skipped[0]
+    raise UserError(f"none of the {len(paths)} images under {folder} can be read (e.g. "
+                    f"{paths[i]}: {reason}); no predictions written to {out_csv}")
+  if skipped:
+    print(f"warning: {len(skipped)} of {len(paths)} images could not be read and were skipped; "
+          f"their rows in {out_csv} give the error", file=sys.stderr)
   os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
-  with open(out_csv + ".tmp", "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(_HEADER)
-    w.writerows(rows)
-  os.replace(out_csv + ".tmp", out_csv)  # atomic: a failure never leaves half a CSV
-  return len(rows)
+  text = io.StringIO(newline="")
+  w = csv.writer(text)
+  w.writerow(_HEADER)
+  w.writerows([[spreadsheet_safe(cell) for cell in row] for row in rows])
+  # atomic: a failure (a full disk) never leaves half a CSV or a .tmp, and names out_csv
+  reporting.write_atomic(out_csv, text.getvalue())
+  return len(paths) - len(skipped)
 
 
-_HEADER = ["path", "prediction", "probability", "top5"]
+_HEADER = ["path", "prediction", "probability", "top5", "error"]
+_OLD_HEADERS = (["path", "prediction", "probability", "top5"],)  # CSVs of earlier versions
+# A cell beginning with one of these is run as a formula by spreadsheets (OWASP CSV injection);
+# "'" itself is included so that removing one leading "'" always restores the text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_safe(cell: str) -> str:
+  """``cell``, with a ``'`` in front when a spreadsheet would run it (see the module docstring)."""
+  return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
 
 
 def _check_out(out_csv: str) -> None:
@@ -184,7 +260,7 @@ def _check_out(out_csv: str) -> None:
   if os.path.exists(out_csv):
     with open(out_csv, encoding="utf-8", errors="replace") as f:
       first = f.readline().strip()
-    if first != ",".join(_HEADER):
+    if first not in {",".join(h) for h in (_HEADER, *_OLD_HEADERS)}:
       raise UserError(f"--out={out_csv} exists and is not a predictions CSV (its first line is "
                       f"not {','.join(_HEADER)}); choose another --out (it was left unchanged)")
 

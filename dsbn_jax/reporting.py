@@ -9,6 +9,33 @@ from typing import Mapping
 
 import numpy as np
 
+from dsbn_jax.errors import UserError
+
+
+def _name_file(e: OSError, path: str) -> OSError:
+  """``e`` with ``path`` as its file when it names none (a failed ``write``/``flush`` does not):
+  the one-line error for a full disk then says which file (``cli.disk_full_message``)."""
+  if e.filename is None:
+    e.filename = path
+  return e
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through ``path.tmp`` and a rename: a crash or a full disk never
+  leaves half a file (the old one is kept); an ``OSError`` names ``path``."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    e.filename = None if e.filename in (tmp, None) else e.filename
+    raise _name_file(e, path)
+
 
 class MetricWriter:
   """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
@@ -25,12 +52,13 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
+    self._path = path
     if resume_step is not None and os.path.exists(path):
-      kept = [r for r in read_jsonl(path) if r["step"] < resume_step or (
+      # A truncated last line (a crash or a full disk mid-write) is dropped with a warning.
+      rows = read_jsonl(path, truncated_ok=True) if resume_step > 0 else []  # 0: all go
+      kept = [r for r in rows if r["step"] < resume_step or (
           r["step"] == resume_step and not (reevaluate and "eval/accuracy" in r))]
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(path + ".tmp", path)  # atomic: a crash now keeps the old file
+      write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     self._jsonl = open(path, "a", encoding="utf-8")
     import tensorflow as tf  # TensorBoard events via tf.summary (TF is already the input stack)
     self._tf = tf
@@ -40,27 +68,69 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      raise _name_file(e, self._path)
     with self._tb.as_default(step=int(step)):
       for k, v in scalars.items():
         self._tf.summary.scalar(k, float(v))
     self._tb.flush()
 
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+  def close(self, quiet: bool = False) -> None:
+    """Closes the files; ``quiet``: on the way out of an error, whose message says what failed,
+    a failure to flush them (a full disk again) is not raised over it."""
+    if not self.enabled or self._tb is None:
+      return
+    jsonl, tb, self._tb = self._jsonl, self._tb, None
+    try:
+      try:
+        jsonl.close()
+      finally:
+        tb.close()
+    except Exception:  # pylint: disable=broad-except
+      if not quiet:
+        raise
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, truncated_ok: bool = False, warn=None) -> list[dict]:
+  """The rows of a ``metrics.jsonl`` (``[]`` if there is none), each a JSON object with a step.
+
+  ``truncated_ok``: a last line that does not parse -- what a crash or a full disk in the middle of
+  a write leaves (half a row, or NUL bytes after a power loss) -- is dropped with a ``warning:`` line through ``warn`` (default: stderr); any
+  other bad line is a ``UserError`` naming the file and the line.
+  """
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except ValueError as e:  # JSONDecodeError: cut short (a row always ends with its "}")
+      why = " ".join(str(e).split())
+      if truncated_ok and i == len(lines) - 1:
+        (warn or _stderr)(f"warning: {path} line {n} is truncated ({why}), left by an interrupted "
+                          "write; dropped (the run writes the steps after its checkpoint again)")
+        break
+    else:
+      step = row.get("step") if isinstance(row, dict) else None
+      if isinstance(step, int) and not isinstance(step, bool):
+        rows.append(row)
+        continue
+      why = "not a JSON object with an integer 'step'"
+    raise UserError(f"{path} line {n} is damaged ({why}); move the file away (the run keeps the "
+                    "metrics it writes from then on) or choose a new --workdir")
+  return rows
 
 
-def _fmt_duration(seconds: float) -> str:
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def fmt_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
   seconds = int(seconds)
@@ -89,7 +159,7 @@ class Progress:
     eta = (self.total - step) / steps_per_s if steps_per_s else float("inf")
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
     line = (f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
-            f"{rate:.1f} img/s ETA {_fmt_duration(eta)} {shown}")
+            f"{rate:.1f} img/s ETA {fmt_duration(eta)} {shown}")
     print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty else "\n",
           flush=True)
 

@@ -1,5 +1,9 @@
-"""Process-level control of a training run: one live run per workdir, and a graceful stop.
+"""Process-level control of a training run: a writable workdir, one live run per workdir, and a
+graceful stop.
 
+- ``check_writable``: before any data is prepared or anything written, a workdir that is a file,
+  lies under a file, or cannot be written (permissions, a read-only filesystem, a full disk) is
+  refused in one line, checked with ``os.access`` and a probe file created and removed at once.
 - ``WorkdirLock``: an exclusive ``fcntl.flock`` on ``<workdir>/.lock``, held while a run trains.
   A second start in the same workdir is refused with one line naming the running process. The
   kernel drops the lock when its holder exits, however it exits (crash, ``kill -9``), so a dead run
@@ -12,10 +16,12 @@
   same step: the flags are combined (any process signalled) at agreed steps.
 """
 
+import errno
 import fcntl
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 
@@ -26,6 +32,55 @@ from dsbn_jax.errors import UserError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable; not a failure
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+PROBE_PREFIX = ".dsbn_jax_write_probe"  # the probe file's name starts so (removed at once)
+
+
+def _write_probe(folder: str) -> None:
+  """Creates a file in ``folder`` and removes it: what ``os.access`` cannot tell (a read-only
+  filesystem, ACLs, root squash on NFS) fails here."""
+  fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+  os.close(fd)
+  os.remove(name)
+
+
+def check_writable(folder: str, flag: str = "--workdir") -> None:
+  """Refuses a ``folder`` a run cannot write, before anything is prepared or written (one line).
+
+  ``folder`` may not exist yet: then its nearest existing parent must be a writable folder (where
+  ``os.makedirs`` will create it). Refused: ``folder`` or a parent is a file; the folder is not
+  writable by its permissions (``os.access``, which root passes: root may write anywhere), or
+  creating a file there fails (the probe: a read-only filesystem, a full disk, root squash).
+  """
+  path = os.path.abspath(folder)
+  existing = path
+  while not os.path.exists(existing):
+    if os.path.islink(existing):
+      raise UserError(f"{flag}={folder} cannot be created: {existing} is a broken symbolic link; "
+                      "choose another --workdir")
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if existing == path:
+      raise UserError(f"{flag}={folder} is a file, not a folder; choose a new --workdir")
+    raise UserError(f"{flag}={folder} cannot be created: {existing} is a file, not a folder; "
+                    "choose a new --workdir")
+  where = "" if existing == path else f" (it would be created in {existing})"
+  why = None
+  if not os.access(existing, os.W_OK | os.X_OK):
+    why = os.strerror(errno.EACCES)
+  else:
+    try:
+      _write_probe(existing)
+    except OSError as e:
+      if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"disk full ({os.strerror(e.errno)}) in {existing}: {flag}={folder} "
+                        "cannot be written; free some space, then run the same command again "
+                        "(nothing was written)") from None
+      why = e.strerror or str(e)
+  if why is not None:
+    raise UserError(f"{flag}={folder} is not writable{where}: {why}; choose a writable --workdir "
+                    "or change the folder's permissions (nothing was written)")
 
 
 class Stopped(Exception):

@@ -53,17 +53,53 @@ def run_dir(root: str, method: str, task: str, seed: int) -> str:
   return os.path.join(root, method, f"{source}-{target}", f"seed{seed}")
 
 
-def _load_results(path: str):
+RESULT_KEYS = ("seed", "best_accuracy", "last_accuracy")  # what the summary reads of a run
+
+
+def _read_results(path: str):
+  """``(results, None)`` of a run's ``results.json`` (``(None, None)``: not there, the run is not
+  finished), or ``(None, why)`` for a file that is not JSON or lacks what the summary reads."""
   if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    return None, None
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      results = json.load(f)
+    if not isinstance(results, dict):
+      raise TypeError("not a JSON object")
+    missing = [k for k in RESULT_KEYS if not isinstance(results.get(k), (int, float))
+               or isinstance(results.get(k), bool)]
+    if missing:
+      raise TypeError(f"no number {missing[0]!r}")
+  except (ValueError, TypeError) as e:  # JSONDecodeError too
+    return None, " ".join(str(e).split())
+  return results, None
+
+
+def _load_results(path: str):
+  """A run's ``results.json``, None if there is none; a damaged one (truncated, edited) is a
+  ``UserError`` naming it."""
+  results, why = _read_results(path)
+  if why:
+    raise UserError(f"{path} is damaged ({why}); delete it and run the sweep again: that run then "
+                    "evaluates its last checkpoint again and writes it anew")
+  return results
+
+
+def _finished(path: str) -> bool:
+  """Whether the run of ``path`` (its results.json) is finished. A damaged results.json (cut short
+  by a crash of a copy, edited) is not: one ``warning:`` line, and the run resumes from its
+  checkpoint, which evaluates the final state again and writes the file anew."""
+  results, why = _read_results(path)
+  if why:
+    print(f"warning: {path} is damaged ({why}); the run is resumed from its checkpoint to write "
+          "it again", file=sys.stderr, flush=True)
+  return results is not None
 
 
 def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
   """Checks every run first (nothing is written if one is bad), runs what is not finished yet,
   then writes and returns the summary."""
-  from dsbn_jax import config_check, train  # heavy imports (TF, JAX) only when something runs
+  from dsbn_jax import config_check, run_control, train  # heavy imports (TF, JAX): when needed
   from dsbn_jax.models import heads
   bad = [m for m in methods if m not in heads.METHODS]
   if bad:
@@ -79,9 +115,14 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     config_check.validate(cfg)
     # New, empty, or a (finished or interrupted) run of *this* config only, before any run starts.
     train.guard_workdir(workdir, cfg, resolved=False)
-    finished = _load_results(os.path.join(workdir, "results.json")) is not None
+    finished = _finished(os.path.join(workdir, "results.json"))
     runs.append((method, task, seed, workdir, cfg, finished))
+  # Before any run starts: a root (and run folders) that can be created and written.
+  run_control.check_writable(root, flag="sweep --workdir")
   _check_root(root, heads.METHODS)
+  for *_, workdir, _, finished in runs:
+    if not finished:
+      run_control.check_writable(workdir)
   os.makedirs(root, exist_ok=True)
   for i, (method, task, seed, workdir, cfg, finished) in enumerate(runs):
     if finished:
@@ -137,12 +178,10 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump({m: {t: [{k: r[k] for k in ("seed", "best_accuracy", "last_accuracy")}
-                       for r in rs] for t, rs in v.items()} for m, v in summary.items()}, f,
-              indent=2)
+  reporting.write_atomic(os.path.join(root, "results.md"), text)  # a full disk: one line (cli)
+  reporting.write_atomic(os.path.join(root, "summary.json"), json.dumps(
+      {m: {t: [{k: r[k] for k in RESULT_KEYS} for r in rs] for t, rs in v.items()}
+       for m, v in summary.items()}, indent=2))
   _plot(summary, tasks, methods, os.path.join(root, "results.png"))
   return {"markdown": text, "runs": summary}
 

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from dsbn_jax import checkpointing, input_pipeline, reporting, run_control, sharding
+from dsbn_jax import checkpointing, cli, input_pipeline, reporting, run_control, sharding
 from dsbn_jax.datasets import catalog
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads
@@ -63,8 +63,10 @@ _EMPTY_ENOUGH = frozenset({".lock", ".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def foreign_entries(folder: str, ours=()) -> list[str]:
-  """Sorted names in an existing ``folder`` other than ``ours`` and ``_EMPTY_ENOUGH``."""
-  return sorted(n for n in os.listdir(folder) if n not in _EMPTY_ENOUGH and n not in ours)
+  """Sorted names in an existing ``folder`` other than ``ours`` and ``_EMPTY_ENOUGH`` (and the
+  probe file another run's ``run_control.check_writable`` may have there for an instant)."""
+  return sorted(n for n in os.listdir(folder) if n not in _EMPTY_ENOUGH and n not in ours
+                and not n.startswith(run_control.PROBE_PREFIX))
 
 
 # Config fields added after runs were already made, with the value that computes what those runs
@@ -117,19 +119,27 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+  reporting.write_atomic(path, json.dumps(obj, indent=2))  # a crash never leaves half a file
 
 
-def evaluate(eval_fn, state, eval_data, mesh, num_classes: int) -> dict:
-  """Accuracy (%) over every target image exactly once, with per-class accuracy and confusion."""
+def evaluate(eval_fn, state, eval_data, mesh, num_classes: int, say=None) -> dict:
+  """Accuracy (%) over every target image exactly once, with per-class accuracy and confusion.
+
+  ``say``: where an evaluation that lasts more than a minute reports its progress (batches, img/s,
+  ETA; about every 30 s), e.g. a 10-crop evaluation of a whole Office domain on a CPU.
+  """
   confusion = np.zeros((num_classes, num_classes), np.int64)
-  for batch in eval_data:
+  t0 = t_said = time.perf_counter()
+  for i, batch in enumerate(eval_data):
     out = jax.device_get(eval_fn(state, sharding.to_global(batch, mesh)))
     mask = np.asarray(out["mask"], bool)
     np.add.at(confusion, (np.asarray(out["label"])[mask], np.asarray(out["pred"])[mask]), 1)
+    now = time.perf_counter()
+    if say is not None and now - t0 > 60 and now - t_said > 30 and i + 1 < len(eval_data):
+      t_said, rate = now, (i + 1) / (now - t0)
+      say(f"evaluating: batch {i + 1}/{len(eval_data)}, "
+          f"{rate * eval_data.num_examples / len(eval_data):.1f} img/s, ETA "
+          f"{reporting.fmt_duration((len(eval_data) - i - 1) / rate)}")
   total = int(confusion.sum())
   if total != eval_data.num_examples:
     raise RuntimeError(f"evaluated {total} images, expected {eval_data.num_examples}")
@@ -149,6 +159,19 @@ class _Run:
   """Everything one training run holds; the loop below is split into its named steps."""
 
   def __init__(self, config, workdir: str):
+    self.lock = self.ckpt = None
+    try:
+      self._setup(config, workdir)
+    except BaseException:  # in-process callers (sweeps, tests) may start this workdir again
+      try:
+        if self.ckpt is not None:
+          self.ckpt.close()
+      finally:
+        if self.lock is not None:
+          self.lock.release()
+      raise
+
+  def _setup(self, config, workdir: str):
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.make_mesh()
@@ -185,8 +208,6 @@ class _Run:
     try:  # the newest good checkpoint; damaged newer ones are named and moved aside
       found = self.ckpt.restore_latest(self.state, self.say)
     except checkpointing.DamagedCheckpointError as e:
-      self.ckpt.close()
-      self.lock.release()
       raise UserError(f"{e}: choose a new --workdir, or move {self.ckpt.directory} away to train "
                       "from scratch in this one (nothing was deleted)") from None
     if found is not None:
@@ -205,11 +226,16 @@ class _Run:
       print(msg, flush=True)
 
   def checkpoint(self, step: int) -> None:
-    self.ckpt.save(step, self.state, self.meta)
+    try:
+      self.ckpt.save(step, self.state, self.meta)
+    except OSError as e:  # a full disk: the one-line error names the checkpoint (cli)
+      e.filename = e.filename or os.path.join(self.ckpt.directory, str(step))
+      raise
 
   def run_eval(self, step: int) -> dict:
     t0 = time.perf_counter()
-    result = evaluate(self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes)
+    result = evaluate(self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes,
+                      self.say)
     entry = {"step": step, "accuracy": result["accuracy"]}
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
@@ -295,14 +321,31 @@ def _duration(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming the latest checkpoint there); returns results.
 
-  Every float32 matmul and convolution runs at ``model.matmul_precision``.
+  Every float32 matmul and convolution runs at ``model.matmul_precision``. A workdir that cannot
+  be written is refused before anything else (``run_control.check_writable``); a full disk later
+  is a ``UserError`` naming the file and the checkpoint the run resumes from (``_disk_full``).
   """
-  with jax.default_matmul_precision(config.model.matmul_precision):
-    run = _Run(config, workdir)
-    try:
-      return _train_loop(run)
-    finally:
-      run.lock.release()
+  run_control.check_writable(workdir)  # before data preparation and before anything is written
+  try:
+    with jax.default_matmul_precision(config.model.matmul_precision):
+      run = _Run(config, workdir)
+      try:
+        return _train_loop(run)
+      finally:
+        run.lock.release()
+  except Exception as e:  # pylint: disable=broad-except  (only a full disk is answered here)
+    if isinstance(e, UserError) or cli.disk_full(e) is None:
+      raise
+    raise UserError(_disk_full(e, workdir)) from None
+
+
+def _disk_full(e: Exception, workdir: str) -> str:
+  """The one line for a full disk (``cli.disk_full_message``) with the step the run resumes from:
+  the newest checkpoint on disk (a save the full disk interrupted never counts)."""
+  steps = checkpointing.saved_steps(workdir)
+  resume = (f"run the same command to resume from checkpoint step {steps[-1]}" if steps else
+            "run the same command again (no checkpoint was written: it starts from step 0)")
+  return cli.disk_full_message(e, where=workdir, resume=resume)
 
 
 def _train_loop(run: _Run) -> dict:
@@ -351,20 +394,29 @@ def _train_loop(run: _Run) -> dict:
           run.ckpt.wait()
           raise run_control.Stopped(done, stop.signal_name)
     except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop
-      run.ckpt.close()
-      run.writer.close()
+      try:
+        run.ckpt.close()
+      finally:
+        run.writer.close(quiet=True)  # the error raised (a full disk: the file) says what failed
       raise
-  progress.close()
-  if last_eval is None:  # resumed a finished run: evaluate the final state again
-    last_eval = run.run_eval(int(jax.device_get(run.state.step)))
-  wall = wall0 + time.perf_counter() - t_start
-  run.ckpt.close()
-  results = _results(run, last_eval, wall, trained=total - run.start_step, t=t_start)
-  if run.is_main:
-    _write_json(os.path.join(workdir, "results.json"), results)
-    reporting.plot_curves(os.path.join(workdir, "metrics.jsonl"),
-                          os.path.join(workdir, "curves.png"),
-                          f"{config.method}: {run.info.source.name} -> {run.info.target.name}")
+  try:
+    progress.close()
+    if last_eval is None:  # resumed a finished run: evaluate the final state again
+      last_eval = run.run_eval(int(jax.device_get(run.state.step)))
+    wall = wall0 + time.perf_counter() - t_start
+    run.ckpt.close()
+    results = _results(run, last_eval, wall, trained=total - run.start_step, t=t_start)
+    if run.is_main:
+      _write_json(os.path.join(workdir, "results.json"), results)
+      reporting.plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                            os.path.join(workdir, "curves.png"),
+                            f"{config.method}: {run.info.source.name} -> {run.info.target.name}")
+  except BaseException:  # e.g. a full disk at results.json: the same clean stop
+    try:
+      run.ckpt.close()
+    finally:
+      run.writer.close(quiet=True)
+    raise
   run.writer.close()
   return results
 

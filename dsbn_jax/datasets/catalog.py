@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from absl import logging
 import ml_collections
@@ -84,7 +85,9 @@ def valid_domains(data: ml_collections.ConfigDict) -> tuple[str, ...]:
     return ('digits', 'digits_m')
   if kind == 'custom':
     builder = _custom_builder(data)
-    if builder.is_prepared():  # used as stored (TFDS semantics), even if the tree changed or is gone
+    # The prepared copy when it is the tree as it is (or the tree is gone); else the tree's domains
+    # (get_builder rebuilds it then).
+    if builder.is_prepared() and builder.source_change() is None:
       return tuple(builder.info.splits)
     return tuple(builder._domains())  # pylint: disable=protected-access
   return tuple({'office31': office.Office31, 'office_home': office.OfficeHome}[kind].DOMAINS)
@@ -128,12 +131,22 @@ def get_builder(data: ml_collections.ConfigDict, domain: str, *, prepare: bool =
   kind = _check_dataset(data)
   if kind == 'custom':
     builder = _custom_builder(data)
+    change = builder.source_change() if prepare else None
+    if change:  # never train or evaluate on records of another (or an older) tree
+      logging.warning('custom dataset %s was prepared from a different or changed tree (%s); '
+                      'rebuilding %s', builder.builder_config.name, change, builder.data_dir)
+      builder.delete_prepared()
+      builder = _custom_builder(data)
   else:
     name = canonical_domain(data, domain) if kind == 'digits' else kind
     config = digits_lib.DigitsConfig(name=f'seed{data.digits_seed}', seed=data.digits_seed) if (
         kind == 'digits' and data.digits_seed) else None
     builder = tfds.builder(name, config=config, data_dir=_path(data.data_dir))
   if prepare and not builder.is_prepared():
+    if not sys.stderr.isatty():  # in a log file TFDS's bars print a line per archive member
+      tfds.disable_progress_bar()
+    print(f'preparing the {builder.name} dataset in {builder.data_dir} (once; a full Office set '
+          'takes minutes)', file=sys.stderr, flush=True)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=_path(data.manual_dir)))
   return builder

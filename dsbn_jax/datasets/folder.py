@@ -19,30 +19,33 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import inspect
-import io
+import json
 import os
 import re
+import shutil
+import tarfile
+import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import PIL.Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import extractor as tfds_extractor
 
+from dsbn_jax.datasets import decode  # the normalisation predict applies too
 from dsbn_jax.errors import UserError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz')
 # Never images: macOS/Windows metadata. Dotfiles (incl. AppleDouble "._x.jpg") are skipped too.
 _IGNORED_NAMES = frozenset({'thumbs.db', 'desktop.ini', '__macosx'})
-# (PIL format, PIL mode) pairs whose stored bytes TF decodes to exactly PIL's .convert('RGB') pixels
-# (JPEG: with dct_method='INTEGER_ACCURATE', see input_pipeline.decode_image).
-_KEEP_AS_IS = {
-    'JPEG': frozenset({'L', 'RGB'}),
-    'PNG': frozenset({'1', 'L', 'LA', 'P', 'RGB', 'RGBA'}),
-}
 _ROOT_SEARCH_DEPTH = 3  # levels below manual_dir (or an extracted archive) searched for the domains
+# Next to a prepared custom dataset (in its versioned data_dir): the fingerprint of the tree it was
+# built from (`tree_fingerprint`), so a changed or different tree is rebuilt, never read stale.
+SOURCE_FILE = 'source_tree.json'
 
 
 @tfds.core.utils.classproperty
@@ -66,38 +69,123 @@ def split_name(domain_folder: str) -> str:
   return re.sub(r'\W', '_', domain_folder)
 
 
+def _entries(path: str) -> list[os.DirEntry]:
+  """Visible entries of the folder `path`, sorted by name; one it cannot list is a UserError."""
+  try:
+    with os.scandir(path) as it:
+      return sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
+  except OSError as e:
+    raise UserError(f'cannot list the folder {path} ({e.strerror or e}); check that it exists and '
+                    'is readable') from e
+
+
+def _link_loop_error(path: str, e: OSError) -> UserError:
+  return UserError(f'{path} is a symbolic link that loops ({e.strerror or e}); remove the link')
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+  """`entry.is_dir()`; a symbolic link looping onto itself or onto a folder holding it (its
+  listing would hold itself again) is a UserError naming it."""
+  try:
+    is_dir = entry.is_dir()
+  except OSError as e:  # ELOOP: a link to itself, or links to each other
+    raise _link_loop_error(entry.path, e) from e
+  if is_dir and entry.is_symlink():
+    target = os.path.realpath(entry.path)
+    holder = os.path.realpath(os.path.dirname(entry.path))
+    if holder == target or holder.startswith(target.rstrip(os.sep) + os.sep):
+      raise UserError(f'{entry.path} is a symbolic link to {target}, a folder that holds it (a '
+                      'loop); remove the link, or replace it by the folder it should be')
+  return is_dir
+
+
 def _visible_subdirs(path: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
+  return [e.name for e in _entries(path) if _is_dir(e)]
 
 
 def list_images(class_dir: str) -> tuple[list[str], list[str]]:
-  """Sorted image file names directly in `class_dir`, and the non-image names that were skipped."""
+  """Sorted image file names directly in `class_dir`, and the non-image names that were skipped.
+
+  Folders (a symbolic link to one included, even a looping one: it is never followed) are skipped;
+  a symbolic link named like an image that leads nowhere (broken, or looping) is a UserError.
+  """
   images, skipped = [], []
-  for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-    if is_hidden(entry.name):
-      continue
-    if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-      images.append(entry.name)
-    else:
-      skipped.append(entry.name)
+  for entry in _entries(class_dir):
+    if entry.name.lower().endswith(IMAGE_SUFFIXES):
+      try:
+        is_file = entry.is_file()
+        if not is_file and entry.is_symlink():
+          os.stat(entry.path)  # raises for a broken or looping link
+      except OSError as e:
+        raise UserError(f'image {entry.path} is a broken symbolic link (to '
+                        f'{_readlink(entry.path)}: {e.strerror or e}); fix or delete the link and '
+                        'run again') from e
+      if is_file:
+        images.append(entry.name)
+        continue
+    skipped.append(entry.name)
   return images, skipped
 
 
-def read_image_bytes(path: str) -> tuple[bytes, bool]:
-  """Returns (bytes to store, converted?) after a full PIL decode; UserError naming the bad file."""
+def _readlink(path: str) -> str:
+  try:
+    return os.readlink(path)
+  except OSError:
+    return '?'
+
+
+def tree_fingerprint(root: str) -> dict:
+  """What a custom dataset is built from: root, domains, classes, and a digest of every image's
+  (path, size, mtime). Cheap enough for every start: listings and stat only, no image bytes."""
+  root = os.path.abspath(root)
+  domains = _visible_subdirs(root)
+  classes, count, digest = set(), 0, hashlib.sha256()
+  for d in domains:
+    domain_dir = os.path.join(root, d)
+    names = _visible_subdirs(domain_dir)
+    classes.update(names)
+    for c in [''] + names:  # '': images directly in the domain folder (a build error, but a change)
+      class_dir = os.path.join(domain_dir, c)
+      for name in list_images(class_dir)[0]:
+        st = os.stat(os.path.join(class_dir, name))
+        digest.update(f'{os.path.join(d, c, name)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        count += 1
+  return {'root': root, 'domains': domains, 'classes': sorted(classes), 'images': count,
+          'digest': digest.hexdigest()}
+
+
+def fingerprint_change(stored: Mapping, now: Mapping) -> str | None:
+  """What differs between two `tree_fingerprint`s, in a few words; None if nothing."""
+  if stored.get('root') != now['root']:
+    return (f"prepared from {stored.get('root')}, now {now['root']}; trees with the same folder name"
+            ' share one prepared copy: set data.custom_name to keep one per tree')
+  changes = []
+  for key in ('domains', 'classes'):
+    old, new = set(stored.get(key) or ()), set(now[key])
+    if old != new:
+      changes.append(f'{key} ' + ', '.join(
+          [f'+{x}' for x in sorted(new - old)] + [f'-{x}' for x in sorted(old - new)]))
+  if stored.get('images') != now['images']:
+    changes.append(f"images {stored.get('images')} -> {now['images']}")
+  if not changes and stored.get('digest') != now['digest']:
+    changes.append('image files changed (renamed, replaced or edited)')
+  return '; '.join(changes) or None
+
+
+def read_image_bytes(path: str, *, custom: bool = False) -> tuple[bytes, bool]:
+  """Returns (bytes to store, converted?) after a full PIL decode; UserError naming the bad file.
+
+  `custom`: the file is in the user's own tree (advice: fix or delete it), not from a published
+  archive (advice: take it again from the archive).
+  """
   with open(path, 'rb') as f:
     data = f.read()
   try:
-    with PIL.Image.open(io.BytesIO(data)) as img:
-      img.load()  # full decode: catches truncation, which Image.verify() does not
-      if img.mode in _KEEP_AS_IS.get(img.format, ()):
-        return data, False
-      out = io.BytesIO()
-      img.convert('RGB').save(out, format='PNG')  # the reference's .convert('RGB'), losslessly
-      return out.getvalue(), True
-  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise UserError(f'cannot read image {path} ({type(e).__name__}: {e}); replace it with the file '
-                    'from the original archive (or delete it) and build the dataset again') from e
+    return decode.pipeline_bytes(data)
+  except decode.READ_ERRORS as e:
+    advice = ('fix or delete the file and run again' if custom else 'replace it with the file from '
+              'the original archive (or delete it) and build the dataset again')
+    raise UserError(f'cannot read image {path} ({decode.describe(e)}); {advice}') from e
 
 
 def find_root(base: str, domain_folders: Sequence[str]) -> str | None:
@@ -115,6 +203,35 @@ def find_archives(base: str) -> list[str]:
   """Archives (zip/tar[.gz]) directly in `base`: the dataset as downloaded, not yet extracted."""
   return sorted(os.path.join(base, n) for n in os.listdir(base)
                 if not is_hidden(n) and n.lower().endswith(ARCHIVE_SUFFIXES))
+
+
+def extract_or_raise(dl_manager: tfds.download.DownloadManager, archive: str) -> str:
+  """`dl_manager.extract(archive)`; a damaged or truncated archive is a one-line UserError, and
+  the partial extraction this attempt left in TFDS's extract folder is removed."""
+  extract_dir = getattr(dl_manager, '_extract_dir', None)  # TFDS: <download_dir>/extracted
+  before = set(os.listdir(extract_dir)) if extract_dir and os.path.isdir(extract_dir) else set()
+  try:
+    return os.fspath(dl_manager.extract(archive))
+  except (tfds_extractor.ExtractError, OSError, EOFError, zipfile.BadZipFile,
+          tarfile.TarError) as e:
+    if extract_dir and os.path.isdir(extract_dir):
+      for name in set(os.listdir(extract_dir)) - before:
+        if name.startswith('incomplete.'):  # TFDS's temporary folder, renamed only on success
+          _remove_tree(os.path.join(extract_dir, name))
+    cause = e.__cause__ or e
+    reason = ' '.join(f'{type(cause).__name__}: {cause}'.split())
+    raise UserError(f'cannot extract the archive {archive}: it is damaged or incomplete ({reason});'
+                    ' download it again, replace it and run again') from e
+
+
+def _remove_tree(path: str) -> None:
+  """rmtree, retried briefly: TFDS's extraction threads may still be writing files into it."""
+  for _ in range(5):
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      return
+    time.sleep(0.1)
+  logging.warning('could not remove the partial extraction %s; delete it by hand', path)
 
 
 def manual_dir_or_raise(dl_manager: tfds.download.DownloadManager, instructions: str) -> str:
@@ -230,12 +347,26 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     root = find_root(base, folders)
     archives = find_archives(base) if root is None else []
     for archive in archives:  # the archive as downloaded: extracted once (TFDS caches it)
-      root = root or find_root(os.fspath(dl_manager.extract(archive)), folders)
+      extracted = extract_or_raise(dl_manager, archive)
+      self.__dict__.setdefault('_extracted', []).append(extracted)
+      root = root or find_root(extracted, folders)
     if root is None:
       raise UserError(f'no folder holding {folders} found in {base} (searched {_ROOT_SEARCH_DEPTH} '
                       f'levels deep and archives {[os.path.basename(a) for a in archives]}): '
                       f'{" ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
     return root
+
+  def download_and_prepare(self, **kwargs) -> None:  # pylint: disable=arguments-differ
+    """TFDS's; then the archive's extracted copy goes: the records hold every image's bytes.
+
+    (Office-Home: 3.3 GB that TFDS would otherwise keep in ``<data_dir>/downloads/extracted``
+    beside the archive and the prepared records.) A failed build keeps it for the next attempt.
+    """
+    self._extracted = []
+    super().download_and_prepare(**kwargs)
+    if self.is_prepared():
+      for path in self._extracted:
+        _remove_tree(path)
 
   def _domain_dir(self, root: str, folder: str) -> str:
     path = os.path.join(root, folder, self.DOMAIN_SUBDIR) if self.DOMAIN_SUBDIR else ''
@@ -256,7 +387,7 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _generate_examples(self, files: DomainFiles) -> Iterator[tuple[str, dict]]:
     converted = 0
     for class_name, path in files.items:
-      data, was_converted = read_image_bytes(path)
+      data, was_converted = read_image_bytes(path, custom=self.CLASS_NAMES is None)
       converted += was_converted
       rel = os.path.relpath(path, files.folder)
       yield rel, {'image': data, 'label': class_name, 'file_name': rel}
@@ -277,8 +408,11 @@ class DomainFolder(DomainFolderBuilder):
 
   Classes: the sorted union of the class folder names over all domains (a class may be missing
   from some domain). Split names: domain folder names with non-word characters replaced by '_'.
-  Built from `DomainFolderConfig(name=..., root=...)`; a changed tree needs a new name or a rebuild
-  (delete ``<data_dir>/domain_folder/<name>``), since TFDS reuses a prepared dataset as is.
+  Built from `DomainFolderConfig(name=..., root=...)`. TFDS reuses a prepared dataset as is, so a
+  successful build records the tree it read (`tree_fingerprint`, in `SOURCE_FILE` next to the
+  records) and `source_change` tells when the tree is no longer that one (`catalog.get_builder` then
+  rebuilds). Class names of a prepared dataset always come from its own metadata, never from the
+  folders as they are now.
   """
 
   name = 'domain_folder'
@@ -302,8 +436,10 @@ class DomainFolder(DomainFolderBuilder):
     return domains
 
   def _class_names(self) -> list[str] | None:
+    if self.is_prepared():  # the names its records were labelled with, whatever the folders say now
+      return _stored_label_names(self.data_dir)
     root = self._root()
-    if not os.path.isdir(root):  # prepared earlier, tree gone: names come from the stored metadata
+    if not os.path.isdir(root):  # neither prepared nor a tree: _domains() says so when building
       return None
     domains = self._domains().values()
     return sorted({c for d in domains for c in _visible_subdirs(os.path.join(root, d))})
@@ -311,3 +447,50 @@ class DomainFolder(DomainFolderBuilder):
   def _locate_root(self, dl_manager: tfds.download.DownloadManager) -> str:
     del dl_manager  # the tree is given by the config, nothing to download
     return self._root()
+
+  def download_and_prepare(self, **kwargs) -> None:  # pylint: disable=arguments-differ
+    """TFDS's, then records the tree the new records were read from (`SOURCE_FILE`)."""
+    root = self._root()
+    source = None if self.is_prepared() or not os.path.isdir(root) else tree_fingerprint(root)
+    super().download_and_prepare(**kwargs)
+    if source is not None and self.is_prepared():
+      path = os.path.join(self.data_dir, SOURCE_FILE)
+      with open(path + '.tmp', 'w') as f:
+        json.dump(source, f)
+      os.replace(path + '.tmp', path)
+
+  def source_change(self) -> str | None:
+    """Why the prepared records are not the tree as it is now; None when they are, when nothing is
+    prepared, or when the tree is gone (the prepared copy is then all there is, and is used)."""
+    root = self._root()
+    if not self.is_prepared() or not os.path.isdir(root):
+      return None
+    try:
+      with open(os.path.join(self.data_dir, SOURCE_FILE)) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      stored = None
+    if not isinstance(stored, dict):
+      return 'no record of the tree it was prepared from'
+    return fingerprint_change(stored, tree_fingerprint(root))
+
+  def delete_prepared(self) -> None:
+    """Deletes this builder's own prepared version folder (``<data_dir>/domain_folder/<name>/
+    <version>``), nothing else."""
+    path = os.path.abspath(self.data_dir)
+    if os.path.basename(path) != str(self.version) or not self.is_prepared():
+      raise AssertionError(f'{path} is not a prepared {self.name} version folder')
+    try:
+      shutil.rmtree(path)
+    except OSError as e:
+      raise UserError(f'cannot delete the outdated prepared dataset {path} ({e.strerror or e}); '
+                      'delete it by hand and run again') from e
+
+
+def _stored_label_names(data_dir: str) -> list[str] | None:
+  """Class names saved with a prepared dataset (TFDS's ``label.labels.txt``); None if absent."""
+  try:
+    with open(os.path.join(data_dir, 'label.labels.txt')) as f:
+      return [name.strip() for name in f.read().split('\n') if name.strip()]
+  except OSError:
+    return None

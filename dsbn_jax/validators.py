@@ -1,0 +1,165 @@
+"""Label-free model selection: validators computed from what a domain-adaptation user has.
+
+The papers' `best` picks the evaluation with the highest accuracy on the *target labels*, which a
+real user of unsupervised domain adaptation does not have. Each validator here scores one model
+from source labels and unlabelled target predictions only; **higher is always better** (a risk
+such as DEV's is negated), so every validator selects the evaluation with the largest score.
+
+- ``source_accuracy``: accuracy (%) on held-out source images (a split of the source domain kept
+  out of training).
+- ``entropy``: minus the mean entropy of the target predictions (confident predictions score high).
+- ``info_max``: information maximisation, the entropy of the mean target prediction minus the mean
+  entropy (confident *and* class-balanced predictions score high; in [0, log K]).
+- ``snd``: soft neighbourhood density (Saito et al., ICCV 2021): the mean entropy of each target
+  prediction's softmax similarity (temperature 0.05) to the other target predictions.
+- ``bnm``: batch nuclear norm (Cui et al., CVPR 2020) of the N x K target prediction matrix,
+  normalised by its bound sqrt(N * min(N, K)): 1 for confident, class-balanced predictions, 1/K for
+  uniform ones.
+- ``dev``: deep embedded validation (You et al., ICML 2019): the source validation loss weighted by
+  the density ratio p_target(x) / p_source(x), estimated by a logistic-regression domain classifier
+  on the features, with the control variate that lowers its variance; the score is minus that risk.
+
+Every function takes numpy arrays and returns a Python float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+SND_TEMPERATURE = 0.05  # Saito et al.'s default
+_EPS = 1e-12
+
+
+def _entropies(probs: np.ndarray) -> np.ndarray:
+  p = np.asarray(probs, np.float64)
+  return -np.sum(p * np.log(np.clip(p, _EPS, None)), axis=-1)
+
+
+def source_accuracy(source_probs: np.ndarray, source_labels: np.ndarray) -> float:
+  """Accuracy (%) of the predictions on held-out, labelled source images."""
+  pred = np.argmax(np.asarray(source_probs), axis=-1)
+  return float(100.0 * np.mean(pred == np.asarray(source_labels)))
+
+
+def entropy(target_probs: np.ndarray) -> float:
+  """Minus the mean entropy (nats) of the target predictions [N, K]."""
+  return float(-np.mean(_entropies(target_probs)))
+
+
+def info_max(target_probs: np.ndarray) -> float:
+  """H(mean prediction) - mean H(prediction), nats: confident and class-balanced is best."""
+  p = np.asarray(target_probs, np.float64)
+  return float(_entropies(p.mean(axis=0)) - np.mean(_entropies(p)))
+
+
+def snd(target_probs: np.ndarray, temperature: float = SND_TEMPERATURE) -> float:
+  """Soft neighbourhood density: mean entropy of each row's softmax similarity to the others."""
+  p = np.asarray(target_probs, np.float64)
+  n = p.shape[0]
+  if n < 2:
+    raise ValueError('snd needs at least two target predictions')
+  f = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), _EPS)
+  sim = (f @ f.T)[~np.eye(n, dtype=bool)].reshape(n, n - 1) / temperature
+  sim -= sim.max(axis=1, keepdims=True)
+  soft = np.exp(sim)
+  soft /= soft.sum(axis=1, keepdims=True)
+  return float(np.mean(_entropies(soft)))
+
+
+def bnm(target_probs: np.ndarray) -> float:
+  """Nuclear norm of the [N, K] predictions over its bound sqrt(N * min(N, K)), in (0, 1]."""
+  p = np.asarray(target_probs, np.float64)
+  n, k = p.shape
+  return float(np.linalg.svd(p, compute_uv=False).sum() / np.sqrt(n * min(n, k)))
+
+
+def density_ratio(source_features: np.ndarray, target_features: np.ndarray,
+                  seed: int = 0) -> np.ndarray:
+  """w(x) = p_target(x) / p_source(x) at the source features, from a domain classifier.
+
+  A logistic regression (L2, C=1, on standardised features) tells target (1) from source (0);
+  w = (N_s / N_t) * P(target | x) / P(source | x), which is 1 everywhere when the two sets are
+  indistinguishable.
+  """
+  from sklearn import linear_model, preprocessing  # pylint: disable=g-import-not-at-top
+  xs, xt = np.asarray(source_features, np.float64), np.asarray(target_features, np.float64)
+  x = np.concatenate([xs, xt])
+  y = np.concatenate([np.zeros(len(xs)), np.ones(len(xt))])
+  scaler = preprocessing.StandardScaler().fit(x)
+  clf = linear_model.LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+  clf.fit(scaler.transform(x), y)
+  p_target = clf.predict_proba(scaler.transform(xs))[:, 1]
+  p_target = np.clip(p_target, 1e-6, 1 - 1e-6)
+  return (len(xs) / len(xt)) * p_target / (1.0 - p_target)
+
+
+def dev_risk(weights: np.ndarray, losses: np.ndarray) -> float:
+  """DEV's control-variate estimate of the target risk from weights w and source losses l.
+
+  mean(w l) + eta * mean(w) - eta, with eta = -Cov(w l, w) / Var(w) (eta = 0 when w is constant).
+  """
+  w, l = np.asarray(weights, np.float64), np.asarray(losses, np.float64)
+  wl = w * l
+  var = np.var(w, ddof=1) if len(w) > 1 else 0.0
+  eta = -np.cov(wl, w, ddof=1)[0, 1] / var if var > _EPS else 0.0
+  return float(np.mean(wl) + eta * np.mean(w) - eta)
+
+
+def dev(source_features: np.ndarray, source_losses: np.ndarray, target_features: np.ndarray,
+        seed: int = 0) -> float:
+  """Minus the DEV risk of held-out source losses weighted towards the target features."""
+  return -dev_risk(density_ratio(source_features, target_features, seed), source_losses)
+
+
+# Every validator's name; `needs_source` marks those that need the held-out source split.
+TARGET_ONLY = ('entropy', 'info_max', 'snd', 'bnm')
+NEEDS_SOURCE = ('source_accuracy', 'dev')
+NAMES = NEEDS_SOURCE + TARGET_ONLY
+
+
+def scores(target_probs: np.ndarray, target_features: np.ndarray | None = None,
+           source_probs: np.ndarray | None = None, source_labels: np.ndarray | None = None,
+           source_features: np.ndarray | None = None) -> dict[str, float]:
+  """Every validator computable from what is given (source ones only with the source split)."""
+  out = {'entropy': entropy(target_probs), 'info_max': info_max(target_probs),
+         'snd': snd(target_probs), 'bnm': bnm(target_probs)}
+  if source_probs is not None and source_labels is not None:
+    out['source_accuracy'] = source_accuracy(source_probs, source_labels)
+    if source_features is not None and target_features is not None:
+      p = np.asarray(source_probs, np.float64)[np.arange(len(source_labels)), source_labels]
+      out['dev'] = dev(source_features, -np.log(np.clip(p, _EPS, None)), target_features)
+  return out
+
+
+def select(evals: Sequence[Mapping], name: str) -> Mapping | None:
+  """The evaluation a validator picks: the largest ``evals[i]['validators'][name]`` (first on ties).
+
+  None when no evaluation has that validator.
+  """
+  scored = [e for e in evals if name in e.get('validators', {})]
+  if not scored:
+    return None
+  return max(scored, key=lambda e: e['validators'][name])  # max keeps the first of equal scores
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
+  """Spearman's rank correlation (ties get their mean rank); None below 3 points or if constant."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 3:
+    return None
+  rx, ry = _ranks(x), _ranks(y)
+  if np.std(rx) == 0 or np.std(ry) == 0:
+    return None
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+  order = np.argsort(v, kind='stable')
+  ranks = np.empty(len(v))
+  ranks[order] = np.arange(len(v), dtype=np.float64)
+  for value in np.unique(v):  # mean rank of ties
+    tie = v == value
+    ranks[tie] = ranks[tie].mean()
+  return ranks
