@@ -2,6 +2,7 @@
 # dsbn_jax entry point. Every command sets itself up on a fresh machine (Python >= 3.10 needed).
 #   bash run.sh              install, then run the main job on the embedded default (Digits -> Digits-M)
 #   bash run.sh test [ARGS]  install with the test extra (torch/torchvision for parity), run pytest
+#   bash run.sh lint         ruff format --check and ruff check (what .ci/run runs before the tests)
 #   bash run.sh office31     the Office-31 sweep (configs/office31.py); likewise officehome
 #   bash run.sh accelerator  print the accelerator extra an install would pick, and why (no install)
 # Accelerator: DSBN_JAX_ACCELERATOR=cpu|cuda12|cuda13|tpu picks the pyproject extra; unset, it is
@@ -149,6 +150,11 @@ case "$cmd" in
     ensure_install test
     exec "$VENV/bin/python" -m pytest tests "$@"
     ;;
+  lint)  # what .ci/run checks before the tests: ruff's formatter and linter (config: pyproject.toml)
+    ensure_install test
+    "$VENV/bin/ruff" format --check dsbn_jax configs benchmarks tests
+    exec "$VENV/bin/ruff" check dsbn_jax configs benchmarks tests
+    ;;
   main)  # the embedded default: source-only vs ALDA+DSBN on Digits -> Digits-M, then the table
     ensure_install ""
     exec "$VENV/bin/python" -m dsbn_jax.sweep --config=configs/digits.py --workdir=runs/default
@@ -164,7 +170,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m dsbn_jax.sweep --config="configs/$cmd.py" --workdir="runs/$cmd" "$@"
     ;;
   *)
-    echo "usage: bash run.sh [test [pytest args] | office31 | officehome [sweep flags]" \
+    echo "usage: bash run.sh [test [pytest args] | lint | office31 | officehome [sweep flags]" \
          "| accelerator]" >&2
     exit 2
     ;;

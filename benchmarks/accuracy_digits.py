@@ -38,7 +38,6 @@ import sys
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
 
 from dsbn_jax import sweep  # noqa: E402  (light: no JAX/TF import until a run starts)
 
@@ -54,12 +53,14 @@ def _runs(args) -> list[tuple[str, str, int, list[str]]]:
     source, target = task.split("->")
     for method in args.methods:
       for seed in args.seeds:
-        runs.append((method, task, seed, [f"--config.method={method}",
-                                          f"--config.data.source={source}"]))
+        runs.append(
+          (method, task, seed, [f"--config.method={method}", f"--config.data.source={source}"])
+        )
     if args.oracle:
       for seed in args.seeds:
-        runs.append((ORACLE, task, seed, ["--config.method=source_only",
-                                          f"--config.data.source={target}"]))
+        runs.append(
+          (ORACLE, task, seed, ["--config.method=source_only", f"--config.data.source={target}"])
+        )
   out = []
   for label, task, seed, overrides in runs:
     target = task.split("->")[1]
@@ -88,27 +89,46 @@ def main() -> None:
   parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
   parser.add_argument("--directions", default=",".join(DIRECTIONS), type=lambda s: s.split(","))
   parser.add_argument("--no_oracle", dest="oracle", action="store_false")
-  parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                      help="runs side by side (one CPU core each)")
-  parser.add_argument("--eval_split", default="",
-                      help="'train': evaluate on the target train split (hyper-parameter search)")
-  parser.add_argument("--set", action="append", default=[],
-                      help="extra config override without '--config.', e.g. optim.lr0=0.03")
+  parser.add_argument(
+    "--jobs",
+    type=int,
+    default=min(2, os.cpu_count() or 1),
+    help="runs side by side (one CPU core each)",
+  )
+  parser.add_argument(
+    "--eval_split",
+    default="",
+    help="'train': evaluate on the target train split (hyper-parameter search)",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    help="extra config override without '--config.', e.g. optim.lr0=0.03",
+  )
   args = parser.parse_args()
 
   root = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
   env = _env(os.path.join(root, "jax_cache"))
-  pending = [(label, task, seed, overrides, sweep.run_dir(root, label, task, seed))
-             for label, task, seed, overrides in _runs(args)]
+  pending = [
+    (label, task, seed, overrides, sweep.run_dir(root, label, task, seed))
+    for label, task, seed, overrides in _runs(args)
+  ]
   total, t0, load0 = len(pending), time.time(), os.getloadavg()
   print(f"{total} runs to do, {args.jobs} at a time; logs in {root}/logs", flush=True)
   running, failed, done = [], [], 0
   while pending or running:
     while pending and len(running) < args.jobs:
       label, task, seed, overrides, workdir = pending.pop(0)
-      cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/digits.py",
-             f"--workdir={workdir}", *overrides]
+      cmd = [
+        sys.executable,
+        "-m",
+        "dsbn_jax.main",
+        "--config=configs/digits.py",
+        f"--workdir={workdir}",
+        *overrides,
+      ]
       log = os.path.join(root, "logs", f"{label}_{task.replace('->', '-')}_seed{seed}.log")
       with open(log, "w", encoding="utf-8") as f:
         f.write(shlex.join(cmd) + "\n")
@@ -125,28 +145,44 @@ def main() -> None:
       elapsed = time.time() - t0
       if proc.returncode != 0:
         failed.append(log)
-        print(f"[{done}/{total}] {label} {task} seed {seed}: FAILED ({proc.returncode}), see {log}",
-              flush=True)
+        print(
+          f"[{done}/{total}] {label} {task} seed {seed}: FAILED ({proc.returncode}), see {log}",
+          flush=True,
+        )
         continue
       with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
         r = json.load(f)
       eta = elapsed / done * (total - done)
-      print(f"[{done}/{total}] {label} {task} seed {seed}: best {r['best_accuracy']:.1f} last "
-            f"{r['last_accuracy']:.1f} ({time.time() - started:.0f} s); elapsed {elapsed / 60:.1f} "
-            f"min, ETA {eta / 60:.1f} min", flush=True)
+      print(
+        f"[{done}/{total}] {label} {task} seed {seed}: best {r['best_accuracy']:.1f} last "
+        f"{r['last_accuracy']:.1f} ({time.time() - started:.0f} s); elapsed {elapsed / 60:.1f} "
+        f"min, ETA {eta / 60:.1f} min",
+        flush=True,
+      )
   wall = time.time() - t0
   methods = list(args.methods) + ([ORACLE] if args.oracle else [])
   out = sweep.write_summary(root, list(args.directions), methods, args.seeds)
-  bench = {"command": shlex.join([sys.executable.split(os.sep)[-1]] + sys.argv),
-           "runs_done": total, "failed": failed, "wall_time_s": wall, "jobs": args.jobs,
-           "load_avg_before": load0, "load_avg_after": os.getloadavg(),
-           "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-           "eval_split": args.eval_split or "test", "overrides": args.set}
+  bench = {
+    "command": shlex.join([sys.executable.split(os.sep)[-1]] + sys.argv),
+    "runs_done": total,
+    "failed": failed,
+    "wall_time_s": wall,
+    "jobs": args.jobs,
+    "load_avg_before": load0,
+    "load_avg_after": os.getloadavg(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "eval_split": args.eval_split or "test",
+    "overrides": args.set,
+  }
   with open(os.path.join(root, "benchmark.json"), "w", encoding="utf-8") as f:
     json.dump(bench, f, indent=2)
   print("\n" + out["markdown"])
-  print(f"{total} runs in {wall / 60:.1f} min ({args.jobs} at a time); table {root}/results.md, "
-        f"plot {root}/results.png", flush=True)
+  print(
+    f"{total} runs in {wall / 60:.1f} min ({args.jobs} at a time); table {root}/results.md, "
+    f"plot {root}/results.png",
+    flush=True,
+  )
   if failed:
     sys.exit(f"{len(failed)} runs failed: {failed}")
 

@@ -39,15 +39,13 @@ import sys
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import torch  # noqa: E402  (before TF/JAX: see tests/conftest.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402  (before TF/JAX: see tests/conftest.py)
 
 from dsbn_jax.models import conv  # noqa: E402
 
@@ -61,13 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--reps", type=int, default=5, help="timed repetitions per side")
   p.add_argument("--calls", type=int, default=1, help="calls per repetition")
   p.add_argument("--torch_threads", type=int, default=2, help="torch.set_num_threads")
-  p.add_argument("--tried", action="store_true",
-                 help="also time the rewrites tried for the 3x3 and 7x7 convs (not routed)")
-  p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " +
-                 ", ".join(MODES))
+  p.add_argument(
+    "--tried",
+    action="store_true",
+    help="also time the rewrites tried for the 3x3 and 7x7 convs (not routed)",
+  )
+  p.add_argument(
+    "--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES)
+  )
   p.add_argument("--only", default="", help="time only shapes whose name contains this")
-  p.add_argument("--out", default=os.path.join(_REPO, "benchmarks", "results",
-                                               "conv_profile.json"))
+  p.add_argument("--out", default=os.path.join(_REPO, "benchmarks", "results", "conv_profile.json"))
   return p.parse_args(argv)
 
 
@@ -118,8 +119,9 @@ def _input_grad_explicit(g_NHWC, kernel_HWIO, in_shape, stride, pad):
     pads.append((lo, size + k - 1 - lo - ((out - 1) * stride + 1), stride - 1))
   g = jax.lax.pad(g_NHWC, jnp.zeros((), g_NHWC.dtype), (*pads, (0, 0, 0)))
   kernel_HWOI = jnp.flip(kernel_HWIO, (0, 1)).transpose(0, 1, 3, 2)
-  return jax.lax.conv_general_dilated(g, kernel_HWOI, (1, 1), "VALID",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    g, kernel_HWOI, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def _input_grad_phases(g_NHWC, kernel_HWIO, in_shape, stride, pad):
@@ -143,9 +145,12 @@ def _input_grad_phases(g_NHWC, kernel_HWIO, in_shape, stride, pad):
         oh0, ow0 = (a + pad - th[0]) // stride, (b + pad - tw[0]) // stride
         sub_HWOI = kernel_HWIO[np.array(th)][:, np.array(tw)].transpose(0, 1, 3, 2)
         part = jax.lax.conv_general_dilated(
-            g_NHWC, sub_HWOI, (1, 1),
-            ((-oh0, hp + oh0 + len(th) - 1 - ho), (-ow0, wp + ow0 + len(tw) - 1 - wo)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          g_NHWC,
+          sub_HWOI,
+          (1, 1),
+          ((-oh0, hp + oh0 + len(th) - 1 - ho), (-ow0, wp + ow0 + len(tw) - 1 - wo)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
       cols.append(jnp.pad(part, ((0, 0), (0, hp0 - hp), (0, wp0 - wp), (0, 0))))
     rows.append(jnp.stack(cols, axis=3))  # (n, hp0, wp0, stride, c)
   out = jnp.stack(rows, axis=2).reshape(n, hp0 * stride, wp0 * stride, c)
@@ -157,9 +162,16 @@ def _weight_grad_taps(x_NHWC, g_NHWC, k, stride, pad, im2col):
   n, _, _, c = x_NHWC.shape
   ho, wo = g_NHWC.shape[1:3]
   xp = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [jax.lax.slice(xp, (0, i, j, 0),
-                        (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                        (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+  taps = [
+    jax.lax.slice(
+      xp,
+      (0, i, j, 0),
+      (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+      (1, stride, stride, 1),
+    )
+    for i in range(k)
+    for j in range(k)
+  ]
   dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
   if im2col:
     return jax.lax.dot_general(jnp.concatenate(taps, axis=3), g_NHWC, dims).reshape(k, k, c, -1)
@@ -172,12 +184,19 @@ def _weight_grad_s2d(x_NHWC, g_NHWC, k, stride, pad):
   ho, wo = g_NHWC.shape[1:3]
   s, k2 = stride, -(-k // stride)
   h2, w2 = ho + k2 - 1, wo + k2 - 1
-  xp = jax.lax.pad(x_NHWC, jnp.zeros((), x_NHWC.dtype),
-                   ((0, 0, 0), (pad, s * h2 - h - pad, 0), (pad, s * w2 - w - pad, 0), (0, 0, 0)))
+  xp = jax.lax.pad(
+    x_NHWC,
+    jnp.zeros((), x_NHWC.dtype),
+    ((0, 0, 0), (pad, s * h2 - h - pad, 0), (pad, s * w2 - w - pad, 0), (0, 0, 0)),
+  )
   xs = xp.reshape(n, h2, s, w2, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, s * s * c)
   w4 = jnp.zeros((k2, k2, s * s * c, g_NHWC.shape[3]), g_NHWC.dtype)
-  dw4 = jax.vjp(lambda k_: jax.lax.conv_general_dilated(
-      xs, k_, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")), w4)[1](g_NHWC)[0]
+  dw4 = jax.vjp(
+    lambda k_: jax.lax.conv_general_dilated(
+      xs, k_, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ),
+    w4,
+  )[1](g_NHWC)[0]
   dw = dw4.reshape(k2, k2, s, s, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(k2 * s, k2 * s, c, -1)
   return dw[:k, :k]
 
@@ -271,16 +290,24 @@ def torch_fns(shape: dict):
     y = conv2d(x, w, None, s, pad)
     return y, *bwd(x, w, g, [True, True, False])[:2]
 
-  return {"fwd": lambda x, w, g: conv2d(x, w, None, s, pad),
-          "dx": lambda x, w, g: bwd(x, w, g, [True, False, False])[0],
-          "dw": lambda x, w, g: bwd(x, w, g, [False, True, False])[1],
-          "fwd+bwd": fwd_bwd}
+  return {
+    "fwd": lambda x, w, g: conv2d(x, w, None, s, pad),
+    "dx": lambda x, w, g: bwd(x, w, g, [True, False, False])[0],
+    "dw": lambda x, w, g: bwd(x, w, g, [False, True, False])[1],
+    "fwd+bwd": fwd_bwd,
+  }
 
 
 def profile_shape(args, shape: dict, modes) -> dict:
   rng = np.random.default_rng(0)
-  n, h, cin, cout, k, s = (args.batch, shape["h"], shape["cin"], shape["cout"], shape["k"],
-                           shape["s"])
+  n, h, cin, cout, k, s = (
+    args.batch,
+    shape["h"],
+    shape["cin"],
+    shape["cout"],
+    shape["k"],
+    shape["s"],
+  )
   ho = (h + 2 * (k // 2) - k) // s + 1
   x_np = rng.normal(size=(n, h, h, cin)).astype(np.float32)
   w_np = (rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
@@ -296,9 +323,15 @@ def profile_shape(args, shape: dict, modes) -> dict:
   sides = {"torch": torch_fns(shape)}
   for form in forms:
     sides[form] = jax_fns(shape, form)
-  out = {**shape, "ho": ho, "auto_form": auto, "median_ms": {},
-         "max_rel_error_vs_xla": {form: max_rel_error(sides[form], sides["xla"], xj, wj, gj)
-                                  for form in forms[1:]}}
+  out = {
+    **shape,
+    "ho": ho,
+    "auto_form": auto,
+    "median_ms": {},
+    "max_rel_error_vs_xla": {
+      form: max_rel_error(sides[form], sides["xla"], xj, wj, gj) for form in forms[1:]
+    },
+  }
   bad = {f: e for f, e in out["max_rel_error_vs_xla"].items() if not e < 1e-4}
   if bad:
     raise AssertionError(f"{shape['name']}: forms differ from the plain conv: {bad}")
@@ -315,57 +348,83 @@ def profile_shape(args, shape: dict, modes) -> dict:
     times = {name: [] for name in calls}
     names = list(calls)
     for r in range(args.reps):
-      order = names[r % len(names):] + names[:r % len(names)]
+      order = names[r % len(names) :] + names[: r % len(names)]
       for name in order:
         t0 = time.perf_counter()
         for _ in range(args.calls):
           calls[name]()
         times[name].append((time.perf_counter() - t0) / args.calls)
     out["median_ms"][mode] = {name: round(1e3 * median_s(ts), 2) for name, ts in times.items()}
-    print(f"{shape['name']:>24} x{shape['count']} {mode:>8}: " + ", ".join(
-        f"{k_} {v:.1f}" for k_, v in out["median_ms"][mode].items()), flush=True)
+    print(
+      f"{shape['name']:>24} x{shape['count']} {mode:>8}: "
+      + ", ".join(f"{k_} {v:.1f}" for k_, v in out["median_ms"][mode].items()),
+      flush=True,
+    )
   return out
 
 
 def main(args) -> dict:
   torch.set_num_threads(args.torch_threads)
   modes = [m for m in args.modes.split(",") if m]
-  cmd = ("python benchmarks/conv_profile.py " +
-         " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+  cmd = (
+    "python benchmarks/conv_profile.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  ).strip()
   load_start = os.getloadavg()
   wall0 = time.perf_counter()
-  rows = [profile_shape(args, sh, modes) for sh in resnet50_convs(args.image_size)
-          if args.only in sh["name"]]
+  rows = [
+    profile_shape(args, sh, modes)
+    for sh in resnet50_convs(args.image_size)
+    if args.only in sh["name"]
+  ]
   totals = {}
   for mode in modes:
     for side in ("torch", "xla", "auto"):
       key = "auto_form" if side == "auto" else None
-      totals.setdefault(mode, {})[side] = round(sum(
-          r["count"] * r["median_ms"][mode][r[key] if key else side] for r in rows), 1)
-  result = {"command": cmd, "batch": args.batch, "image_size": args.image_size,
-            "reps": args.reps, "calls": args.calls, "torch_threads": args.torch_threads,
-            "jax_backend": jax.default_backend(), "jax": jax.__version__,
-            "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "load_average": {"start": [round(v, 2) for v in load_start],
-                             "end": [round(v, 2) for v in os.getloadavg()]},
-            "rows": rows, "weighted_total_ms": totals,
-            "wall_s": round(time.perf_counter() - wall0, 1)}
+      totals.setdefault(mode, {})[side] = round(
+        sum(r["count"] * r["median_ms"][mode][r[key] if key else side] for r in rows), 1
+      )
+  result = {
+    "command": cmd,
+    "batch": args.batch,
+    "image_size": args.image_size,
+    "reps": args.reps,
+    "calls": args.calls,
+    "torch_threads": args.torch_threads,
+    "jax_backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "cpu_count": os.cpu_count(),
+    "load_average": {
+      "start": [round(v, 2) for v in load_start],
+      "end": [round(v, 2) for v in os.getloadavg()],
+    },
+    "rows": rows,
+    "weighted_total_ms": totals,
+    "wall_s": round(time.perf_counter() - wall0, 1),
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
 
-  print(f"\n{args.batch} images @ {args.image_size}, median ms of {args.reps} reps, torch "
-        f"{args.torch_threads} threads; load {load_start[0]:.1f}-{os.getloadavg()[0]:.1f}; "
-        f"`{cmd}`\n")
+  print(
+    f"\n{args.batch} images @ {args.image_size}, median ms of {args.reps} reps, torch "
+    f"{args.torch_threads} threads; load {load_start[0]:.1f}-{os.getloadavg()[0]:.1f}; "
+    f"`{cmd}`\n"
+  )
   head = " | ".join(f"{m} torch / xla / auto" for m in modes)
   print(f"| conv (input px) | n | auto form | {head} |")
   print("|---|---|---|" + "---|" * len(modes))
   for r in rows:
-    cells = " | ".join(f"{r['median_ms'][m]['torch']:.1f} / {r['median_ms'][m]['xla']:.1f} / "
-                       f"{r['median_ms'][m][r['auto_form']]:.1f}" for m in modes)
+    cells = " | ".join(
+      f"{r['median_ms'][m]['torch']:.1f} / {r['median_ms'][m]['xla']:.1f} / "
+      f"{r['median_ms'][m][r['auto_form']]:.1f}"
+      for m in modes
+    )
     print(f"| {r['name']} ({r['h']}²) | {r['count']} | {r['auto_form']} | {cells} |")
-  cells = " | ".join(f"**{totals[m]['torch']:.0f} / {totals[m]['xla']:.0f} / "
-                     f"{totals[m]['auto']:.0f}**" for m in modes)
+  cells = " | ".join(
+    f"**{totals[m]['torch']:.0f} / {totals[m]['xla']:.0f} / {totals[m]['auto']:.0f}**"
+    for m in modes
+  )
   print(f"| weighted total (x n) | | | {cells} |")
   if args.tried:
     print("\ntried forms (ms):")

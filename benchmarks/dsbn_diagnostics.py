@@ -9,7 +9,8 @@ mean/var; evaluation uses branch 1), the script loads the latest checkpoint and 
 - **acc running**: target accuracy (%) on the protocol's held-out target split (`data.eval_split`
   is forced to '', whatever the run was trained with; `digits_m/test` for Digits -> Digits-M) with
   the stored running statistics of the evaluated branch (shared branch 0 for `alda`, target
-  branch 1 for `alda_dsbn`), through the training loop's own `train.evaluate` / `eval_step`.
+  branch 1 for `alda_dsbn`), through the training loop's own `dsbn_jax.evaluation` (`evaluate`,
+  `eval_step`).
   Loading is checked first: the accuracy recomputed on the split the run itself evaluated on
   (its stored `data.eval_split`, or the protocol's split when that is '') must equal
   `results.json` `last_accuracy` within 1e-6 (an assertion), and the checkpoint must be the
@@ -65,7 +66,6 @@ import statistics
 import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -75,12 +75,19 @@ ACCURACY_TOL = 1e-6  # |recomputed - results.json last_accuracy|, in % points
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", default="runs/accuracy_digits",
-                 help="sweep root <root>/<method>/<source>-<target>/seed<k>/")
-  p.add_argument("--methods", default="alda,alda_dsbn",
-                 help="methods (sub-folders of --workdir) to process, comma-separated")
-  p.add_argument("--runs", default="",
-                 help="comma-separated training workdirs; replaces the --workdir search")
+  p.add_argument(
+    "--workdir",
+    default="runs/accuracy_digits",
+    help="sweep root <root>/<method>/<source>-<target>/seed<k>/",
+  )
+  p.add_argument(
+    "--methods",
+    default="alda,alda_dsbn",
+    help="methods (sub-folders of --workdir) to process, comma-separated",
+  )
+  p.add_argument(
+    "--runs", default="", help="comma-separated training workdirs; replaces the --workdir search"
+  )
   p.add_argument("--out", default="", help="JSON path (default <workdir>/dsbn_diagnostics.json)")
   args = p.parse_args(argv)
   if args.runs and not args.out:
@@ -129,8 +136,13 @@ def exact_statistics(model, variables, images, domain: int) -> list[dict]:
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, DomainSpecificBatchNorm) and context.method_name == "__call__":
       x = args[0]
-      calls.append({"path": tuple(context.module.path), "momentum": float(context.module.momentum),
-                    "n": int(x.size // x.shape[-1])})
+      calls.append(
+        {
+          "path": tuple(context.module.path),
+          "momentum": float(context.module.momentum),
+          "n": int(x.size // x.shape[-1]),
+        }
+      )
     return next_fun(*args, **kwargs)
 
   def zero_row(leaf):  # every batch_stats leaf is a DSBN mean/var of shape (num_domains, C)
@@ -142,8 +154,13 @@ def exact_statistics(model, variables, images, domain: int) -> list[dict]:
 
   def forward(params, batch_stats, x):
     with nn.intercept_methods(record):
-      _, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, domain=domain,
-                           train=True, mutable=["batch_stats"])
+      _, upd = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        domain=domain,
+        train=True,
+        mutable=["batch_stats"],
+      )
     return upd["batch_stats"]
 
   # A fresh jit each call: the interceptor records while tracing.
@@ -161,6 +178,7 @@ def exact_statistics(model, variables, images, domain: int) -> list[dict]:
 def with_statistics(batch_stats, layers: list[dict], domain: int):
   """A copy of ``batch_stats`` with row ``domain`` of every layer set to ``layers``' mean/var."""
   import jax
+
   out = jax.tree.map(lambda v: np.array(v, copy=True), batch_stats)
   for layer in layers:
     node = _get(out, layer["path"])
@@ -202,6 +220,7 @@ def find_runs(root: str, methods: list[str]) -> list[str]:
 
 def _data_config(data, eval_split: str):
   import ml_collections
+
   data = ml_collections.ConfigDict(data.to_dict())
   data.eval_split = eval_split
   return data
@@ -210,6 +229,7 @@ def _data_config(data, eval_split: str):
 def load_split(data, domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """All images (eval preprocessing; 10-crop folded into the batch) and labels of a split."""
   from dsbn_jax import input_pipeline
+
   images, labels = [], []
   for batch in input_pipeline.make_eval_data(_data_config(data, split), domain=domain):
     mask = batch["mask"]
@@ -222,7 +242,7 @@ def load_split(data, domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def diagnose_run(workdir: str) -> dict:
   import jax
 
-  from dsbn_jax import input_pipeline, predict, sharding, train, train_step
+  from dsbn_jax import evaluation, input_pipeline, methods, predict, sharding
   from dsbn_jax.datasets import catalog
   from dsbn_jax.models import heads
 
@@ -230,19 +250,23 @@ def diagnose_run(workdir: str) -> dict:
   with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
   if step != results["steps"]:
-    raise AssertionError(f"{workdir}: latest checkpoint is step {step}, results.json is for step "
-                         f"{results['steps']}")
-  spec = heads.method_spec(config.method)
-  tgt_branch, src_branch = (1 if spec.dsbn else 0), 0
+    raise AssertionError(
+      f"{workdir}: latest checkpoint is step {step}, results.json is for step {results['steps']}"
+    )
+  spec = methods.method_spec(config.method)
+  tgt_branch, src_branch = spec.target_branch, 0
   model = heads.create_model(config)
   data = config.data
   protocol = catalog.resolve_domain(_data_config(data, ""), data.target)
   src_info = catalog.resolve_domain(_data_config(data, ""), data.source)
   run_split = data.get("eval_split") or protocol.eval_split
-  print(f"{workdir}: {config.method} {data.source}->{data.target} seed {config.seed}, step {step}; "
-        f"target test split {protocol.eval_split!r} ({protocol.num_eval}), exact statistics over "
-        f"{protocol.train_split!r} ({protocol.num_train}); run evaluated on {run_split!r}",
-        file=sys.stderr, flush=True)
+  print(
+    f"{workdir}: {config.method} {data.source}->{data.target} seed {config.seed}, step {step}; "
+    f"target test split {protocol.eval_split!r} ({protocol.num_eval}), exact statistics over "
+    f"{protocol.train_split!r} ({protocol.num_train}); run evaluated on {run_split!r}",
+    file=sys.stderr,
+    flush=True,
+  )
 
   # Exact statistics: target train split through the evaluated branch, source train through 0.
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
@@ -254,25 +278,27 @@ def diagnose_run(workdir: str) -> dict:
 
   # Accuracies, with the training loop's own jitted eval step and evaluate().
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  eval_fn = sharding.jit_eval_step(mesh, config)
-
-  def make_state(batch_stats):
-    return sharding.replicate(train_step.TrainState(
-        step=np.int32(step), apply_fn=model.apply, params=state["params"], tx=None,
-        opt_state=None, batch_stats=batch_stats), mesh)
-
-  states = {"running": make_state(state["batch_stats"]),
-            "adabn": make_state(with_statistics(state["batch_stats"], exact_t, tgt_branch))}
+  eval_fn = evaluation.jit_eval_step(mesh, config)
+  states = {
+    k: evaluation.eval_state(model.apply, state["params"], batch_stats, mesh)
+    for k, batch_stats in (
+      ("running", state["batch_stats"]),
+      ("adabn", with_statistics(state["batch_stats"], exact_t, tgt_branch)),
+    )
+  }
   accuracy = {}
   for split in dict.fromkeys([protocol.eval_split, run_split]):
     eval_data = input_pipeline.make_eval_data(_data_config(data, split))  # the target's split
-    accuracy[split] = {k: train.evaluate(eval_fn, s, eval_data, mesh,
-                                         config.model.num_classes)["accuracy"]
-                       for k, s in states.items()}
+    accuracy[split] = {
+      k: evaluation.evaluate(eval_fn, s, eval_data, mesh, config.model.num_classes)["accuracy"]
+      for k, s in states.items()
+    }
   check = accuracy[run_split]["running"]
   if not abs(check - results["last_accuracy"]) <= ACCURACY_TOL:  # the loading check
-    raise AssertionError(f"{workdir}: recomputed accuracy on {run_split!r} {check!r} != "
-                         f"results.json last_accuracy {results['last_accuracy']!r}")
+    raise AssertionError(
+      f"{workdir}: recomputed accuracy on {run_split!r} {check!r} != "
+      f"results.json last_accuracy {results['last_accuracy']!r}"
+    )
 
   layers = []
   for lt, ls in zip(exact_t, exact_s):
@@ -280,40 +306,60 @@ def diagnose_run(workdir: str) -> dict:
     ps = _get(state["params"], lt["path"])
     run_mean, run_var = bs["mean"][tgt_branch], bs["var"][tgt_branch]
     layer = {
-        "name": "/".join(lt["path"]), "channels": int(run_mean.shape[0]),
-        "momentum": lt["momentum"],
-        "n_per_channel": {"target": lt["n"], "source": ls["n"]},
-        "running_vs_exact": {"mean": relative_distance(run_mean, lt["mean"]),
-                             "var": relative_distance(run_var, lt["var"])},
-        "running_vs_exact_source": {"mean": relative_distance(run_mean, ls["mean"]),
-                                    "var": relative_distance(run_var, ls["var"])},
-        "exact_target_vs_source": {"mean": relative_distance(lt["mean"], ls["mean"]),
-                                   "var": relative_distance(lt["var"], ls["var"])},
-        "running_mean_source_weight": mix_weight(run_mean, ls["mean"], lt["mean"]),
-        "running_var_source_weight": mix_weight(run_var, ls["var"], lt["var"]),
+      "name": "/".join(lt["path"]),
+      "channels": int(run_mean.shape[0]),
+      "momentum": lt["momentum"],
+      "n_per_channel": {"target": lt["n"], "source": ls["n"]},
+      "running_vs_exact": {
+        "mean": relative_distance(run_mean, lt["mean"]),
+        "var": relative_distance(run_var, lt["var"]),
+      },
+      "running_vs_exact_source": {
+        "mean": relative_distance(run_mean, ls["mean"]),
+        "var": relative_distance(run_var, ls["var"]),
+      },
+      "exact_target_vs_source": {
+        "mean": relative_distance(lt["mean"], ls["mean"]),
+        "var": relative_distance(lt["var"], ls["var"]),
+      },
+      "running_mean_source_weight": mix_weight(run_mean, ls["mean"], lt["mean"]),
+      "running_var_source_weight": mix_weight(run_var, ls["var"], lt["var"]),
     }
     if spec.dsbn:
       layer["branches_source_vs_target"] = {
-          "mean": relative_distance(bs["mean"][src_branch], bs["mean"][tgt_branch]),
-          "var": relative_distance(bs["var"][src_branch], bs["var"][tgt_branch]),
-          "scale": relative_distance(ps["scale"][src_branch], ps["scale"][tgt_branch]),
-          "bias": relative_distance(ps["bias"][src_branch], ps["bias"][tgt_branch])}
+        "mean": relative_distance(bs["mean"][src_branch], bs["mean"][tgt_branch]),
+        "var": relative_distance(bs["var"][src_branch], bs["var"][tgt_branch]),
+        "scale": relative_distance(ps["scale"][src_branch], ps["scale"][tgt_branch]),
+        "bias": relative_distance(ps["bias"][src_branch], ps["bias"][tgt_branch]),
+      }
       layer["source_branch_running_vs_exact_source"] = {
-          "mean": relative_distance(bs["mean"][src_branch], ls["mean"]),
-          "var": relative_distance(bs["var"][src_branch], ls["var"])}
+        "mean": relative_distance(bs["mean"][src_branch], ls["mean"]),
+        "var": relative_distance(bs["var"][src_branch], ls["var"]),
+      }
     layers.append(layer)
 
   test = accuracy[protocol.eval_split]
   return {
-      "workdir": workdir, "method": config.method, "source": data.source, "target": data.target,
-      "seed": int(config.seed), "step": int(step), "evaluated_branch": tgt_branch,
-      "test_split": protocol.eval_split, "num_test": protocol.num_eval,
-      "stats_split": protocol.train_split, "num_stats_images": int(tgt_images.shape[0]),
-      "accuracy_running": test["running"], "accuracy_adabn": test["adabn"],
-      "accuracy_by_split": accuracy,
-      "check": {"split": run_split, "recomputed": check,
-                "results_last_accuracy": results["last_accuracy"]},
-      "layers": layers,
+    "workdir": workdir,
+    "method": config.method,
+    "source": data.source,
+    "target": data.target,
+    "seed": int(config.seed),
+    "step": int(step),
+    "evaluated_branch": tgt_branch,
+    "test_split": protocol.eval_split,
+    "num_test": protocol.num_eval,
+    "stats_split": protocol.train_split,
+    "num_stats_images": int(tgt_images.shape[0]),
+    "accuracy_running": test["running"],
+    "accuracy_adabn": test["adabn"],
+    "accuracy_by_split": accuracy,
+    "check": {
+      "split": run_split,
+      "recomputed": check,
+      "results_last_accuracy": results["last_accuracy"],
+    },
+    "layers": layers,
   }
 
 
@@ -331,33 +377,41 @@ def _max_med(layers, *keys) -> str:
 
 
 def table(runs: list[dict], cmd: str) -> str:
-  rows = ["| method | task | seed | step | acc running (%) | acc AdaBN (%) | run vs exact mean "
-          "(max / med) | run vs exact var (max / med) | src weight (med) | branches src vs tgt "
-          "(med): mean / var / gamma / beta |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+    "| method | task | seed | step | acc running (%) | acc AdaBN (%) | run vs exact mean "
+    "(max / med) | run vs exact var (max / med) | src weight (med) | branches src vs tgt "
+    "(med): mean / var / gamma / beta |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in runs:
     ls = r["layers"]
     branches = "-"
     if "branches_source_vs_target" in ls[0]:
-      branches = " / ".join(f"{_med(ls, 'branches_source_vs_target', k):.3f}"
-                            for k in ("mean", "var", "scale", "bias"))
+      branches = " / ".join(
+        f"{_med(ls, 'branches_source_vs_target', k):.3f}" for k in ("mean", "var", "scale", "bias")
+      )
     rows.append(
-        f"| {r['method']} | {r['source']}->{r['target']} | {r['seed']} | {r['step']} | "
-        f"{r['accuracy_running']:.2f} | {r['accuracy_adabn']:.2f} | "
-        f"{_max_med(ls, 'running_vs_exact', 'mean')} | {_max_med(ls, 'running_vs_exact', 'var')} | "
-        f"{_med(ls, 'running_mean_source_weight'):.2f} | {branches} |")
+      f"| {r['method']} | {r['source']}->{r['target']} | {r['seed']} | {r['step']} | "
+      f"{r['accuracy_running']:.2f} | {r['accuracy_adabn']:.2f} | "
+      f"{_max_med(ls, 'running_vs_exact', 'mean')} | {_max_med(ls, 'running_vs_exact', 'var')} | "
+      f"{_med(ls, 'running_mean_source_weight'):.2f} | {branches} |"
+    )
   return "\n".join(rows) + f"\n\nTarget test split; command: `{cmd}`"
 
 
 def layer_table(r: dict) -> str:
   dsbn = "branches_source_vs_target" in r["layers"][0]
-  rows = [f"{r['method']} {r['source']}->{r['target']} seed {r['seed']}: per layer (run vs exact "
-          "mean/var | exact tgt vs src mean/var | src weight of running mean"
-          + (" | branches src vs tgt mean/var/gamma/beta)" if dsbn else ")")]
+  rows = [
+    f"{r['method']} {r['source']}->{r['target']} seed {r['seed']}: per layer (run vs exact "
+    "mean/var | exact tgt vs src mean/var | src weight of running mean"
+    + (" | branches src vs tgt mean/var/gamma/beta)" if dsbn else ")")
+  ]
   for l in r["layers"]:
     run, dom = l["running_vs_exact"], l["exact_target_vs_source"]
-    line = (f"  {l['name']:<24} {run['mean']:.4f} {run['var']:.4f} | {dom['mean']:.4f} "
-            f"{dom['var']:.4f} | {l['running_mean_source_weight']:+.3f}")
+    line = (
+      f"  {l['name']:<24} {run['mean']:.4f} {run['var']:.4f} | {dom['mean']:.4f} "
+      f"{dom['var']:.4f} | {l['running_mean_source_weight']:+.3f}"
+    )
     if "branches_source_vs_target" in l:
       line += " | " + " ".join(f"{v:.4f}" for v in l["branches_source_vs_target"].values())
     rows.append(line)
@@ -366,9 +420,11 @@ def layer_table(r: dict) -> str:
 
 def main(args) -> dict:
   from dsbn_jax.cli import quiet_library_logs
+
   quiet_library_logs()
-  cmd = ("python benchmarks/dsbn_diagnostics.py " +
-         " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+  cmd = (
+    "python benchmarks/dsbn_diagnostics.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  ).strip()
   if args.runs:
     workdirs = [d for d in args.runs.split(",") if d]
     for d in workdirs:

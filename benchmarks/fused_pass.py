@@ -23,11 +23,8 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
-sys.path.insert(0, os.path.join(_REPO, "benchmarks"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,8 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.out is None:
-    args.out = os.path.join(_REPO, "benchmarks", "results", f"fused_pass_{args.device}_"
-                            f"{args.batch}x{args.image_size}_{args.dtype}.json")
+    args.out = os.path.join(
+      _REPO,
+      "benchmarks",
+      "results",
+      f"fused_pass_{args.device}_{args.batch}x{args.image_size}_{args.dtype}.json",
+    )
   return args
 
 
@@ -58,14 +59,26 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import step_throughput as st  # noqa: E402  (torch before TF; JaxSide, config and batch builders)
-import jax  # noqa: E402
 
 
 def main(args) -> dict:
-  cmd = ("python benchmarks/fused_pass.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-  bench_args = st.parse_args(["--batch", str(args.batch), "--image_size", str(args.image_size),
-                              "--dtype", args.dtype, "--device", args.device,
-                              "--num_classes", str(args.num_classes), "--seed", str(args.seed)])
+  cmd = "python benchmarks/fused_pass.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  bench_args = st.parse_args(
+    [
+      "--batch",
+      str(args.batch),
+      "--image_size",
+      str(args.image_size),
+      "--dtype",
+      args.dtype,
+      "--device",
+      args.device,
+      "--num_classes",
+      str(args.num_classes),
+      "--seed",
+      str(args.seed),
+    ]
+  )
   batch_np = st.host_batch(bench_args, np.random.default_rng(args.seed))
   load_start = os.getloadavg()
   sides, first, first_loss = {}, {}, {}
@@ -82,40 +95,59 @@ def main(args) -> dict:
     order = list(sides) if r % 2 == 0 else list(sides)[::-1]
     for name in order:
       times[name].append(sides[name].run(args.steps_per_rep))
-    print(f"[rep {r + 1}/{args.reps}] " + ", ".join(
-        f"{n} {times[n][-1]:.2f} s" for n in sides) + f" (load {os.getloadavg()[0]:.2f})",
-          flush=True)
+    print(
+      f"[rep {r + 1}/{args.reps}] "
+      + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in sides)
+      + f" (load {os.getloadavg()[0]:.2f})",
+      flush=True,
+    )
   imgs = 2 * args.batch
   summary = {n: st.summarize(times[n], imgs, args.steps_per_rep) for n in sides}
   for n in sides:
-    summary[n].update(first_call_s=round(first[n], 2), first_step_loss=first_loss[n],
-                      final_loss=sides[n].final_loss(),
-                      device_memory=sides[n].device_memory())
+    summary[n].update(
+      first_call_s=round(first[n], 2),
+      first_step_loss=first_loss[n],
+      final_loss=sides[n].final_loss(),
+      device_memory=sides[n].device_memory(),
+    )
   paired = [t / f for t, f in zip(times["two_calls"], times["fused"])]
   result = {
-      "command": cmd, "method": args.method,
-      "config": {"batch_per_domain": args.batch, "image_size": args.image_size,
-                 "dtype": args.dtype, "device": args.device, "reps": args.reps,
-                 "steps_per_rep": args.steps_per_rep},
-      "machine": st.machine_info(bench_args),
-      "load_average": {"start": [round(v, 2) for v in load_start],
-                       "end": [round(v, 2) for v in os.getloadavg()]},
-      **summary,
-      "speedup_fused_over_two_calls": round(summary["fused"]["median_images_per_s"]
-                                            / summary["two_calls"]["median_images_per_s"], 3),
-      "speedup_paired_median": round(statistics.median(paired), 3),
+    "command": cmd,
+    "method": args.method,
+    "config": {
+      "batch_per_domain": args.batch,
+      "image_size": args.image_size,
+      "dtype": args.dtype,
+      "device": args.device,
+      "reps": args.reps,
+      "steps_per_rep": args.steps_per_rep,
+    },
+    "machine": st.machine_info(bench_args),
+    "load_average": {
+      "start": [round(v, 2) for v in load_start],
+      "end": [round(v, 2) for v in os.getloadavg()],
+    },
+    **summary,
+    "speedup_fused_over_two_calls": round(
+      summary["fused"]["median_images_per_s"] / summary["two_calls"]["median_images_per_s"], 3
+    ),
+    "speedup_paired_median": round(statistics.median(paired), 3),
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  print("\n| step | device | two calls img/s | fused img/s | fused / two calls | compile two / "
-        "fused | load | command |\n|---|---|---|---|---|---|---|---|")
-  print(f"| {args.method} ResNet-50, {args.batch}+{args.batch} @ {args.image_size}, {args.dtype} "
-        f"| {result['machine']['jax_device_kind']}, {os.cpu_count()} CPUs | "
-        f"{summary['two_calls']['median_images_per_s']} | {summary['fused']['median_images_per_s']}"
-        f" | {result['speedup_fused_over_two_calls']} (paired {result['speedup_paired_median']}) | "
-        f"{first['two_calls']:.0f} / {first['fused']:.0f} s | {load_start[0]:.1f}-"
-        f"{os.getloadavg()[0]:.1f} | `{cmd}` |")
+  print(
+    "\n| step | device | two calls img/s | fused img/s | fused / two calls | compile two / "
+    "fused | load | command |\n|---|---|---|---|---|---|---|---|"
+  )
+  print(
+    f"| {args.method} ResNet-50, {args.batch}+{args.batch} @ {args.image_size}, {args.dtype} "
+    f"| {result['machine']['jax_device_kind']}, {os.cpu_count()} CPUs | "
+    f"{summary['two_calls']['median_images_per_s']} | {summary['fused']['median_images_per_s']}"
+    f" | {result['speedup_fused_over_two_calls']} (paired {result['speedup_paired_median']}) | "
+    f"{first['two_calls']:.0f} / {first['fused']:.0f} s | {load_start[0]:.1f}-"
+    f"{os.getloadavg()[0]:.1f} | `{cmd}` |"
+  )
   return result
 
 

@@ -25,11 +25,9 @@ import time
 import numpy as np
 import PIL.Image
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
+from dsbn_jax import config_defaults, input_pipeline
 
-from configs import data as data_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from dsbn_jax import input_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WIDTH, HEIGHT = 500, 375  # px, a typical Office-31 amazon / Office-Home image
 
@@ -49,8 +47,9 @@ def write_jpegs(root: str, images_per_domain: int, classes: int = 12) -> None:
 def measure(data, batch: int, steps: int, warmup: int) -> dict:
   """Seconds and images/s of `steps` train batches after `warmup` ones (and the set-up time)."""
   t0 = time.perf_counter()
-  it = input_pipeline.make_train_iterator(data, global_batch_size=batch, seed=0,
-                                          process_index=0, process_count=1)
+  it = input_pipeline.make_train_iterator(
+    data, global_batch_size=batch, seed=0, process_index=0, process_count=1
+  )
   for _ in range(warmup):
     next(it)
   t1 = time.perf_counter()
@@ -58,9 +57,12 @@ def measure(data, batch: int, steps: int, warmup: int) -> dict:
     b = next(it)
   seconds = time.perf_counter() - t1
   assert b['source']['image'].shape == (batch, data.crop_size, data.crop_size, 3)
-  return {'setup_and_warmup_s': round(t1 - t0, 2), 'seconds': round(seconds, 2),
-          'images_per_s': round(2 * batch * steps / seconds, 1),
-          'steps_per_s': round(steps / seconds, 2)}
+  return {
+    'setup_and_warmup_s': round(t1 - t0, 2),
+    'seconds': round(seconds, 2),
+    'images_per_s': round(2 * batch * steps / seconds, 1),
+    'steps_per_s': round(steps / seconds, 2),
+  }
 
 
 def main() -> None:
@@ -71,28 +73,37 @@ def main() -> None:
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--json', default=os.path.join(_REPO, 'benchmarks/results/input_pipeline.json'))
   args = p.parse_args()
-  cmd = ('python benchmarks/input_pipeline.py ' +
-         ' '.join(shlex.quote(a) for a in sys.argv[1:])).strip()
-  common = {'command': cmd, 'cpus': os.cpu_count(), 'machine': platform.machine(),
-            'image_size': f'{WIDTH}x{HEIGHT} JPEG', 'images_per_domain': args.images_per_domain,
-            'batch_per_domain': args.batch}
+  cmd = (
+    'python benchmarks/input_pipeline.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+  ).strip()
+  common = {
+    'command': cmd,
+    'cpus': os.cpu_count(),
+    'machine': platform.machine(),
+    'image_size': f'{WIDTH}x{HEIGHT} JPEG',
+    'images_per_domain': args.images_per_domain,
+    'batch_per_domain': args.batch,
+  }
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     write_jpegs(os.path.join(tmp, 'tree'), args.images_per_domain)
-    data = data_config.get_data_config('custom')
+    data = config_defaults.get_data_config('custom')
     data.manual_dir, data.data_dir = os.path.join(tmp, 'tree'), os.path.join(tmp, 'tfds')
     data.source, data.target = 'source', 'target'
     for cache in (True, False):
       data.cache_resized = cache
-      results.append(common | {'cache_resized': cache} |
-                     measure(data, args.batch, args.steps, args.warmup))
+      results.append(
+        common | {'cache_resized': cache} | measure(data, args.batch, args.steps, args.warmup)
+      )
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
   with open(args.json, 'w') as f:
     json.dump(results, f, indent=2)
   for r in results:
-    print(f"| train input pipeline, {WIDTH}x{HEIGHT} JPEG -> 224, batch {args.batch}+{args.batch}, "
-          f"cache_resized={r['cache_resized']} | {r['images_per_s']} img/s (set-up "
-          f"{r['setup_and_warmup_s']} s) | {r['cpus']} CPUs | `{cmd}` |")
+    print(
+      f"| train input pipeline, {WIDTH}x{HEIGHT} JPEG -> 224, batch {args.batch}+{args.batch}, "
+      f"cache_resized={r['cache_resized']} | {r['images_per_s']} img/s (set-up "
+      f"{r['setup_and_warmup_s']} s) | {r['cpus']} CPUs | `{cmd}` |"
+    )
 
 
 if __name__ == '__main__':

@@ -38,13 +38,12 @@ import sys
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
-
-import torch  # noqa: E402  (before TF/JAX: see tests/conftest.py)
+sys.path.insert(0, _REPO)  # for tests.torch_reference, the PyTorch reference step (not installed)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402  (before TF/JAX: see tests/conftest.py)
 
 from dsbn_jax.models import resnet  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
@@ -58,9 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=1, help="calls per repetition")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = os.cpu_count()")
   p.add_argument("--trace_dir", default="", help="write a jax.profiler trace of fwd+bwd here")
-  p.add_argument("--jax_step", action="store_true",
-                 help="time only our whole JAX alda_dsbn step (--batch per domain), no PyTorch: "
-                      "for comparing XLA_FLAGS settings")
+  p.add_argument(
+    "--jax_step",
+    action="store_true",
+    help="time only our whole JAX alda_dsbn step (--batch per domain), no PyTorch: "
+    "for comparing XLA_FLAGS settings",
+  )
   p.add_argument("--out", default="", help="JSON path (default benchmarks/results/...)")
   return p.parse_args(argv)
 
@@ -72,16 +74,17 @@ class Jax:
     self.model = resnet.ResNet50(num_domains=2)
     self.x = jnp.asarray(x)
     variables = jax.jit(lambda k: self.model.init(k, self.x, domain=0, train=False))(
-        jax.random.key(0))
+      jax.random.key(0)
+    )
     self.params, self.stats = variables["params"], variables["batch_stats"]
 
     def loss(params, stats, x):
-      feats, updates = self.model.apply({"params": params, "batch_stats": stats}, x, domain=0,
-                                        train=True, mutable=["batch_stats"])
+      feats, updates = self.model.apply(
+        {"params": params, "batch_stats": stats}, x, domain=0, train=True, mutable=["batch_stats"]
+      )
       return jnp.sum(feats), updates["batch_stats"]
 
-    self.parts = {"fwd": jax.jit(loss),
-                  "fwd+bwd": jax.jit(jax.grad(loss, has_aux=True))}
+    self.parts = {"fwd": jax.jit(loss), "fwd+bwd": jax.jit(jax.grad(loss, has_aux=True))}
 
   def flops(self, part: str) -> float | None:
     """XLA's count of floating-point operations of one call (its cost analysis), if it gives one."""
@@ -127,28 +130,46 @@ class Torch:
 def jax_step_only(args) -> dict:
   """The whole JAX step of step_throughput.py (its JaxSide), alone: median of --reps x --steps."""
   import step_throughput  # pylint: disable=g-import-not-at-top  (benchmarks/ is on sys.path)
-  st_args = step_throughput.parse_args(["--batch", str(args.batch), "--image_size",
-                                        str(args.image_size)])
-  side = step_throughput.JaxSide(st_args, step_throughput.make_config(st_args),
-                                 step_throughput.host_batch(st_args, np.random.default_rng(0)))
+
+  st_args = step_throughput.parse_args(
+    ["--batch", str(args.batch), "--image_size", str(args.image_size)]
+  )
+  side = step_throughput.JaxSide(
+    st_args,
+    step_throughput.make_config(st_args),
+    step_throughput.host_batch(st_args, np.random.default_rng(0)),
+  )
   compile_s = side.first_call()
   side.run(1)
   times = [side.run(args.steps) for _ in range(args.reps)]
   rate = 2 * args.batch * args.steps / statistics.median(times)
   flags = os.environ.get("XLA_FLAGS", "")
-  result = {"command": shlex.join(["python"] + sys.argv), "xla_flags": flags, "args": vars(args),
-            "jax_step_img_s": rate, "step_s": times, "first_call_s": compile_s,
-            "final_loss": side.final_loss(), "jit_cache_size": side.cache_size(),
-            "load_avg_end": os.getloadavg()}
-  print(f"| `{flags or '(none)'}` | {rate:.2f} | {compile_s:.1f} s | {side.final_loss():.4f} | "
-        f"`XLA_FLAGS={shlex.quote(flags)} {result['command']}` |", flush=True)
+  result = {
+    "command": shlex.join(["python"] + sys.argv),
+    "xla_flags": flags,
+    "args": vars(args),
+    "jax_step_img_s": rate,
+    "step_s": times,
+    "first_call_s": compile_s,
+    "final_loss": side.final_loss(),
+    "jit_cache_size": side.cache_size(),
+    "load_avg_end": os.getloadavg(),
+  }
+  print(
+    f"| `{flags or '(none)'}` | {rate:.2f} | {compile_s:.1f} s | {side.final_loss():.4f} | "
+    f"`XLA_FLAGS={shlex.quote(flags)} {result['command']}` |",
+    flush=True,
+  )
   return result
 
 
 def main(args) -> dict:
   torch.set_num_threads(args.torch_threads or os.cpu_count())
-  x = np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)
-                                      ).astype(np.float32)
+  x = (
+    np.random.default_rng(0)
+    .normal(size=(args.batch, args.image_size, args.image_size, 3))
+    .astype(np.float32)
+  )
   sides = {"jax": Jax(x), "torch": Torch(x)}
   compile_s = {}
   for part in ("fwd", "fwd+bwd"):
@@ -171,35 +192,51 @@ def main(args) -> dict:
   rows = {}
   for part in ("fwd", "fwd+bwd"):
     flops = sides["jax"].flops(part)
-    gflops = {side: (flops / 1e9 * rate(side, part) / args.batch if flops else None)
-              for side in sides}
-    rows[part] = {"jax_img_s": rate("jax", part), "torch_img_s": rate("torch", part),
-                  "ratio": rate("jax", part) / rate("torch", part),
-                  "gflop_per_call": flops / 1e9 if flops else None,
-                  "jax_gflop_s": gflops["jax"], "torch_gflop_s": gflops["torch"],
-                  "jax_compile_s": compile_s[part],
-                  "jax_s": times[("jax", part)], "torch_s": times[("torch", part)]}
+    gflops = {
+      side: (flops / 1e9 * rate(side, part) / args.batch if flops else None) for side in sides
+    }
+    rows[part] = {
+      "jax_img_s": rate("jax", part),
+      "torch_img_s": rate("torch", part),
+      "ratio": rate("jax", part) / rate("torch", part),
+      "gflop_per_call": flops / 1e9 if flops else None,
+      "jax_gflop_s": gflops["jax"],
+      "torch_gflop_s": gflops["torch"],
+      "jax_compile_s": compile_s[part],
+      "jax_s": times[("jax", part)],
+      "torch_s": times[("torch", part)],
+    }
   result = {
-      "command": shlex.join(["python"] + sys.argv), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "args": vars(args), "parts": rows, "load_avg_end": os.getloadavg(),
-      "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-      "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    "command": shlex.join(["python"] + sys.argv),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "args": vars(args),
+    "parts": rows,
+    "load_avg_end": os.getloadavg(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
   }
   flags = result["xla_flags"] or "default"
   for part, r in rows.items():
-    print(f"| backbone {part}, {args.batch} @ {args.image_size} | XLA_FLAGS={flags} | "
-          f"{r['jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.3f} | "
-          f"{r['gflop_per_call'] or float('nan'):.1f} GFLOP: {r['jax_gflop_s'] or float('nan'):.1f}"
-          f" / {r['torch_gflop_s'] or float('nan'):.1f} GFLOP/s | "
-          f"{r['jax_compile_s']:.1f} s | `{result['command']}` |", flush=True)
+    print(
+      f"| backbone {part}, {args.batch} @ {args.image_size} | XLA_FLAGS={flags} | "
+      f"{r['jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.3f} | "
+      f"{r['gflop_per_call'] or float('nan'):.1f} GFLOP: {r['jax_gflop_s'] or float('nan'):.1f}"
+      f" / {r['torch_gflop_s'] or float('nan'):.1f} GFLOP/s | "
+      f"{r['jax_compile_s']:.1f} s | `{result['command']}` |",
+      flush=True,
+    )
   return result
 
 
 def write_result(result: dict, args, kind: str) -> None:
   """``--out``, or benchmarks/results/<kind>_<batch>x<size>_<XLA flags>.json."""
   flags = (result["xla_flags"] or "default").replace("--", "").replace("=", "-").replace(" ", "_")
-  out = args.out or os.path.join(_REPO, "benchmarks", "results",
-                                 f"{kind}_{args.batch}x{args.image_size}_{flags}.json")
+  out = args.out or os.path.join(
+    _REPO, "benchmarks", "results", f"{kind}_{args.batch}x{args.image_size}_{flags}.json"
+  )
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)

@@ -61,7 +61,7 @@ import threading
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
+sys.path.insert(0, _REPO)  # for tests.torch_reference, the PyTorch reference step (not installed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,25 +70,48 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--image_size", type=int, default=112, help="square input size (px)")
   p.add_argument("--reps", type=int, default=3, help="timed repetitions per framework")
   p.add_argument("--steps_per_rep", type=int, default=3, help="train steps per repetition")
-  p.add_argument("--warmup", type=int, default=1,
-                 help="untimed steps per framework after the first (compiling) one")
+  p.add_argument(
+    "--warmup",
+    type=int,
+    default=1,
+    help="untimed steps per framework after the first (compiling) one",
+  )
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--num_classes", type=int, default=65, help="K (65 Office-Home, 31 Office-31)")
-  p.add_argument("--threshold", type=float, default=0.0,
-                 help="ALDA confidence threshold (see the module doc for why not 0.9)")
-  p.add_argument("--torch_channels_last", choices=("auto", "on", "off"), default="auto",
-                 help="torch memory format; auto = channels_last on GPU, NCHW on CPU")
-  p.add_argument("--torch_threads", type=int, default=0,
-                 help="torch.set_num_threads; 0 = os.cpu_count() (XLA:CPU uses every core)")
-  p.add_argument("--pause_s", type=float, default=1.0,
-                 help="idle seconds before each timed repetition (lets the other framework's "
-                      "worker threads go to sleep)")
-  p.add_argument("--conv_impl", default="auto",
-                 help="JAX convolution form (config model.conv_impl, dsbn_jax/models/conv.py): "
-                      "auto = 1x1 convs as matmuls on CPU, xla = lax.conv_general_dilated, "
-                      "matmul; a comma list (e.g. xla,auto) times one JAX step per form, all "
-                      "alternating with PyTorch (the first is the `jax` side of the JSON)")
+  p.add_argument(
+    "--threshold",
+    type=float,
+    default=0.0,
+    help="ALDA confidence threshold (see the module doc for why not 0.9)",
+  )
+  p.add_argument(
+    "--torch_channels_last",
+    choices=("auto", "on", "off"),
+    default="auto",
+    help="torch memory format; auto = channels_last on GPU, NCHW on CPU",
+  )
+  p.add_argument(
+    "--torch_threads",
+    type=int,
+    default=0,
+    help="torch.set_num_threads; 0 = os.cpu_count() (XLA:CPU uses every core)",
+  )
+  p.add_argument(
+    "--pause_s",
+    type=float,
+    default=1.0,
+    help="idle seconds before each timed repetition (lets the other framework's "
+    "worker threads go to sleep)",
+  )
+  p.add_argument(
+    "--conv_impl",
+    default="auto",
+    help="JAX convolution form (config model.conv_impl, dsbn_jax/models/conv.py): "
+    "auto = 1x1 convs as matmuls on CPU, xla = lax.conv_general_dilated, "
+    "matmul; a comma list (e.g. xla,auto) times one JAX step per form, all "
+    "alternating with PyTorch (the first is the `jax` side of the JSON)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
   args = p.parse_args(argv)
@@ -99,9 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.conv_impl = args.conv_impls[0]
   if args.out is None:
     suffix = "" if args.conv_impls == ["auto"] else "_conv-" + "-".join(args.conv_impls)
-    args.out = os.path.join(_REPO, "benchmarks", "results",
-                            f"step_throughput_{args.device}_{args.batch}x{args.image_size}_"
-                            f"{args.dtype}{suffix}.json")
+    args.out = os.path.join(
+      _REPO,
+      "benchmarks",
+      "results",
+      f"step_throughput_{args.device}_{args.batch}x{args.image_size}_{args.dtype}{suffix}.json",
+    )
   return args
 
 
@@ -121,6 +147,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+
 try:
   import triton  # noqa: E402,F401
 except ImportError:
@@ -131,8 +158,7 @@ import jax  # noqa: E402
 import jaxlib  # noqa: E402
 import optax  # noqa: E402
 
-from configs import default as default_config  # noqa: E402
-from dsbn_jax import sharding  # noqa: E402
+from dsbn_jax import config_defaults, sharding  # noqa: E402
 from dsbn_jax.models import heads  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -168,7 +194,7 @@ class PeakRSS:
 
 
 def make_config(args, conv_impl: str | None = None):
-  cfg = default_config.get_config()
+  cfg = config_defaults.get_config()
   cfg.method = "alda_dsbn"
   cfg.batch_size = args.batch
   cfg.model.backbone = "resnet50"
@@ -182,9 +208,13 @@ def make_config(args, conv_impl: str | None = None):
 
 def host_batch(args, rng: np.random.Generator) -> dict:
   def domain():
-    return {"image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)
-                                ).astype(np.float32),
-            "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
+    return {
+      "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
+        np.float32
+      ),
+      "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32),
+    }
+
   return {"source": domain(), "target": domain()}
 
 
@@ -198,8 +228,9 @@ class JaxSide:
     self.mesh = sharding.make_mesh([self.device])
     model = heads.create_model(cfg)
     t0 = time.perf_counter()
-    self.state = sharding.create_sharded_state(self.mesh, jax.random.key(args.seed), cfg, model,
-                                               (args.image_size, args.image_size, 3))
+    self.state = sharding.create_sharded_state(
+      self.mesh, jax.random.key(args.seed), cfg, model, (args.image_size, args.image_size, 3)
+    )
     jax.block_until_ready(self.state)
     self.init_s = time.perf_counter() - t0
     self.batch = sharding.to_global(batch_np, self.mesh)
@@ -281,25 +312,38 @@ class TorchSide:
     m, o, lo = cfg.model, cfg.optim, cfg.loss
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    base = ref.ResNetFc(ref.resnet50_features(num_domains=2), 2048, m.bottleneck_dim,
-                        m.num_classes)
+    base = ref.ResNetFc(ref.resnet50_features(num_domains=2), 2048, m.bottleneck_dim, m.num_classes)
     d_cls = _AutocastD if self.autocast else ref.AdversarialNetwork
-    ad_net = d_cls(m.bottleneck_dim, m.disc_hidden_dim, m.num_classes, dropout=m.dropout_rate,
-                   max_iter=lo.ramp_max_steps)
+    ad_net = d_cls(
+      m.bottleneck_dim,
+      m.disc_hidden_dim,
+      m.num_classes,
+      dropout=m.dropout_rate,
+      max_iter=lo.ramp_max_steps,
+    )
     base.to(self.dev)
     ad_net.to(self.dev)
     if self.channels_last:
       base.to(memory_format=torch.channels_last)
     trainer_cls = _AutocastTrainer if self.autocast else ref.Trainer
     # The reference takes the base decay (x decay_mult 2 inside); ours is the product.
-    self.trainer = trainer_cls(base, ad_net, method="alda_dsbn", lr0=o.lr0,
-                               threshold=lo.threshold, trade_off=lo.trade_off,
-                               adv_weight=lo.adv_weight, lr_gamma=o.lr_gamma,
-                               lr_power=o.lr_power, weight_decay=o.weight_decay / 2)
+    self.trainer = trainer_cls(
+      base,
+      ad_net,
+      method="alda_dsbn",
+      lr0=o.lr0,
+      threshold=lo.threshold,
+      trade_off=lo.trade_off,
+      adv_weight=lo.adv_weight,
+      lr_gamma=o.lr_gamma,
+      lr_power=o.lr_power,
+      weight_decay=o.weight_decay / 2,
+    )
     fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
     def images(x):
       return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(self.dev, memory_format=fmt)
+
     self.xs, self.xt = images(batch_np["source"]["image"]), images(batch_np["target"]["image"])
     self.ys = torch.from_numpy(batch_np["source"]["label"].astype(np.int64)).to(self.dev)
     self._sync()
@@ -324,8 +368,10 @@ class TorchSide:
   def device_memory(self) -> dict | None:
     if self.dev.type != "cuda":
       return None
-    return {"max_memory_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-            "max_memory_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+    return {
+      "max_memory_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+      "max_memory_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -333,22 +379,33 @@ def machine_info(args) -> dict:
   cpu_model = platform.processor()
   with contextlib.suppress(OSError):
     with open("/proc/cpuinfo") as f:
-      cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu_model)
+      cpu_model = next(
+        (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model
+      )
   jdev = jax.devices(args.device)[0]
-  info = {"hostname": platform.node(), "platform": platform.platform(),
-          "python": platform.python_version(), "cpu_count": os.cpu_count(),
-          "cpu_affinity": len(os.sched_getaffinity(0)), "cpu_model": cpu_model,
-          "total_ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "torch": torch.__version__,
-          "torchvision": torchvision.__version__, "jax_backend": jax.default_backend(),
-          "jax_device_kind": jdev.device_kind, "jax_platform": jdev.platform,
-          "torch_num_threads": torch.get_num_threads(),
-          "torch_num_interop_threads": torch.get_num_interop_threads(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "threads_note": "XLA:CPU runs its intra-op pool on every core; torch.set_num_threads"
-                          "(os.cpu_count())."}
+  info = {
+    "hostname": platform.node(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "cpu_affinity": len(os.sched_getaffinity(0)),
+    "cpu_model": cpu_model,
+    "total_ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "torch": torch.__version__,
+    "torchvision": torchvision.__version__,
+    "jax_backend": jax.default_backend(),
+    "jax_device_kind": jdev.device_kind,
+    "jax_platform": jdev.platform,
+    "torch_num_threads": torch.get_num_threads(),
+    "torch_num_interop_threads": torch.get_num_interop_threads(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "threads_note": "XLA:CPU runs its intra-op pool on every core; torch.set_num_threads"
+    "(os.cpu_count()).",
+  }
   if args.device == "gpu":
     info["torch_device_name"] = torch.cuda.get_device_name(0)
   return info
@@ -356,17 +413,21 @@ def machine_info(args) -> dict:
 
 def summarize(seconds: list[float], imgs_per_step: int, steps: int) -> dict:
   ips = [imgs_per_step * steps / s for s in seconds]
-  return {"rep_seconds": [round(s, 4) for s in seconds],
-          "rep_images_per_s": [round(v, 2) for v in ips],
-          "median_step_s": round(statistics.median(seconds) / steps, 4),
-          "median_images_per_s": round(statistics.median(ips), 2),
-          "min_images_per_s": round(min(ips), 2), "max_images_per_s": round(max(ips), 2)}
+  return {
+    "rep_seconds": [round(s, 4) for s in seconds],
+    "rep_images_per_s": [round(v, 2) for v in ips],
+    "median_step_s": round(statistics.median(seconds) / steps, 4),
+    "median_images_per_s": round(statistics.median(ips), 2),
+    "min_images_per_s": round(min(ips), 2),
+    "max_images_per_s": round(max(ips), 2),
+  }
 
 
 def main(args) -> dict:
   torch.set_num_threads(args.torch_threads or os.cpu_count())
-  cmd = ("python benchmarks/step_throughput.py " +
-         " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+  cmd = (
+    "python benchmarks/step_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  ).strip()
   load_start = os.getloadavg()
   wall0 = time.perf_counter()
   rss = {"after_imports_mib": round(rss_mb(), 1)}
@@ -376,13 +437,18 @@ def main(args) -> dict:
 
   with PeakRSS() as peak:
     jx = JaxSide(args, cfg, batch_np)
-  rss["jax_state_built_mib"], rss["peak_during_jax_init_mib"] = round(rss_mb(), 1), round(
-      peak.peak_mb, 1)
+  rss["jax_state_built_mib"], rss["peak_during_jax_init_mib"] = (
+    round(rss_mb(), 1),
+    round(peak.peak_mb, 1),
+  )
   with PeakRSS() as peak:
     first_call_s = jx.first_call()
   rss["peak_during_jax_compile_mib"] = round(peak.peak_mb, 1)
-  print(f"[jax] init {jx.init_s:.1f} s, first (compiling) call {first_call_s:.1f} s, donation "
-        f"{'ok' if jx.donation_ok else 'NOT applied'}", flush=True)
+  print(
+    f"[jax] init {jx.init_s:.1f} s, first (compiling) call {first_call_s:.1f} s, donation "
+    f"{'ok' if jx.donation_ok else 'NOT applied'}",
+    flush=True,
+  )
 
   extras = []  # one more JAX side per further --conv_impl value
   for impl in args.conv_impls[1:]:
@@ -407,7 +473,7 @@ def main(args) -> dict:
   rep_load = []
   rep_order = []
   for r in range(args.reps):
-    order = sides[r % len(sides):] + sides[:r % len(sides)]  # two sides: flips every rep
+    order = sides[r % len(sides) :] + sides[: r % len(sides)]  # two sides: flips every rep
     rep_order.append(",".join(side.name for side in order))
     for side in order:
       time.sleep(args.pause_s)
@@ -415,93 +481,133 @@ def main(args) -> dict:
         times[side.name].append(side.run(args.steps_per_rep))
       peaks[side.name] = max(peaks[side.name], peak.peak_mb)
     rep_load.append(round(os.getloadavg()[0], 2))
-    print(f"[rep {r + 1}/{args.reps}] jax {times['jax'][-1]:.2f} s, torch "
-          f"{times['torch'][-1]:.2f} s"
-          + "".join(f", {e.name} {times[e.name][-1]:.2f} s" for e in extras)
-          + f" for {args.steps_per_rep} steps "
-          f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    print(
+      f"[rep {r + 1}/{args.reps}] jax {times['jax'][-1]:.2f} s, torch "
+      f"{times['torch'][-1]:.2f} s"
+      + "".join(f", {e.name} {times[e.name][-1]:.2f} s" for e in extras)
+      + f" for {args.steps_per_rep} steps "
+      f"(load {os.getloadavg()[0]:.2f})",
+      flush=True,
+    )
   rss["peak_during_jax_steps_mib"] = round(peaks["jax"], 1)
   rss["peak_during_torch_steps_mib"] = round(peaks["torch"], 1)
   rss["process_peak_ru_maxrss_mib"] = round(
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+  )
 
   js = summarize(times["jax"], imgs_per_step, args.steps_per_rep)
   ts = summarize(times["torch"], imgs_per_step, args.steps_per_rep)
   med_step = statistics.median(times["jax"]) / args.steps_per_rep
-  js.update(init_s=round(jx.init_s, 2), first_call_s=round(first_call_s, 2),
-            compile_s_est=round(first_call_s - med_step, 2),
-            jit_cache_size_after=jx.cache_size(), donation_ok=jx.donation_ok,
-            final_loss=jx.final_loss(), device_memory=jx.device_memory(),
-            compute_dtype=args.dtype)
-  ts.update(init_s=round(th.init_s, 2), first_step_s=round(torch_first_s, 2),
-            final_loss=th.final_loss(), device_memory=th.device_memory(),
-            compute_dtype="bfloat16 (autocast)" if th.autocast else "float32",
-            channels_last=th.channels_last, mode="eager")
+  js.update(
+    init_s=round(jx.init_s, 2),
+    first_call_s=round(first_call_s, 2),
+    compile_s_est=round(first_call_s - med_step, 2),
+    jit_cache_size_after=jx.cache_size(),
+    donation_ok=jx.donation_ok,
+    final_loss=jx.final_loss(),
+    device_memory=jx.device_memory(),
+    compute_dtype=args.dtype,
+  )
+  ts.update(
+    init_s=round(th.init_s, 2),
+    first_step_s=round(torch_first_s, 2),
+    final_loss=th.final_loss(),
+    device_memory=th.device_memory(),
+    compute_dtype="bfloat16 (autocast)" if th.autocast else "float32",
+    channels_last=th.channels_last,
+    mode="eager",
+  )
   paired = [t / j for j, t in zip(times["jax"], times["torch"])]
   extra_results = {}
   for e in extras:
     es = summarize(times[e.name], imgs_per_step, args.steps_per_rep)
     e_paired = [t / j for j, t in zip(times[e.name], times["torch"])]
-    es.update(first_call_s=round(e.first_call_s, 2), donation_ok=e.donation_ok,
-              final_loss=e.final_loss(),
-              ratio_jax_over_torch=round(es["median_images_per_s"] / ts["median_images_per_s"], 3),
-              ratio_paired_median=round(statistics.median(e_paired), 3),
-              ratio_paired_per_rep=[round(v, 3) for v in e_paired],
-              speedup_over_first_paired_median=round(statistics.median(
-                  [j / x for j, x in zip(times["jax"], times[e.name])]), 3))
+    es.update(
+      first_call_s=round(e.first_call_s, 2),
+      donation_ok=e.donation_ok,
+      final_loss=e.final_loss(),
+      ratio_jax_over_torch=round(es["median_images_per_s"] / ts["median_images_per_s"], 3),
+      ratio_paired_median=round(statistics.median(e_paired), 3),
+      ratio_paired_per_rep=[round(v, 3) for v in e_paired],
+      speedup_over_first_paired_median=round(
+        statistics.median([j / x for j, x in zip(times["jax"], times[e.name])]), 3
+      ),
+    )
     extra_results[e.conv_impl] = es
   result = {
-      "command": cmd,
-      "benchmark": "alda_dsbn train step, ResNet-50 (DSBN), source + target batch",
-      "config": {"batch_per_domain": args.batch, "images_per_step": imgs_per_step,
-                 "image_size": args.image_size, "dtype": args.dtype, "device": args.device,
-                 "reps": args.reps, "steps_per_rep": args.steps_per_rep,
-                 "warmup_steps": args.warmup, "num_classes": args.num_classes,
-                 "threshold": args.threshold, "seed": args.seed, "pause_s": args.pause_s,
-                 "conv_impl": args.conv_impl,
-                 "rep_order": rep_order},
-      "machine": machine_info(args),
-      "load_average": {"start": [round(v, 2) for v in load_start],
-                       "end": [round(v, 2) for v in os.getloadavg()],
-                       "after_each_rep_1min": rep_load,
-                       "note": "1/5/15-min load averages (os.getloadavg) of the whole machine"},
-      "jax": js, "torch": ts,
-      "ratio_jax_over_torch": round(js["median_images_per_s"] / ts["median_images_per_s"], 3),
-      "ratio_paired_median": round(statistics.median(paired), 3),
-      "ratio_paired_per_rep": [round(v, 3) for v in paired],
-      **({"jax_other_conv_impls": extra_results} if extras else {}),
-      "rss": rss,
-      "wall_s": round(time.perf_counter() - wall0, 1),
+    "command": cmd,
+    "benchmark": "alda_dsbn train step, ResNet-50 (DSBN), source + target batch",
+    "config": {
+      "batch_per_domain": args.batch,
+      "images_per_step": imgs_per_step,
+      "image_size": args.image_size,
+      "dtype": args.dtype,
+      "device": args.device,
+      "reps": args.reps,
+      "steps_per_rep": args.steps_per_rep,
+      "warmup_steps": args.warmup,
+      "num_classes": args.num_classes,
+      "threshold": args.threshold,
+      "seed": args.seed,
+      "pause_s": args.pause_s,
+      "conv_impl": args.conv_impl,
+      "rep_order": rep_order,
+    },
+    "machine": machine_info(args),
+    "load_average": {
+      "start": [round(v, 2) for v in load_start],
+      "end": [round(v, 2) for v in os.getloadavg()],
+      "after_each_rep_1min": rep_load,
+      "note": "1/5/15-min load averages (os.getloadavg) of the whole machine",
+    },
+    "jax": js,
+    "torch": ts,
+    "ratio_jax_over_torch": round(js["median_images_per_s"] / ts["median_images_per_s"], 3),
+    "ratio_paired_median": round(statistics.median(paired), 3),
+    "ratio_paired_per_rep": [round(v, 3) for v in paired],
+    **({"jax_other_conv_impls": extra_results} if extras else {}),
+    "rss": rss,
+    "wall_s": round(time.perf_counter() - wall0, 1),
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
 
   if args.device == "gpu":
-    mem = (f"JAX {(js['device_memory'] or {}).get('peak_mib_in_use', '?')} MiB / torch "
-           f"{ts['device_memory']['max_memory_allocated_mib']} MiB device peak")
+    mem = (
+      f"JAX {(js['device_memory'] or {}).get('peak_mib_in_use', '?')} MiB / torch "
+      f"{ts['device_memory']['max_memory_allocated_mib']} MiB device peak"
+    )
   else:
-    mem = (f"RSS peak {rss['peak_during_jax_compile_mib']:.0f} MiB JAX compile, "
-           f"{rss['peak_during_jax_steps_mib']:.0f} / {rss['peak_during_torch_steps_mib']:.0f} "
-           f"MiB JAX / torch steps (one process)")
+    mem = (
+      f"RSS peak {rss['peak_during_jax_compile_mib']:.0f} MiB JAX compile, "
+      f"{rss['peak_during_jax_steps_mib']:.0f} / {rss['peak_during_torch_steps_mib']:.0f} "
+      f"MiB JAX / torch steps (one process)"
+    )
   print()
-  print("| step | device | JAX img/s | PyTorch img/s | JAX/PyTorch | JAX compile | memory | "
-        "load | command |")
+  print(
+    "| step | device | JAX img/s | PyTorch img/s | JAX/PyTorch | JAX compile | memory | "
+    "load | command |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
-  print(f"| alda_dsbn ResNet-50, {args.batch}+{args.batch} @ {args.image_size}, {args.dtype} "
-        f"(torch {ts['compute_dtype']}), conv_impl {args.conv_impl} | "
-        f"{result['machine']['jax_device_kind']}, "
-        f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads | "
-        f"{js['median_images_per_s']} | {ts['median_images_per_s']} | "
-        f"{result['ratio_jax_over_torch']} (paired {result['ratio_paired_median']}) | "
-        f"{js['compile_s_est']} s | {mem} | {load_start[0]:.1f}-{os.getloadavg()[0]:.1f} | "
-        f"`{cmd}` |")
+  print(
+    f"| alda_dsbn ResNet-50, {args.batch}+{args.batch} @ {args.image_size}, {args.dtype} "
+    f"(torch {ts['compute_dtype']}), conv_impl {args.conv_impl} | "
+    f"{result['machine']['jax_device_kind']}, "
+    f"{os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads | "
+    f"{js['median_images_per_s']} | {ts['median_images_per_s']} | "
+    f"{result['ratio_jax_over_torch']} (paired {result['ratio_paired_median']}) | "
+    f"{js['compile_s_est']} s | {mem} | {load_start[0]:.1f}-{os.getloadavg()[0]:.1f} | "
+    f"`{cmd}` |"
+  )
   for impl, es in extra_results.items():
-    print(f"| same, conv_impl {impl} (alternating with the row above) | | "
-          f"{es['median_images_per_s']} | {ts['median_images_per_s']} | "
-          f"{es['ratio_jax_over_torch']} (paired {es['ratio_paired_median']}; "
-          f"{es['speedup_over_first_paired_median']}x conv_impl {args.conv_impl}, paired) | "
-          f"| | | |")
+    print(
+      f"| same, conv_impl {impl} (alternating with the row above) | | "
+      f"{es['median_images_per_s']} | {ts['median_images_per_s']} | "
+      f"{es['ratio_jax_over_torch']} (paired {es['ratio_paired_median']}; "
+      f"{es['speedup_over_first_paired_median']}x conv_impl {args.conv_impl}, paired) | "
+      f"| | | |"
+    )
   print(f"\nwrote {os.path.relpath(args.out, _REPO)}")
   return result
 

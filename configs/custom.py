@@ -2,22 +2,21 @@
 
   python -m dsbn_jax.main --config=configs/custom.py --config.data.manual_dir=/path/to/root \
       --config.data.source=photos --config.data.target=sketches
-Classes are the sorted class-folder names (identical in both domains); Office-Home's recipe
-(10k steps, lr0 1e-3, 10-crop evaluation) otherwise. Needs torchvision's resnet50-19c8e357.pth in
-data/weights/ (or set --config.model.pretrained_path).
+Classes are the sorted class-folder names (identical in both domains); the Office recipe of
+configs/officehome.py (10k steps, lr0 1e-3, 10-crop evaluation: the defaults of
+dsbn_jax/config_defaults.py) otherwise. Needs torchvision's resnet50-19c8e357.pth in data/weights/
+(or set --config.model.pretrained_path).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import configs.*
-
-from configs import data as data_lib  # noqa: E402
-from configs import officehome  # noqa: E402
+from dsbn_jax import config_defaults
 
 
 def get_config():
-  config = officehome.get_config()
-  config.data = data_lib.get_data_config("custom")
+  config = config_defaults.get_config("custom")
+  config.model.pretrained_path = "./data/weights/resnet50-19c8e357.pth"
+  config.total_steps = 10000  # steps (Office-Home's)
+  config.optim.lr0 = 1e-3  # Office-Home's
   config.sweep.tasks = ()  # set --tasks=src->tgt,... for dsbn_jax.sweep
+  config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
+  config.sweep.seeds = (0, 1, 2)
   return config

@@ -8,25 +8,19 @@ Expected result: see README.md "Results" (produced by the command above; not typ
 
 Digits -> Digits-M is our own benchmark and ``SmallCNN`` (with DSBN; 32x32 inputs, no crop) our own
 network, not ALDA's digits setting (USPS/MNIST/SVHN with 256-d or 128-d nets, Adam, step decay;
-docs/reference.md §9), so the numbers are not comparable with ALDA's digits table. The
-optimisation is the Office SGD recipe (SGD + Nesterov, inv schedule, coupled weight decay) scaled
-to a short run, with lr0 0.01 and every group at lr x1 (no x10 for the heads and D); from ALDA's
-digits code it takes the threshold δ = 0.6 (README of the official code), D's hidden width 500
-and the absence of a bottleneck.
+docs/reference.md §9), so the numbers are not comparable with ALDA's digits table. The recipe --
+the Office SGD recipe (SGD + Nesterov, inv schedule, coupled weight decay) scaled to a short run,
+with lr0 0.01 and every group at lr x1 (no x10 for the heads and D); from ALDA's digits code the
+threshold δ = 0.6 (README of the official code), D's hidden width 500 and the absence of a
+bottleneck -- is ``dsbn_jax.config_defaults.get_config('digits')``, shared with configs/smoke.py;
+this file sets the schedule.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import configs.*
-
-from configs import data as data_lib  # noqa: E402
-from configs import default  # noqa: E402
+from dsbn_jax import config_defaults
 
 
 def get_config():
-  config = default.get_config()
-  config.data = data_lib.get_data_config("digits")
+  config = config_defaults.get_config("digits")  # SmallCNN recipe, task digits->digits_m
   config.method = "alda_dsbn"
   # Chosen on the target *train* split's labels (data.eval_split='train'), never on the held-out
   # test digits: 16 + 16 images x 1000 steps scored 74 % there against 71 % for 32 + 32 x 600 (the
@@ -36,20 +30,6 @@ def get_config():
   config.eval_every_steps = 200  # steps
   config.checkpoint_every_steps = 500  # steps
   config.log_every_steps = 50  # steps
-
-  m = config.model
-  m.backbone = "small_cnn"
-  m.feature_dim = 500  # features (ours; ALDA's digits nets have 256-d or 128-d features)
-  m.bottleneck_dim = 0  # features go straight to C and D, as the ALDA digits nets
-  m.disc_hidden_dim = 500  # ALDA's digits discriminator width
-
-  config.optim.lr0 = 0.01
-  config.optim.lr_mult_head = 1.0
-  config.optim.lr_mult_disc = 1.0
-  config.loss.threshold = 0.6  # ALDA's digits δ
-  config.loss.ramp_max_steps = 1000  # steps; the ramps reach ~1 by the end of this short run
-
-  config.sweep.tasks = ("digits->digits_m",)
   config.sweep.methods = ("source_only", "alda_dsbn")
   config.sweep.seeds = (0,)
   return config

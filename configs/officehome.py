@@ -8,22 +8,16 @@ Needs: the Office-Home archive or folder in data/manual/office_home and torchvis
 resnet50-19c8e357.pth in data/weights/.
 Published (best over evaluations, %): ALDA avg 66.6, the paper (ALDA+DSBN) avg 67.4; per task in
 docs/reference.md §11. Our own figures: README.md, produced by the sweep command above.
+Every field and its default: dsbn_jax/config_defaults.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import configs.*
-
-from configs import data as data_lib  # noqa: E402
-from configs import default  # noqa: E402
+from dsbn_jax import config_defaults
 
 DOMAINS = ("Art", "Clipart", "Product", "Real_World")
 
 
 def get_config():
-  config = default.get_config()
-  config.data = data_lib.get_data_config("office_home")
+  config = config_defaults.get_config("office_home")
   config.data.source, config.data.target = "Art", "Clipart"
   config.model.num_classes = 65  # classes (also read from the dataset at run time)
   config.model.pretrained_path = "./data/weights/resnet50-19c8e357.pth"

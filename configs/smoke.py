@@ -1,19 +1,16 @@
 """Smoke test: a few steps of ALDA+DSBN on Digits -> Digits-M with a tiny setup (tests, CI).
 
   python -m dsbn_jax.main --config=configs/smoke.py --workdir=/tmp/smoke
-Seconds on a CPU; the accuracy means nothing.
+Seconds on a CPU; the accuracy means nothing. The Digits recipe of configs/digits.py
+(``dsbn_jax.config_defaults.get_config('digits')``), smaller and a few steps long.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import configs.*
-
-from configs import digits  # noqa: E402
+from dsbn_jax import config_defaults
 
 
 def get_config():
-  config = digits.get_config()
+  config = config_defaults.get_config("digits")
+  config.method = "alda_dsbn"
   config.batch_size = 8  # images per domain per step (divisible by 1, 2, 4 and 8 devices)
   config.total_steps = 6  # steps
   config.eval_every_steps = 3  # steps
@@ -22,4 +19,5 @@ def get_config():
   config.model.feature_dim = 32  # features
   config.model.disc_hidden_dim = 32  # units
   config.data.eval_batch_size = 64  # images per eval step (divisible by the device count)
+  config.sweep.methods = ("source_only", "alda_dsbn")  # as configs/digits.py
   return config

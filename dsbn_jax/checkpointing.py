@@ -3,8 +3,8 @@
 One ``CheckpointManager`` per workdir (``<workdir>/checkpoints``), items ``state`` (the train state
 pytree, saved sharded/replicated as it lives on the devices) and ``meta`` (JSON: step, best/last
 accuracy, evaluation history; the input position is a function of the step). Saving is
-asynchronous; ``close()`` waits for it. Typed PRNG keys are stored as their raw ``key_data`` and
-re-wrapped on restore.
+asynchronous; ``close()`` waits for it. The state holds no PRNG key (the step's base key is
+derived from ``config.seed`` and the step number: ``train_step.train_step``).
 
 The best-evaluated state lives apart, in ``<workdir>/checkpoints_best/<step>`` (one kept, the same
 two items): the rolling ``max_to_keep`` never prunes it and resume never reads it. It is selected
@@ -33,18 +33,8 @@ from dsbn_jax import cli
 from dsbn_jax.errors import UserError
 
 
-def _is_key(x) -> bool:
-  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _unwrap_keys(tree):
-  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
 def _abstract(x):
   """Restore target for one leaf: shape, dtype and (where known) sharding."""
-  if _is_key(x):
-    x = jax.random.key_data(x)
   sharding = getattr(x, "sharding", None)
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
@@ -66,8 +56,9 @@ def _key_name(k) -> str:
 
 def _flat(tree) -> dict:
   """``'params/backbone/fc/kernel' -> leaf`` of a pytree (dicts and dataclasses alike)."""
-  return {"/".join(_key_name(k) for k in path): x
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    "/".join(_key_name(k) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _all_finite(leaves: list) -> list[bool]:
@@ -87,7 +78,7 @@ def _np_checksum(x: np.ndarray) -> int:
     words = x.astype(np.uint32).ravel()
   elif x.dtype.itemsize in (1, 2):
     words = x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint32).ravel()
-  else:  # 4 bytes (float32, int32, uint32 key data) or 8 (two words each)
+  else:  # 4 bytes (float32, int32, uint32) or 8 (two words each)
     words = x.view(np.uint32).ravel()
   weights = np.arange(words.size, dtype=np.uint32) * np.uint32(_GOLDEN) + np.uint32(1)
   return int(np.sum(words * weights, dtype=np.uint32))
@@ -112,7 +103,7 @@ _device_checksums = jax.jit(lambda leaves: jnp.stack([_jnp_checksum(x) for x in 
 def checksums(state) -> dict[str, int]:
   """``path -> uint32`` position-weighted sum of each leaf's bits (saved in the meta item): a
   flipped byte that still decodes to finite numbers is caught on restore."""
-  flat = _flat(_unwrap_keys(state))
+  flat = _flat(state)
   if not flat:
     return {}
   leaves = list(flat.values())
@@ -132,18 +123,17 @@ def check_state(state, like=None, sums: dict | None = None) -> str | None:
   """
   flat = _flat(state)
   for path, ref in (_flat(like) if like is not None else {}).items():
-    ref_dtype = jax.random.key_data(ref).dtype if _is_key(ref) else ref.dtype
     got = flat.get(path)
     if got is None:
       return f"{path} is missing"
-    got_dtype = jax.random.key_data(got).dtype if _is_key(got) else got.dtype
-    if tuple(np.shape(got)) != tuple(np.shape(ref)) or got_dtype != ref_dtype:
-      return (f"{path} is {got_dtype}{list(np.shape(got))}, expected "
-              f"{ref_dtype}{list(np.shape(ref))}")
-  floats = [(p, x) for p, x in flat.items()
-            if not _is_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)]
-  bad = [p for (p, _), ok in zip(floats, _all_finite([x for _, x in floats]) if floats else [])
-         if not ok]
+    if tuple(np.shape(got)) != tuple(np.shape(ref)) or got.dtype != ref.dtype:
+      return (
+        f"{path} is {got.dtype}{list(np.shape(got))}, expected {ref.dtype}{list(np.shape(ref))}"
+      )
+  floats = [(p, x) for p, x in flat.items() if jnp.issubdtype(x.dtype, jnp.inexact)]
+  bad = [
+    p for (p, _), ok in zip(floats, _all_finite([x for _, x in floats]) if floats else []) if not ok
+  ]
   if bad:
     more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
     return f"non-finite values in {bad[0]}{more}"
@@ -161,8 +151,10 @@ class _QuietOrbaxReads(logging.Filter):
   checkpoint (a page of traceback each; the first failure is reported in one line instead)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.getMessage().startswith("Task exception was never retrieved")
-                and "async_deserialize" in record.getMessage())
+    return not (
+      record.getMessage().startswith("Task exception was never retrieved")
+      and "async_deserialize" in record.getMessage()
+    )
 
 
 def _quiet_unraisable(previous):
@@ -172,8 +164,10 @@ def _quiet_unraisable(previous):
 
   def hook(unraisable):
     text = str(unraisable.exc_value)
-    if not (text.startswith("Encountered error while reading array index")
-            or (isinstance(unraisable.exc_value, RuntimeError) and text == "Event loop is closed")):
+    if not (
+      text.startswith("Encountered error while reading array index")
+      or (isinstance(unraisable.exc_value, RuntimeError) and text == "Event loop is closed")
+    ):
       previous(unraisable)
 
   hook.quiet_orbax_reads = True
@@ -189,8 +183,10 @@ class _QuietFullDisk(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (any(t in record.getMessage() for t in cli.DISK_FULL_TEXTS)
-                or (exc is not None and cli.disk_full(exc) is not None))
+    return not (
+      any(t in record.getMessage() for t in cli.DISK_FULL_TEXTS)
+      or (exc is not None and cli.disk_full(exc) is not None)
+    )
 
 
 def _quiet_save_echoes() -> None:
@@ -228,11 +224,13 @@ def _agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def restore_newest_good(directory: str, steps, restore: Callable[[int], tuple[Any, dict]],
-                        like=None) -> tuple[int, Any, dict, list[tuple[int, str]]]:
+def restore_newest_good(
+  directory: str, steps, restore: Callable[[int], tuple[Any, dict]], like=None
+) -> tuple[int, Any, dict, list[tuple[int, str]]]:
   """``(step, state, meta, damaged)``: the newest of ``steps`` whose ``restore(step)`` gives a
   valid state (``check_state``), and the ``(step, why)`` of the newer ones that did not.
 
@@ -253,26 +251,36 @@ def restore_newest_good(directory: str, steps, restore: Callable[[int], tuple[An
       return step, state, meta, damaged
     damaged.append((step, why or "damaged on another process"))
   (step, why), n = damaged[0], len(damaged)
-  more = ("; there is no older one" if n == 1 else "; so is the older one" if n == 2 else
-          f"; so are the {n - 1} older ones")
+  more = (
+    "; there is no older one"
+    if n == 1
+    else "; so is the older one"
+    if n == 2
+    else f"; so are the {n - 1} older ones"
+  )
   raise DamagedCheckpointError(
-      f"checkpoint {os.path.join(directory, str(step))} is damaged ({why}){more}")
+    f"checkpoint {os.path.join(directory, str(step))} is damaged ({why}){more}"
+  )
 
 
 def fallback_lines(directory: str, damaged, step: int) -> list[str]:
   """The warning lines for the damaged checkpoints skipped on the way to ``step``."""
   olders = [s for s, _ in damaged[1:]] + [step]
-  return [f"warning: checkpoint {os.path.join(directory, str(s))} is damaged ({why}); falling back "
-          f"to step {older}" for (s, why), older in zip(damaged, olders)]
+  return [
+    f"warning: checkpoint {os.path.join(directory, str(s))} is damaged ({why}); falling back "
+    f"to step {older}"
+    for (s, why), older in zip(damaged, olders)
+  ]
 
 
-def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False, like=None,
-                    warn: Callable[[str], None] | None = None) -> tuple[int, dict, dict]:
+def read_checkpoint(
+  workdir: str, step: int | None = None, *, best: bool = False, like=None
+) -> tuple[int, dict, dict]:
   """``(step, state, meta)`` of a workdir's checkpoint, state as host numpy arrays.
 
   No model or sharding needed (inspection, prediction, tests). ``step=None`` reads the newest good
-  checkpoint: a damaged newer one is skipped with a ``warning: ...`` line through ``warn``
-  (default: stderr); a given ``step`` must be good. ``best=True`` reads the best-evaluated
+  checkpoint: a damaged newer one is skipped with a ``warning: ...`` line on stderr; a given
+  ``step`` must be good. ``best=True`` reads the best-evaluated
   checkpoint instead of the rolling ones. ``like`` (a subset of the state's leaves, e.g.
   ``{"params": ...}``) is checked for shapes and dtypes; every float is checked finite. Changes
   nothing on disk; ``DamagedCheckpointError`` when no checkpoint is good.
@@ -280,10 +288,11 @@ def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False
   directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best else "checkpoints"))
   if not os.path.isdir(directory):  # read-only: orbax would not create it, but fail obscurely
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  mngr = ocp.CheckpointManager(directory,
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "meta": ocp.JsonCheckpointHandler()})
+  mngr = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
   steps = mngr.all_steps() if step is None else [step]
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -293,18 +302,20 @@ def read_checkpoint(workdir: str, step: int | None = None, *, best: bool = False
   def restore(s):
     meta = mngr.item_metadata(s)["state"]
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                  meta=ocp.args.JsonRestore()))
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+    )
+    out = mngr.restore(
+      s,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
     return jax.tree_util.tree_map(np.asarray, out["state"]), out["meta"]
 
   try:
     step, state, meta, damaged = restore_newest_good(directory, steps, restore, like)
   finally:
     mngr.close()
-  warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
   for line in fallback_lines(directory, damaged, step):
-    warn(line)
+    print(line, file=sys.stderr, flush=True)
   return step, state, meta
 
 
@@ -334,20 +345,24 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.best_directory = os.path.abspath(os.path.join(workdir, BEST_DIR))
     self._async = async_save
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("state", "meta"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
+    self._mngr = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
     self._best_mngr = None  # opened by the first best_step/save_best (collective, as saves are)
     self._closed = False
     _quiet_save_echoes()
 
   def _best(self) -> ocp.CheckpointManager:
     if self._best_mngr is None:
-      options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             enable_async_checkpointing=self._async)
-      self._best_mngr = ocp.CheckpointManager(self.best_directory, options=options,
-                                              item_names=("state", "meta"))
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=self._async
+      )
+      self._best_mngr = ocp.CheckpointManager(
+        self.best_directory, options=options, item_names=("state", "meta")
+      )
     return self._best_mngr
 
   def latest_step(self) -> int | None:
@@ -390,7 +405,8 @@ class Checkpointer:
     if not steps:
       return None
     step, state, meta, damaged = restore_newest_good(
-        self.directory, steps, lambda s: self.restore(s, like), like=_unwrap_keys(like))
+      self.directory, steps, lambda s: self.restore(s, like), like=like
+    )
     if damaged:
       aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
       moved = {}
@@ -406,6 +422,7 @@ class Checkpointer:
           os.replace(os.path.join(self.directory, str(s)), dest)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
         multihost_utils.sync_global_devices("checkpointing: damaged checkpoints moved")
       self._mngr.reload()
       for (s, _), line in zip(damaged, fallback_lines(self.directory, damaged, step)):
@@ -415,12 +432,13 @@ class Checkpointer:
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """Restores ``step`` into the structure, dtypes and shardings of ``like`` (concrete or abstract)."""
     abstract = jax.tree_util.tree_map(_abstract, like)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    state = jax.tree_util.tree_map(
-        lambda ref, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
-        if _is_key(ref) else x, like, out["state"])
-    return state, out["meta"]
+    out = self._mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
+    return out["state"], out["meta"]
 
   def wait(self) -> None:
     """Blocks until the pending async saves (if any, best checkpoint included) are on disk."""
@@ -443,5 +461,4 @@ class Checkpointer:
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
   meta = dict(meta, checksums=checksums(state))  # verified by every restore (check_state)
-  return ocp.args.Composite(state=ocp.args.StandardSave(_unwrap_keys(state)),
-                            meta=ocp.args.JsonSave(meta))
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))

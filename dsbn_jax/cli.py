@@ -20,6 +20,7 @@ def use_cpu_collectives() -> None:
   """Multi-process runs on CPU need a collectives backend: gloo (no effect on GPU/TPU)."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
@@ -28,6 +29,7 @@ def define_flag(define, name: str, *args, **kwargs):
   the flag ``name`` when another entry point imported in the same process (tests import main,
   sweep and predict together) already defined it: absl refuses a second definition."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if name in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return define(name, *args, **kwargs)
@@ -41,11 +43,15 @@ def parse_flags(argv):
   (``--config.optim.lr0=abc``) would print absl's two-line "FATAL Flags parsing error".
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a bad value or an unknown flag
-    msg = re.sub(r": \('Non-boolean argument to boolean flag', .*\)$", " is not a boolean; valid: "
-                 "true, false", str(e))
+    msg = re.sub(
+      r": \('Non-boolean argument to boolean flag', .*\)$",
+      " is not a boolean; valid: true, false",
+      str(e),
+    )
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field
     while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
       e = e.args[0]
@@ -94,16 +100,18 @@ def disk_full(e: BaseException):
   return (reason, path) if reason else None
 
 
-def disk_full_message(e: BaseException, *, where: str | None = None,
-                      resume: str = "run the same command again") -> str | None:
+def disk_full_message(
+  e: BaseException, *, where: str | None = None, resume: str = "run the same command again"
+) -> str | None:
   """The one line for a full disk (None if ``e`` is not one): it starts with ``disk full``, names
   the file (or ``where``, when no file is known) and says what to do (``resume``)."""
   found = disk_full(e)
   if found is None:
     return None
   reason, path = found
-  place = f" while writing {os.fspath(path)}" if path else f" while writing in {where}" if where \
-      else ""
+  place = (
+    f" while writing {os.fspath(path)}" if path else f" while writing in {where}" if where else ""
+  )
   return f"disk full ({reason}){place}; free some space, then {resume}"
 
 
@@ -118,6 +126,7 @@ def run_cli(fn, *args):
   started exits 130 with one line.
   """
   from dsbn_jax import run_control  # pylint: disable=g-import-not-at-top
+
   try:
     return fn(*args)
   except UserError as e:
@@ -125,12 +134,17 @@ def run_cli(fn, *args):
     sys.exit(2)
   except run_control.Stopped as e:
     import jax  # pylint: disable=g-import-not-at-top
+
     if jax.process_index() == 0:
       print(str(e), flush=True)
     sys.exit(run_control.EXIT_STOPPED)
   except KeyboardInterrupt:
-    print("\ninterrupted (no checkpoint written: training had not started, or Ctrl-C was "
-          "pressed twice)", file=sys.stderr, flush=True)
+    print(
+      "\ninterrupted (no checkpoint written: training had not started, or Ctrl-C was "
+      "pressed twice)",
+      file=sys.stderr,
+      flush=True,
+    )
     sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except  (only a full disk is answered here)
     msg = disk_full_message(e)

@@ -9,7 +9,7 @@ preparing a dataset: domain names, a custom tree, an unprepared dataset's manual
 weights file. The first bad value raises ``UserError`` with one line naming the field, the value
 and what is valid (``invalid config.method='alda_dsnb'; valid: source_only, dann, ...``).
 
-Choices live next to the code that consumes them (``heads.METHODS``, ``optim.OPTIMIZERS``,
+Choices live next to the code that consumes them (``methods.METHODS``, ``optim.OPTIMIZERS``,
 ``input_pipeline.EVAL_MODES``, ...); the two below are defined here because this module imports
 nothing heavy at load time, so the model code can import them without a cycle.
 """
@@ -17,6 +17,7 @@ nothing heavy at load time, so the model code can import them without a cycle.
 import math
 import os
 
+from dsbn_jax import methods
 from dsbn_jax.errors import UserError
 
 MATMUL_PRECISIONS = ("default", "high", "highest")  # model.matmul_precision
@@ -61,8 +62,16 @@ class _Checker:
     if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
       self.fail(path, value, _int_range(lo, hi) + note)
 
-  def number(self, path: str, lo: float | None = None, hi: float | None = None, *,
-             lo_open: bool = False, hi_open: bool = False, note: str = "") -> None:
+  def number(
+    self,
+    path: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    note: str = "",
+  ) -> None:
     value = self.get(path)
     if value is _MISSING:
       return
@@ -79,13 +88,19 @@ class _Checker:
     if value is _MISSING:
       return
     seq = list(value) if isinstance(value, (list, tuple)) else None
-    ok = (seq is not None and len(seq) == count
-          and all(_is_number(v) and math.isfinite(v) for v in seq))
+    ok = (
+      seq is not None and len(seq) == count and all(_is_number(v) and math.isfinite(v) for v in seq)
+    )
     ok = ok and (not positive or all(v > 0 for v in seq))
     ok = ok and (not ordered or seq[0] <= seq[1])
     if not ok:
-      self.fail(path, value, f"{count} finite numbers" + (", each > 0" if positive else "")
-                + (", low <= high" if ordered else ""))
+      self.fail(
+        path,
+        value,
+        f"{count} finite numbers"
+        + (", each > 0" if positive else "")
+        + (", low <= high" if ordered else ""),
+      )
 
 
 def _is_int(v) -> bool:
@@ -114,7 +129,7 @@ def validate(config, *, for_predict: bool = False, where: str = "") -> None:
   """Raises ``UserError`` (one line) at the first invalid field of ``config``; writes nothing.
 
   Args:
-    config: a whole config (``configs/default.py`` layout); fields it lacks are not checked (a
+    config: a whole config (``config_defaults.py`` layout); fields it lacks are not checked (a
       workdir written by an older version).
     for_predict: check only what classifying images with a trained run uses (model and
       evaluation preprocessing), not the training loop, the data sources or the devices.
@@ -136,7 +151,8 @@ def validate(config, *, for_predict: bool = False, where: str = "") -> None:
 
 def _check_model(c: _Checker, for_predict: bool) -> None:
   from dsbn_jax.models import heads  # pylint: disable=g-import-not-at-top  (flax: load lazily)
-  c.choice("method", tuple(heads.METHODS))
+
+  c.choice("method", tuple(methods.METHODS))
   c.choice("model.backbone", heads.BACKBONES)
   c.choice("model.dtype", heads.DTYPES)
   c.choice("model.matmul_precision", MATMUL_PRECISIONS)
@@ -145,8 +161,9 @@ def _check_model(c: _Checker, for_predict: bool) -> None:
   backbone = c.get("model.backbone")
   if backbone == "resnet":
     stages = c.get("model.stage_sizes")
-    if stages is not _MISSING and not (isinstance(stages, (list, tuple)) and stages
-                                       and all(_is_int(v) and v >= 1 for v in stages)):
+    if stages is not _MISSING and not (
+      isinstance(stages, (list, tuple)) and stages and all(_is_int(v) and v >= 1 for v in stages)
+    ):
       c.fail("model.stage_sizes", stages, "blocks per stage: one or more integers, each >= 1")
     c.integer("model.num_filters", 1)
   if backbone == "small_cnn":
@@ -156,13 +173,17 @@ def _check_model(c: _Checker, for_predict: bool) -> None:
   if not for_predict:
     c.number("model.dropout_rate", 0.0, 1.0, hi_open=True)
     if c.get("model.pretrained_path") and backbone != "resnet50":
-      c.fail("model.backbone", backbone, "resnet50 (the only backbone with pretrained weights: "
-             "model.pretrained_path is set)")
+      c.fail(
+        "model.backbone",
+        backbone,
+        "resnet50 (the only backbone with pretrained weights: model.pretrained_path is set)",
+      )
 
 
 def _check_preprocessing(c: _Checker) -> None:
   """The fields the evaluation transform reads (training and predict)."""
   from dsbn_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: load lazily)
+
   c.choice("data.resize_method", input_pipeline.RESIZE_METHODS)
   c.choice("data.eval_mode", input_pipeline.EVAL_MODES)
   c.integer("data.resize_size", 1)
@@ -181,30 +202,42 @@ def _check_loop(c: _Checker) -> None:
   c.integer("seed", 0, SEED_MAX)
   c.integer("batch_size", 1)
   c.integer("total_steps", 1)
-  for path in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps",
-               "keep_checkpoints"):
+  for path in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     c.integer(path, 1)
 
 
 def _check_optim(c: _Checker) -> None:
   from dsbn_jax import optim  # pylint: disable=g-import-not-at-top
+
   c.choice("optim.name", optim.OPTIMIZERS)
   c.boolean("optim.nesterov")
-  lr0 = c.get("optim.lr0")
-  if _is_number(lr0) and lr0 < 0 and c.get("optim.lr0_default") is not _MISSING:
-    # The sentinel: the per-task table gives the resolved rate (train.resolve_config).
-    c.number("optim.lr0_default", 0.0, note=" (the rate of tasks not in optim.lr0_by_task)")
-    table = c.get("optim.lr0_by_task")
-    for row in () if table is _MISSING else table:
-      if not (isinstance(row, (list, tuple)) and len(row) == 3 and _is_number(row[2])
-              and math.isfinite(row[2]) and row[2] >= 0):
-        c.fail("optim.lr0_by_task", table, "(source, target, lr0) rows with lr0 >= 0")
-  else:
-    c.number("optim.lr0", 0.0, note=" (a negative value selects optim.lr0_by_task, which needs "
-             "optim.lr0_default in the config)")
+  c.number("optim.lr0", 0.0, note=" (per-task rates: optim.lr0_per_task)")
+  table = c.get("optim.lr0_per_task")
+  if table is not _MISSING:
+    rows = list(table.items()) if hasattr(table, "items") else None
+    if rows is None or not all(
+      isinstance(task, str)
+      and len(task.split("->")) == 2
+      and all(p.strip() for p in task.split("->"))
+      and _is_number(lr0)
+      and math.isfinite(lr0)
+      and lr0 >= 0
+      for task, lr0 in rows
+    ):
+      c.fail(
+        "optim.lr0_per_task",
+        table.to_dict() if hasattr(table, "to_dict") else table,
+        "{'source->target': lr0 >= 0, ...}",
+      )
   c.number("optim.momentum", 0.0, 1.0)
-  for path in ("weight_decay", "lr_mult_backbone", "lr_mult_head", "lr_mult_disc", "lr_gamma",
-               "lr_power"):
+  for path in (
+    "weight_decay",
+    "lr_mult_backbone",
+    "lr_mult_head",
+    "lr_mult_disc",
+    "lr_gamma",
+    "lr_power",
+  ):
     c.number(f"optim.{path}", 0.0)
   if c.get("optim.name") == "adam":
     c.number("optim.adam_b1", 0.0, 1.0, hi_open=True)
@@ -222,8 +255,11 @@ def _check_loss(c: _Checker) -> None:
 
 def _check_data_train(c: _Checker) -> None:
   from dsbn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
-  from dsbn_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+  from dsbn_jax.datasets import (
+    catalog,  # pylint: disable=g-import-not-at-top
+    digits,  # pylint: disable=g-import-not-at-top
+  )
+
   c.choice("data.dataset", catalog.DATASETS)
   c.choice("data.train_sharding", input_pipeline.TRAIN_SHARDINGS)
   c.boolean("data.random_flip")
@@ -246,9 +282,13 @@ def _check_data_train(c: _Checker) -> None:
 
 def _check_paths(c: _Checker, config) -> None:
   """Domains, the dataset's input folder and the weights file: read-only, nothing prepared."""
-  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
-  from dsbn_jax.datasets import folder, office  # pylint: disable=g-import-not-at-top
+  from dsbn_jax.datasets import (  # pylint: disable=g-import-not-at-top
+    catalog,  # pylint: disable=g-import-not-at-top
+    folder,
+    office,
+  )
   from dsbn_jax.models import torchvision_port  # pylint: disable=g-import-not-at-top
+
   data = config.data
   catalog.valid_domains(data)  # custom: the tree (or its prepared copy); errors name manual_dir
   for role in ("source", "target"):
@@ -257,17 +297,42 @@ def _check_paths(c: _Checker, config) -> None:
     except UserError as e:
       raise UserError(f"invalid config.data.{role}={data[role]!r}: {e}") from None
   builders = {"office31": office.Office31, "office_home": office.OfficeHome}
-  if data.dataset in builders and not catalog.get_builder(
-      data, data.source, prepare=False).is_prepared():
+  if (
+    data.dataset in builders
+    and not catalog.get_builder(data, data.source, prepare=False).is_prepared()
+  ):
     manual = os.path.abspath(os.path.expanduser(data.manual_dir)) if data.manual_dir else ""
     if not (manual and os.path.isdir(manual) and os.listdir(manual)):
       raise folder.missing_manual_dir_error(
-          manual or "(not set)", builders[data.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
+        manual or "(not set)", builders[data.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS
+      )
+  _check_lr0_tasks(c, data)
   if c.get("model.pretrained_path"):
     torchvision_port.check_weights_file(config.model.pretrained_path)
+
+
+def _check_lr0_tasks(c: _Checker, data) -> None:
+  """Every ``optim.lr0_per_task`` key names two domains of the dataset, each task once: a typo
+  would otherwise leave its task at ``optim.lr0`` without a word."""
+  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
+
+  table = c.get("optim.lr0_per_task")
+  seen = {}
+  for task in () if table is _MISSING else table:
+    try:
+      key = tuple(catalog.canonical_domain(data, name) for name in task.split("->"))
+    except UserError as e:
+      raise UserError(f"invalid config.optim.lr0_per_task key {task!r}{c.where}: {e}") from None
+    if key in seen:
+      raise UserError(
+        f"invalid config.optim.lr0_per_task{c.where}: {seen[key]!r} and {task!r} "
+        "are the same task; keep one"
+      )
+    seen[key] = task
 
 
 def _check_devices(config) -> None:
   """Global batches split over every device of every process (the mesh the run will build)."""
   from dsbn_jax import sharding  # pylint: disable=g-import-not-at-top
+
   sharding.check_batch_sizes(config, sharding.make_mesh())

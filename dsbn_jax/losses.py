@@ -91,8 +91,9 @@ def _corrected_labels(xi_NxK: jax.Array, pred_N: jax.Array) -> jax.Array:
   return jnp.where(onehot_NxK, xi_hat_N[:, None], off_diag_N[:, None])
 
 
-def alda_losses(disc_logits: jax.Array, labels_source: jax.Array, probs: jax.Array,
-                threshold: float = 0.9):
+def alda_losses(
+  disc_logits: jax.Array, labels_source: jax.Array, probs: jax.Array, threshold: float = 0.9
+):
   """ALDA's three loss terms, exactly as ``loss.py::ALDA_loss`` of the official code.
 
   Args:
@@ -111,8 +112,10 @@ def alda_losses(disc_logits: jax.Array, labels_source: jax.Array, probs: jax.Arr
   n, k = disc_logits.shape
   b = n // 2
   if n != 2 * b or probs.shape != (n, k) or labels_source.shape != (b,) or k < 2:
-    raise ValueError(f"alda_losses wants disc_logits/probs (2B, K>=2) and labels (B,); got "
-                     f"{disc_logits.shape}, {probs.shape}, {labels_source.shape}")
+    raise ValueError(
+      f"alda_losses wants disc_logits/probs (2B, K>=2) and labels (B,); got "
+      f"{disc_logits.shape}, {probs.shape}, {labels_source.shape}"
+    )
   xi_NxK = jax.nn.sigmoid(disc_logits)
   probs_sg_NxK = jax.lax.stop_gradient(probs)
   pred_N = jnp.argmax(probs_sg_NxK, axis=-1)  # pseudo labels, both domains (docs/reference.md §1)
@@ -166,8 +169,9 @@ def grl_coeff(step, alpha: float = 10.0, max_steps: float = 10000.0) -> jax.Arra
   return ramp(step + 1, 1.0, alpha, max_steps)
 
 
-def correct_loss_weight(step, trade_off: float = 1.0, alpha: float = 10.0,
-                        max_steps: float = 10000.0) -> jax.Array:
+def correct_loss_weight(
+  step, trade_off: float = 1.0, alpha: float = 10.0, max_steps: float = 10000.0
+) -> jax.Array:
   """λ_T at 0-based step i: ``calc_coeff(i, high=trade_off)`` (uses i, not i + 1; λ_T(0) = 0).
 
   train.py: ``transfer = adv_weight·L_adv + adv_weight·calc_coeff(i, high=trade_off)·L_T``; the

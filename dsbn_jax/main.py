@@ -12,20 +12,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dsbn_jax.cli import (define_flag, parse_flags, quiet_library_logs, run_cli,  # noqa: E402
-                          use_cpu_collectives)
+from dsbn_jax.cli import (
+  define_flag,
+  parse_flags,
+  quiet_library_logs,
+  run_cli,  # noqa: E402
+  use_cpu_collectives,
+)
 
-_CONFIG = define_flag(config_flags.DEFINE_config_file, "config", None, "Experiment config file.",
-                      lock_config=True)
-_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None,
-                       "Run directory (default: runs/<dataset>/<method>/<source>-<target>/"
-                       "seed<seed>); an existing run there is resumed.")
+_CONFIG = define_flag(
+  config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = define_flag(
+  flags.DEFINE_string,
+  "workdir",
+  None,
+  "Run directory (default: runs/<dataset>/<method>/<source>-<target>/"
+  "seed<seed>); an existing run there is resumed.",
+)
 
 
 def default_workdir(config) -> str:
   d = config.data
-  return os.path.join("runs", d.dataset, config.method, f"{d.source}-{d.target}",
-                      f"seed{config.seed}")
+  return os.path.join(
+    "runs", d.dataset, config.method, f"{d.source}-{d.target}", f"seed{config.seed}"
+  )
 
 
 def main(argv):
@@ -33,6 +44,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   from dsbn_jax import config_check, sharding, train  # heavy imports after flag parsing
+
   use_cpu_collectives()
   run_cli(sharding.maybe_initialize_distributed)
   config = _CONFIG.value
@@ -40,9 +52,11 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config)
   logging.info("workdir %s", workdir)
   results = run_cli(train.train_and_evaluate, config, workdir)
-  print(f"{results['method']} {results['source']} -> {results['target']}: target accuracy "
-        f"best {results['best_accuracy']:.2f}% (step {results['best_step']}), last "
-        f"{results['last_accuracy']:.2f}%; results in {os.path.join(workdir, 'results.json')}")
+  print(
+    f"{results['method']} {results['source']} -> {results['target']}: target accuracy "
+    f"best {results['best_accuracy']:.2f}% (step {results['best_step']}), last "
+    f"{results['last_accuracy']:.2f}%; results in {os.path.join(workdir, 'results.json')}"
+  )
 
 
 if __name__ == "__main__":

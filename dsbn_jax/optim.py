@@ -19,22 +19,26 @@ from dsbn_jax.errors import UserError
 
 # Top-level param name (``heads.AdaptationNet``) -> optimizer group.
 OPTIMIZERS = ("sgd", "adam")  # optim.name
-PARAM_GROUPS = {"backbone": "backbone", "bottleneck": "head", "classifier": "head",
-                "disc": "disc"}
+PARAM_GROUPS = {"backbone": "backbone", "bottleneck": "head", "classifier": "head", "disc": "disc"}
 
 
 def inv_schedule(optim_cfg) -> optax.Schedule:
   """``lr_schedule.py::inv_lr_scheduler``: step i -> lr0 · (1 + gamma·i)^(-power) (base group)."""
+
   def schedule(step):
     i = jnp.asarray(step, jnp.float32)
     return optim_cfg.lr0 * (1.0 + optim_cfg.lr_gamma * i) ** (-optim_cfg.lr_power)
+
   return schedule
 
 
 def lr_multipliers(optim_cfg) -> dict:
   """Group name -> lr multiplier (``get_parameters``' lr_mult)."""
-  return {"backbone": optim_cfg.lr_mult_backbone, "head": optim_cfg.lr_mult_head,
-          "disc": optim_cfg.lr_mult_disc}
+  return {
+    "backbone": optim_cfg.lr_mult_backbone,
+    "head": optim_cfg.lr_mult_head,
+    "disc": optim_cfg.lr_mult_disc,
+  }
 
 
 def param_labels(params) -> dict:
@@ -54,11 +58,11 @@ def _group_optimizer(optim_cfg, lr_mult: float) -> optax.GradientTransformation:
   elif name == "adam":  # torch.optim.Adam(weight_decay=wd): coupled L2 before the moments
     update = optax.adam(lr, b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2, eps=optim_cfg.adam_eps)
   else:
-    raise UserError(f"unknown optimizer config.optim.name={name!r}; valid: "
-                    f"{', '.join(OPTIMIZERS)}")
+    raise UserError(f"unknown optimizer config.optim.name={name!r}; valid: {', '.join(OPTIMIZERS)}")
   return optax.chain(
-      optax.add_decayed_weights(optim_cfg.weight_decay),  # coupled L2: g + wd·w, on every param
-      update)
+    optax.add_decayed_weights(optim_cfg.weight_decay),  # coupled L2: g + wd·w, on every param
+    update,
+  )
 
 
 def create_optimizer(optim_cfg) -> optax.GradientTransformation:
@@ -70,6 +74,7 @@ def create_optimizer(optim_cfg) -> optax.GradientTransformation:
   5 or 6 epochs; x0.3 every 3 for SVHN) while D's never decays, and there are no lr multipliers.
   Here one optimizer keeps the config's inv schedule and multipliers for every group, D included.
   """
-  transforms = {group: _group_optimizer(optim_cfg, mult)
-                for group, mult in lr_multipliers(optim_cfg).items()}
+  transforms = {
+    group: _group_optimizer(optim_cfg, mult) for group, mult in lr_multipliers(optim_cfg).items()
+  }
   return optax.multi_transform(transforms, param_labels)

@@ -5,7 +5,8 @@
 
 Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (hidden files skipped) is
 preprocessed exactly as the run's evaluation (``data.eval_mode``: 10-crop or center crop) and
-classified through the same ``eval_step`` the training loop uses, with the model of
+classified through the same forward pass the training loop evaluates with
+(``evaluation.predict_batches`` over ``evaluation.eval_step``), with the model of
 ``--checkpoint``: ``last`` (default) the latest checkpoint, chosen without any label; ``best`` the
 best-evaluated one (``checkpoints_best/``, the model behind ``best_accuracy`` in results.json),
 which was selected with the target test labels -- the papers' protocol, not an unbiased estimate.
@@ -27,13 +28,13 @@ with a single quote ``'`` in front; so is a cell that itself begins with ``'``, 
 undone exactly: remove one leading ``'`` from any cell that has one to get the original text.
 """
 
+import collections
 import csv
 import io
 import json
 import os
 import re
 import sys
-import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -42,32 +43,42 @@ from absl import app, flags  # noqa: E402
 from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
 _WORKDIR = define_flag(flags.DEFINE_string, "workdir", None, "A training run's directory.")
-_IMAGES = flags.DEFINE_string("images", None, "Folder of images to classify (searched recursively).")
+_IMAGES = flags.DEFINE_string(
+  "images", None, "Folder of images to classify (searched recursively)."
+)
 _OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 CHECKPOINTS = ("last", "best")
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "last", list(CHECKPOINTS),
-    "Which model: 'last' = the latest checkpoint (no labels used to choose it); 'best' = the "
-    "best-evaluated state, selected with the target test labels (the papers' protocol, the "
-    "model behind results.json's best_accuracy).")
+  "checkpoint",
+  "last",
+  list(CHECKPOINTS),
+  "Which model: 'last' = the latest checkpoint (no labels used to choose it); 'best' = the "
+  "best-evaluated state, selected with the target test labels (the papers' protocol, the "
+  "model behind results.json's best_accuracy).",
+)
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 def list_images(folder: str) -> list[str]:
   from dsbn_jax.errors import UserError
+
   if not os.path.isdir(folder):
     raise UserError(f"--images={folder} is not a folder")
-  paths = sorted(os.path.join(d, f) for d, dirs, files in os.walk(folder) for f in files
-                 if not f.startswith(".") and f.lower().endswith(_EXTENSIONS))
+  paths = sorted(
+    os.path.join(d, f)
+    for d, dirs, files in os.walk(folder)
+    for f in files
+    if not f.startswith(".") and f.lower().endswith(_EXTENSIONS)
+  )
   if not paths:
     raise UserError(f"no images ({', '.join(_EXTENSIONS)}) under {folder}")
   return paths
 
 
-def read_run(workdir: str, checkpoint: str = "last"):
-  """``(config, class_names, step, state arrays)`` of a training workdir's ``checkpoint``."""
-  config, class_names, step, state, _ = read_run_checkpoint(workdir, checkpoint)
+def read_run(workdir: str):
+  """``(config, class_names, step, state arrays)`` of a training workdir's latest checkpoint."""
+  config, class_names, step, state, _ = read_run_checkpoint(workdir)
   return config, class_names, step, state
 
 
@@ -89,32 +100,39 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
   like = _model_variables(config)  # each checkpoint read must fit the model of config.json
   other = "last" if checkpoint == "best" else "best"
   try:
-    step, state, meta = checkpointing.read_checkpoint(workdir, best=checkpoint == "best",
-                                                      like=like)
+    step, state, meta = checkpointing.read_checkpoint(workdir, best=checkpoint == "best", like=like)
   except FileNotFoundError as e:
     if checkpoint == "best":
-      raise UserError(f"{workdir} has no best checkpoint ({checkpointing.BEST_DIR}/; runs trained "
-                      "before it existed keep none): use --checkpoint=last") from e
+      raise UserError(
+        f"{workdir} has no best checkpoint ({checkpointing.BEST_DIR}/; runs trained "
+        "before it existed keep none): use --checkpoint=last"
+      ) from e
     raise UserError(f"{e}: train it first") from e
   except checkpointing.DamagedCheckpointError as e:
-    raise UserError(f"{e}: try --checkpoint={other}, or train again in a new --workdir (no "
-                    "predictions written)") from None
+    raise UserError(
+      f"{e}: try --checkpoint={other}, or train again in a new --workdir (no predictions written)"
+    ) from None
   return config, class_names, step, state, meta
 
 
 def _read_json(path: str, kind: type):
   """A run's JSON file of the given top-level type; one line naming it when it is damaged."""
   from dsbn_jax.errors import UserError
+
   try:
     with open(path, encoding="utf-8") as f:
       value = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError: truncated or not JSON
-    raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it is not the file training "
-                    "wrote, so this workdir cannot be used for predictions") from None
+    raise UserError(
+      f"{path} is damaged ({type(e).__name__}: {e}); it is not the file training "
+      "wrote, so this workdir cannot be used for predictions"
+    ) from None
   if not isinstance(value, kind):
-    raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not a "
-                    f"{'object' if kind is dict else 'list'}); this workdir cannot be used for "
-                    "predictions")
+    raise UserError(
+      f"{path} is damaged (a JSON {type(value).__name__}, not a "
+      f"{'object' if kind is dict else 'list'}); this workdir cannot be used for "
+      "predictions"
+    )
   return value
 
 
@@ -129,29 +147,38 @@ def _model_variables(config):
   size = config.data.crop_size or config.data.resize_size
   image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda x: model.init({"params": jax.random.key(0)}, x, method="init_all"), image)
+    lambda x: model.init({"params": jax.random.key(0)}, x, method="init_all"), image
+  )
   return {k: variables[k] for k in ("params", "batch_stats")}
 
 
 def load_run(workdir: str, checkpoint: str = "last"):
-  """``(config, class_names, predictor)`` of a workdir; predictor maps a batch to eval outputs."""
+  """``(config, class_names, classify)`` of a workdir's ``checkpoint``; ``classify(batches)`` is
+  ``evaluation.predict_batches`` with its model on one local device: eval outputs per batch."""
+  import functools
+
   import jax
 
-  from dsbn_jax import train_step
+  from dsbn_jax import evaluation, sharding
   from dsbn_jax.models import heads
 
   config, class_names, step, state, meta = read_run_checkpoint(workdir, checkpoint)
-  model = heads.create_model(config)
-  held = types.SimpleNamespace(apply_fn=model.apply, params=state["params"],
-                               batch_stats=state["batch_stats"])
-  predictor = jax.jit(lambda batch: train_step.eval_step(held, batch, cfg=config))
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  held = evaluation.eval_state(
+    heads.create_model(config).apply, state["params"], state["batch_stats"], mesh
+  )
+  classify = functools.partial(
+    evaluation.predict_batches, evaluation.jit_eval_step(mesh, config), held, mesh=mesh
+  )
   if checkpoint == "best":
-    used = (f"best checkpoint (step {step}, target accuracy {meta['best']['accuracy']:.2f}% at "
-            "that evaluation, selected with the target labels)")
+    used = (
+      f"best checkpoint (step {step}, target accuracy {meta['best']['accuracy']:.2f}% at "
+      "that evaluation, selected with the target labels)"
+    )
   else:
     used = f"last checkpoint (step {step})"
   print(f"{workdir}: {used}, method {config.method}", file=sys.stderr)
-  return config, class_names, predictor
+  return config, class_names, classify
 
 
 def read_image(path: str) -> bytes:
@@ -160,12 +187,14 @@ def read_image(path: str) -> bytes:
   Raises ``datasets.decode.READ_ERRORS`` for a file that cannot be read.
   """
   from dsbn_jax.datasets import decode
+
   with open(path, "rb") as f:
     return decode.pipeline_bytes(f.read())[0]
 
 
-def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32,
-                   checkpoint: str = "last") -> int:
+def predict_folder(
+  workdir: str, folder: str, out_csv: str, batch_size: int = 32, checkpoint: str = "last"
+) -> int:
   """Writes ``out_csv`` with the model of ``checkpoint`` (last | best); returns how many images
   were classified.
 
@@ -183,53 +212,74 @@ def predict_folder(workdir: str, folder: str, out_csv: str, batch_size: int = 32
     raise UserError(f"invalid --batch_size={batch_size}; valid: an integer >= 1")
   _check_out(out_csv)
   catalog.hide_accelerators_from_tf()
-  config, class_names, predictor = load_run(workdir, checkpoint)
+  config, class_names, classify = load_run(workdir, checkpoint)
   paths = list_images(folder)
-  rows = [None] * len(paths)  # in path order, filled as batches are classified
-  pending, skipped = [], []  # (index, preprocessed image) of the next batch; (index, reason)
+  rows = [None] * len(paths)  # in path order, filled as images are skipped or classified
+  skipped = []  # (index, reason)
+  in_flight = collections.deque()  # the image indices of each batch handed to classify
 
-  def classify():
+  def batch_of(pending):  # fixed batch shape (padded, masked): one compilation
+    in_flight.append([i for i, _ in pending])
     images = [image for _, image in pending]
-    pad = batch_size - len(images)  # fixed batch shape: one compilation
-    batch = {"image": np.stack(images + [np.zeros_like(images[0])] * pad),
-             "label": np.zeros(batch_size, np.int32),
-             "mask": np.arange(batch_size) < len(images)}
-    probs = np.asarray(predictor(batch)["probs"])[:len(images)]
-    if not np.isfinite(probs).all():  # never written: a NaN row would read as class 0
-      bad = paths[pending[int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])][0]]
-      raise UserError(f"the {checkpoint} checkpoint of {workdir} gives non-finite probabilities "
-                      f"(e.g. for {bad}): its weights are damaged or the run diverged; try "
-                      f"--checkpoint={'best' if checkpoint == 'last' else 'last'} or train again "
-                      f"(no predictions written to {out_csv})")
-    for (i, _), pr in zip(pending, probs):
-      top = np.argsort(-pr)[:5]
-      rows[i] = [os.path.relpath(paths[i], folder), class_names[top[0]], f"{pr[top[0]]:.4f}",
-                 " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top), ""]
-    pending.clear()
+    pad = batch_size - len(images)
+    return {
+      "image": np.stack(images + [np.zeros_like(images[0])] * pad),
+      "label": np.zeros(batch_size, np.int32),
+      "mask": np.arange(batch_size) < len(images),
+    }
 
-  for i, p in enumerate(paths):
-    try:
-      data = tf.constant(read_image(p))
-      pending.append((i, input_pipeline.preprocess_eval(data, config.data).numpy()))
-    except (*decode.READ_ERRORS, tf.errors.OpError) as e:
-      if isinstance(e, tf.errors.OpError):  # TF refuses bytes PIL read: its message, no op names
-        e = type(e)(None, None, re.sub(r"\{\{.*?\}\}|\[Op:.*?\].*", "", e.message))
-      reason = decode.describe(e)
-      print(f"warning: skipped {p}, it cannot be read as an image ({reason})", file=sys.stderr)
-      rows[i] = [os.path.relpath(p, folder), "", "", "", reason]
-      skipped.append((i, reason))
-      continue
-    if len(pending) == batch_size:
-      classify()
-  if pending:
-    classify()
+  def batches():
+    pending = []  # (index, preprocessed image) of the next batch
+    for i, p in enumerate(paths):
+      try:
+        data = tf.constant(read_image(p))
+        pending.append((i, input_pipeline.preprocess_eval(data, config.data).numpy()))
+      except (*decode.READ_ERRORS, tf.errors.OpError) as e:
+        if isinstance(e, tf.errors.OpError):  # TF refuses bytes PIL read: its message, no op names
+          e = type(e)(None, None, re.sub(r"\{\{.*?\}\}|\[Op:.*?\].*", "", e.message))
+        reason = decode.describe(e)
+        print(f"warning: skipped {p}, it cannot be read as an image ({reason})", file=sys.stderr)
+        rows[i] = [os.path.relpath(p, folder), "", "", "", reason]
+        skipped.append((i, reason))
+        continue
+      if len(pending) == batch_size:
+        yield batch_of(pending)
+        pending = []
+    if pending:
+      yield batch_of(pending)
+
+  for out in classify(batches()):
+    indices = in_flight.popleft()
+    probs = np.asarray(out["probs"])[: len(indices)]
+    if not np.isfinite(probs).all():  # never written: a NaN row would read as class 0
+      bad = paths[indices[int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])]]
+      raise UserError(
+        f"the {checkpoint} checkpoint of {workdir} gives non-finite probabilities "
+        f"(e.g. for {bad}): its weights are damaged or the run diverged; try "
+        f"--checkpoint={'best' if checkpoint == 'last' else 'last'} or train again "
+        f"(no predictions written to {out_csv})"
+      )
+    for i, pr in zip(indices, probs):
+      top = np.argsort(-pr)[:5]
+      rows[i] = [
+        os.path.relpath(paths[i], folder),
+        class_names[top[0]],
+        f"{pr[top[0]]:.4f}",
+        " ".join(f"{class_names[k]}:{pr[k]:.3f}" for k in top),
+        "",
+      ]
   if len(skipped) == len(paths):
     i, reason = skipped[0]
-    raise UserError(f"none of the {len(paths)} images under {folder} can be read (e.g. "
-                    f"{paths[i]}: {reason}); no predictions written to {out_csv}")
+    raise UserError(
+      f"none of the {len(paths)} images under {folder} can be read (e.g. "
+      f"{paths[i]}: {reason}); no predictions written to {out_csv}"
+    )
   if skipped:
-    print(f"warning: {len(skipped)} of {len(paths)} images could not be read and were skipped; "
-          f"their rows in {out_csv} give the error", file=sys.stderr)
+    print(
+      f"warning: {len(skipped)} of {len(paths)} images could not be read and were skipped; "
+      f"their rows in {out_csv} give the error",
+      file=sys.stderr,
+    )
   os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
   text = io.StringIO(newline="")
   w = csv.writer(text)
@@ -255,22 +305,26 @@ def spreadsheet_safe(cell: str) -> str:
 def _check_out(out_csv: str) -> None:
   """``--out`` may replace a predictions CSV (a previous run's), never another file."""
   from dsbn_jax.errors import UserError
+
   if os.path.isdir(out_csv):
     raise UserError(f"--out={out_csv} is a folder; give the CSV file to write")
   if os.path.exists(out_csv):
     with open(out_csv, encoding="utf-8", errors="replace") as f:
       first = f.readline().strip()
     if first not in {",".join(h) for h in (_HEADER, *_OLD_HEADERS)}:
-      raise UserError(f"--out={out_csv} exists and is not a predictions CSV (its first line is "
-                      f"not {','.join(_HEADER)}); choose another --out (it was left unchanged)")
+      raise UserError(
+        f"--out={out_csv} exists and is not a predictions CSV (its first line is "
+        f"not {','.join(_HEADER)}); choose another --out (it was left unchanged)"
+      )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
-  n = run_cli(predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value,
-              _CHECKPOINT.value)
+  n = run_cli(
+    predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value, _CHECKPOINT.value
+  )
   print(f"classified {n} images with the {_CHECKPOINT.value} checkpoint -> {_OUT.value}")
 
 

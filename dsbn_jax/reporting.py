@@ -1,13 +1,15 @@
-"""Run outputs: JSONL + TensorBoard metrics, a progress line, accuracy/loss plots, result tables."""
+"""Run outputs: JSONL + TensorBoard metrics, a progress bar, accuracy/loss plots, result tables."""
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
+import tqdm
 
 from dsbn_jax.errors import UserError
 
@@ -40,8 +42,13 @@ def write_atomic(path: str, text: str) -> None:
 class MetricWriter:
   """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
-               reevaluate: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool = True,
+    resume_step: int | None = None,
+    reevaluate: bool = False,
+  ):
     """``resume_step``: the step the run resumes from. Rows after it in ``metrics.jsonl`` were
     written by the crashed attempt and are written again as the run repeats those steps, so they
     are dropped first (TensorBoard keeps the newest value per step by itself). ``reevaluate``: the
@@ -56,11 +63,16 @@ class MetricWriter:
     if resume_step is not None and os.path.exists(path):
       # A truncated last line (a crash or a full disk mid-write) is dropped with a warning.
       rows = read_jsonl(path, truncated_ok=True) if resume_step > 0 else []  # 0: all go
-      kept = [r for r in rows if r["step"] < resume_step or (
-          r["step"] == resume_step and not (reevaluate and "eval/accuracy" in r))]
+      kept = [
+        r
+        for r in rows
+        if r["step"] < resume_step
+        or (r["step"] == resume_step and not (reevaluate and "eval/accuracy" in r))
+      ]
       write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     self._jsonl = open(path, "a", encoding="utf-8")
     import tensorflow as tf  # TensorBoard events via tf.summary (TF is already the input stack)
+
     self._tf = tf
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
@@ -112,8 +124,10 @@ def read_jsonl(path: str, truncated_ok: bool = False, warn=None) -> list[dict]:
     except ValueError as e:  # JSONDecodeError: cut short (a row always ends with its "}")
       why = " ".join(str(e).split())
       if truncated_ok and i == len(lines) - 1:
-        (warn or _stderr)(f"warning: {path} line {n} is truncated ({why}), left by an interrupted "
-                          "write; dropped (the run writes the steps after its checkpoint again)")
+        (warn or _stderr)(
+          f"warning: {path} line {n} is truncated ({why}), left by an interrupted "
+          "write; dropped (the run writes the steps after its checkpoint again)"
+        )
         break
     else:
       step = row.get("step") if isinstance(row, dict) else None
@@ -121,8 +135,10 @@ def read_jsonl(path: str, truncated_ok: bool = False, warn=None) -> list[dict]:
         rows.append(row)
         continue
       why = "not a JSON object with an integer 'step'"
-    raise UserError(f"{path} line {n} is damaged ({why}); move the file away (the run keeps the "
-                    "metrics it writes from then on) or choose a new --workdir")
+    raise UserError(
+      f"{path} line {n} is damaged ({why}); move the file away (the run keeps the "
+      "metrics it writes from then on) or choose a new --workdir"
+    )
   return rows
 
 
@@ -140,44 +156,116 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-  """One line per report: step/total, img/s, ETA and chosen metrics (a \\r bar on a terminal)."""
+  """Training progress (process 0): step/total, img/s, ETA and chosen metrics, at each report.
 
-  def __init__(self, total_steps: int, start_step: int, images_per_step: int, enabled: bool = True):
+  On a terminal a tqdm bar, redrawn at each report (``write`` prints a line above it); off a
+  terminal (a log file) one line per report, e.g. ``step 500/10000 (5%) 71.3 img/s ETA 2h13m
+  loss=1.234 source_acc=0.5``. The rate counts training steps only: the clock starts once the
+  session's first step (its compilation) has run, and the time ``excluded`` (evaluations,
+  checkpoints) is left out. The ETA is the remaining steps at the pace of this session since its
+  first step, evaluations and checkpoints included.
+
+  ``sync(x)`` blocks until the device values ``x`` are computed (``jax.block_until_ready``): JAX
+  dispatches steps asynchronously, so the clock reads are taken once the work before them is done.
+  """
+
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int,
+    images_per_step: int,
+    enabled: bool = True,
+    sync=lambda x: x,
+    file=None,
+  ):
     self.total, self.images_per_step, self.enabled = total_steps, images_per_step, enabled
-    self._t0, self._s0 = time.perf_counter(), start_step
-    self._tty = sys.stdout.isatty()
+    self._sync = sync
+    self._file = file or sys.stdout
+    self._clock_step = self._t0 = None  # the clock starts after the session's first step
+    self._excluded = 0.0  # seconds of evaluations and checkpoints since the clock started
+    self._bar = None
+    if enabled and self._file.isatty():
+      self._bar = tqdm.tqdm(
+        total=total_steps,
+        initial=start_step,
+        file=self._file,
+        dynamic_ncols=True,
+        mininterval=0,
+        smoothing=0,
+        bar_format="step {n}/{total} {percentage:3.0f}%|{bar}| {postfix}",
+      )
+
+  def tick(self, step: int, ready) -> None:
+    """After each step (``ready``: its outputs): the session's first one starts the clock."""
+    if self._t0 is None:
+      self._sync(ready)
+      self._clock_step, self._t0 = step, time.perf_counter()
+
+  @contextlib.contextmanager
+  def excluded(self, ready=None):
+    """A block that is not training (an evaluation, a checkpoint): its time leaves the rate.
+    ``ready``: the state it reads, waited for first (the steps before it are training time)."""
+    if self._t0 is None:
+      yield
+      return
+    self._sync(ready)
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - t
 
   def rate(self, step: int) -> float:
-    dt = time.perf_counter() - self._t0
-    return (step - self._s0) * self.images_per_step / dt if dt > 0 and step > self._s0 else 0.0
+    """Images per second of the training steps of this session up to ``step`` (0.0: none timed)."""
+    if self._t0 is None or step <= self._clock_step:
+      return 0.0
+    dt = time.perf_counter() - self._t0 - self._excluded
+    return (step - self._clock_step) * self.images_per_step / dt if dt > 0 else 0.0
+
+  def eta(self, step: int) -> float:
+    """Seconds to ``total_steps`` at this session's pace since its first step (inf: not known)."""
+    if self._t0 is None or step <= self._clock_step:
+      return float("inf")
+    return (self.total - step) * (time.perf_counter() - self._t0) / (step - self._clock_step)
 
   def report(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    rate = self.rate(step)
-    steps_per_s = rate / self.images_per_step if rate else 0.0
-    eta = (self.total - step) / steps_per_s if steps_per_s else float("inf")
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
-    line = (f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
-            f"{rate:.1f} img/s ETA {fmt_duration(eta)} {shown}")
-    print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty else "\n",
-          flush=True)
+    status = f"{self.rate(step):.1f} img/s ETA {fmt_duration(self.eta(step))} {shown}".strip()
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix_str(status)  # redraws
+    else:
+      print(
+        f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) {status}",
+        file=self._file,
+        flush=True,
+      )
+
+  def write(self, line: str) -> None:
+    """Prints ``line`` (above the bar on a terminal)."""
+    if self._bar is not None:
+      self._bar.write(line, file=self._file)
+    else:
+      print(line, file=self._file, flush=True)
 
   def close(self) -> None:
-    if self.enabled and self._tty:
-      print(flush=True)
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 # plot_curves' panels, in order: (metric, title, y label). A term a method does not log is skipped.
 CURVES = (
-    ("eval/accuracy", "target accuracy (evaluation)", "accuracy (%)"),
-    ("train/loss", "total loss (CE + transfer)", "loss"),
-    ("train/ce", "source cross-entropy", "loss"),
-    ("train/adv", "adversarial loss (ALDA)", "loss"),
-    ("train/reg", "discriminator regulariser", "loss"),
-    ("train/correct", "corrected-target loss", "loss"),
-    ("train/dann", "DANN domain loss", "loss"),
-    ("train/confident_frac", "confident target fraction", "fraction of target batch"),
+  ("eval/accuracy", "target accuracy (evaluation)", "accuracy (%)"),
+  ("train/loss", "total loss (CE + transfer)", "loss"),
+  ("train/ce", "source cross-entropy", "loss"),
+  ("train/adv", "adversarial loss (ALDA)", "loss"),
+  ("train/reg", "discriminator regulariser", "loss"),
+  ("train/correct", "corrected-target loss", "loss"),
+  ("train/dann", "DANN domain loss", "loss"),
+  ("train/confident_frac", "confident target fraction", "fraction of target batch"),
 )
 
 
@@ -189,6 +277,7 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> list[str]:
   metrics the run logged (source_only: total and CE).
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -203,11 +292,12 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> list[str]:
   fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
   for ax, (key, name, ylabel, pts) in zip(axes.flat, panels):
     if pts:
-      ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None,
-              markersize=3, linewidth=1)
+      ax.plot(
+        *zip(*pts), marker="o" if key.startswith("eval/") else None, markersize=3, linewidth=1
+      )
     ax.set(xlabel="step", ylabel=ylabel, title=name)
     ax.title.set_fontsize(9)
-  for ax in axes.flat[len(panels):]:
+  for ax in axes.flat[len(panels) :]:
     fig.delaxes(ax)
   fig.suptitle(title)
   fig.tight_layout()

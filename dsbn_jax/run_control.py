@@ -57,14 +57,18 @@ def check_writable(folder: str, flag: str = "--workdir") -> None:
   existing = path
   while not os.path.exists(existing):
     if os.path.islink(existing):
-      raise UserError(f"{flag}={folder} cannot be created: {existing} is a broken symbolic link; "
-                      "choose another --workdir")
+      raise UserError(
+        f"{flag}={folder} cannot be created: {existing} is a broken symbolic link; "
+        "choose another --workdir"
+      )
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     if existing == path:
       raise UserError(f"{flag}={folder} is a file, not a folder; choose a new --workdir")
-    raise UserError(f"{flag}={folder} cannot be created: {existing} is a file, not a folder; "
-                    "choose a new --workdir")
+    raise UserError(
+      f"{flag}={folder} cannot be created: {existing} is a file, not a folder; "
+      "choose a new --workdir"
+    )
   where = "" if existing == path else f" (it would be created in {existing})"
   why = None
   if not os.access(existing, os.W_OK | os.X_OK):
@@ -74,21 +78,26 @@ def check_writable(folder: str, flag: str = "--workdir") -> None:
       _write_probe(existing)
     except OSError as e:
       if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f"disk full ({os.strerror(e.errno)}) in {existing}: {flag}={folder} "
-                        "cannot be written; free some space, then run the same command again "
-                        "(nothing was written)") from None
+        raise UserError(
+          f"disk full ({os.strerror(e.errno)}) in {existing}: {flag}={folder} "
+          "cannot be written; free some space, then run the same command again "
+          "(nothing was written)"
+        ) from None
       why = e.strerror or str(e)
   if why is not None:
-    raise UserError(f"{flag}={folder} is not writable{where}: {why}; choose a writable --workdir "
-                    "or change the folder's permissions (nothing was written)")
+    raise UserError(
+      f"{flag}={folder} is not writable{where}: {why}; choose a writable --workdir "
+      "or change the folder's permissions (nothing was written)"
+    )
 
 
 class Stopped(Exception):
   """Raised once a signalled run has saved its checkpoint; ``cli.run_cli`` exits EXIT_STOPPED."""
 
   def __init__(self, step: int, signal_name: str):
-    super().__init__(f"stopped at step {step} ({signal_name}), checkpoint saved; run the same "
-                     "command to resume")
+    super().__init__(
+      f"stopped at step {step} ({signal_name}), checkpoint saved; run the same command to resume"
+    )
     self.step = step
 
 
@@ -109,13 +118,16 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or "another process"
       f.close()
-      raise UserError(f"workdir {os.path.dirname(self.path) or '.'} is in use by a running run "
-                      f"({holder}); wait for it to finish or stop it, or choose another "
-                      "--workdir") from None
+      raise UserError(
+        f"workdir {os.path.dirname(self.path) or '.'} is in use by a running run "
+        f"({holder}); wait for it to finish or stop it, or choose another "
+        "--workdir"
+      ) from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.write(
+      f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    )
     f.flush()
     self._f = f
 
@@ -147,8 +159,11 @@ class GracefulStop:
       return
     self.signal_name = name
     if jax.process_index() == 0:
-      print(f"\n{name}: stopping after the current step and saving a checkpoint (send it again "
-            "to abort without saving)", flush=True)
+      print(
+        f"\n{name}: stopping after the current step and saving a checkpoint (send it again "
+        "to abort without saving)",
+        flush=True,
+      )
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
@@ -170,6 +185,7 @@ class GracefulStop:
     if not sync:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
     if np.any(flags) and self.signal_name is None:
       self.signal_name = "a signal to another process"

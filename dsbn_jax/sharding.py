@@ -1,10 +1,11 @@
-"""Devices: the mesh, shardings, global batches and the jitted steps (the one device-aware module).
+"""Devices: the mesh, shardings, global batches, the sharded state and the jitted train step.
 
 Data parallelism is plain ``jax.jit`` over a 1-axis mesh ``('data',)`` spanning every device of
 every process: batches are sharded along their leading axis, the train state is replicated, and
 XLA inserts the gradient all-reduce. BatchNorm then normalises with *global*-batch statistics
 (the means in ``DomainSpecificBatchNorm`` are over the whole sharded batch): synchronised BN, so N
 devices compute what one device holding the whole batch computes, up to float reduction order.
+The eval step is jitted the same way, beside it in ``evaluation.jit_eval_step``.
 """
 
 import collections
@@ -13,7 +14,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsbn_jax import train_step as train_step_lib
 from dsbn_jax.errors import UserError
@@ -21,26 +23,25 @@ from dsbn_jax.errors import UserError
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None, *, auto: bool = False) -> bool:
+def maybe_initialize_distributed() -> bool:
   """Calls ``jax.distributed.initialize`` when running multi-process; returns whether it did.
 
-  Multi-process is requested by the arguments, by the environment variable
-  ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``), or by
-  ``auto=True`` (JAX's cluster auto-detection: Cloud TPU pods, SLURM, Open MPI, ...). A plain
-  single-process run calls nothing. Must run before anything touches a JAX device.
+  Multi-process is requested by the environment variable ``JAX_COORDINATOR_ADDRESS``, with
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (which JAX detects by itself on Cloud TPU pods,
+  SLURM, Open MPI, ...). A plain single-process run calls nothing. Must run before anything
+  touches a JAX device.
   """
   if jax.distributed.is_initialized():
     return True
-  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if coordinator_address is None and not auto:
+  coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator_address is None:
     return False
   env_int = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
   jax.distributed.initialize(
-      coordinator_address=coordinator_address,
-      num_processes=num_processes if num_processes is not None else env_int("JAX_NUM_PROCESSES"),
-      process_id=process_id if process_id is not None else env_int("JAX_PROCESS_ID"))
+    coordinator_address=coordinator_address,
+    num_processes=env_int("JAX_NUM_PROCESSES"),
+    process_id=env_int("JAX_PROCESS_ID"),
+  )
   return True
 
 
@@ -65,10 +66,12 @@ def describe(mesh: Mesh, config, workdir: str) -> str:
   n_proc = jax.process_count()
   axes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
   b = config.batch_size
-  return (f"dsbn_jax: platform {platform(mesh)}, {devices}, {n_proc} process"
-          f"{'es' if n_proc > 1 else ''}, mesh {axes}, compute {config.model.dtype}, matmul "
-          f"precision {config.model.matmul_precision}, batch {b} + {b} (source + target, global),"
-          f" workdir {workdir}")
+  return (
+    f"dsbn_jax: platform {platform(mesh)}, {devices}, {n_proc} process"
+    f"{'es' if n_proc > 1 else ''}, mesh {axes}, compute {config.model.dtype}, matmul "
+    f"precision {config.model.matmul_precision}, batch {b} + {b} (source + target, global),"
+    f" workdir {workdir}"
+  )
 
 
 def slow_on_cpu(mesh: Mesh, config) -> bool:
@@ -107,11 +110,15 @@ def replicate(tree, mesh: Mesh):
 def check_batch_sizes(config, mesh: Mesh) -> None:
   """Fails fast (before a run writes anything) when a global batch does not split over the mesh."""
   n = mesh.devices.size
-  for field, size in (("batch_size", config.batch_size),
-                      ("data.eval_batch_size", config.data.eval_batch_size)):
+  for field, size in (
+    ("batch_size", config.batch_size),
+    ("data.eval_batch_size", config.data.eval_batch_size),
+  ):
     if size % n:
-      raise UserError(f"config.{field}={size} cannot be split over {n} devices: make it a "
-                      "multiple of the device count")
+      raise UserError(
+        f"config.{field}={size} cannot be split over {n} devices: make it a "
+        "multiple of the device count"
+      )
 
 
 def to_global(batch, mesh: Mesh):
@@ -126,18 +133,22 @@ def to_global(batch, mesh: Mesh):
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % n_local:
-      raise UserError(f"a batch array of shape {x.shape} cannot be split over {n_local} local "
-                      "devices: make the per-process batch size a multiple of the device count")
+      raise UserError(
+        f"a batch array of shape {x.shape} cannot be split over {n_local} local "
+        "devices: make the per-process batch size a multiple of the device count"
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, batch)
 
 
-def create_sharded_state(mesh: Mesh, rng: jax.Array, config, model, image_shape,
-                         pretrained: dict | None = None) -> train_step_lib.TrainState:
+def create_sharded_state(
+  mesh: Mesh, rng: jax.Array, config, model, image_shape, pretrained: dict | None = None
+) -> train_step_lib.TrainState:
   """``train_step.create_train_state`` run under jit with a replicated output sharding."""
-  init = functools.partial(train_step_lib.create_train_state, config=config, model=model,
-                           image_shape=tuple(image_shape))
+  init = functools.partial(
+    train_step_lib.create_train_state, config=config, model=model, image_shape=tuple(image_shape)
+  )
   rng, pretrained = replicate((rng, pretrained), mesh)
   return jax.jit(init, out_shardings=replicated(mesh))(rng, pretrained=pretrained)
 
@@ -149,13 +160,9 @@ def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step):
   step folds in its step number). ``step_fn`` is for tests (e.g. counting traces).
   """
   rep = replicated(mesh)
-  return jax.jit(functools.partial(step_fn, cfg=cfg),
-                 in_shardings=(rep, data_sharding(mesh), rep),
-                 out_shardings=(rep, rep), donate_argnums=0)
-
-
-def jit_eval_step(mesh: Mesh, cfg, step_fn=train_step_lib.eval_step):
-  """``eval(state, global_batch) -> outputs``; outputs replicated so every host can read them."""
-  rep = replicated(mesh)
-  return jax.jit(functools.partial(step_fn, cfg=cfg), in_shardings=(rep, data_sharding(mesh)),
-                 out_shardings=rep)
+  return jax.jit(
+    functools.partial(step_fn, cfg=cfg),
+    in_shardings=(rep, data_sharding(mesh), rep),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )

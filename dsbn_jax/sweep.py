@@ -20,11 +20,14 @@ from ml_collections import config_flags  # noqa: E402
 from dsbn_jax import reporting  # noqa: E402
 from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
+from dsbn_jax.methods import METHODS  # noqa: E402
 
-_CONFIG = define_flag(config_flags.DEFINE_config_file, "config", None, "Experiment config file.",
-                      lock_config=True)
-_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None,
-                       "Sweep directory (default runs/sweep_<dataset>).")
+_CONFIG = define_flag(
+  config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = define_flag(
+  flags.DEFINE_string, "workdir", None, "Sweep directory (default runs/sweep_<dataset>)."
+)
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks 'source->target' (default: config.sweep.tasks).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.methods).")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: config.sweep.seeds).")
@@ -34,8 +37,10 @@ def task_domains(task: str) -> tuple[str, str]:
   """``'source->target'`` -> ``(source, target)``; a one-line UserError for another shape."""
   parts = str(task).split("->")
   if len(parts) != 2 or not all(p.strip() for p in parts):
-    raise UserError(f"invalid task {task!r} (--tasks or config.sweep.tasks); valid: "
-                    "'source->target', e.g. 'Art->Clipart'")
+    raise UserError(
+      f"invalid task {task!r} (--tasks or config.sweep.tasks); valid: "
+      "'source->target', e.g. 'Art->Clipart'"
+    )
   return parts[0], parts[1]
 
 
@@ -44,8 +49,10 @@ def parse_seeds(values) -> list[int]:
   try:
     return [int(s) for s in values]
   except (TypeError, ValueError):
-    raise UserError(f"invalid seeds {list(values)} (--seeds or config.sweep.seeds); valid: "
-                    "integers, e.g. --seeds=0,1,2") from None
+    raise UserError(
+      f"invalid seeds {list(values)} (--seeds or config.sweep.seeds); valid: "
+      "integers, e.g. --seeds=0,1,2"
+    ) from None
 
 
 def run_dir(root: str, method: str, task: str, seed: int) -> str:
@@ -66,8 +73,11 @@ def _read_results(path: str):
       results = json.load(f)
     if not isinstance(results, dict):
       raise TypeError("not a JSON object")
-    missing = [k for k in RESULT_KEYS if not isinstance(results.get(k), (int, float))
-               or isinstance(results.get(k), bool)]
+    missing = [
+      k
+      for k in RESULT_KEYS
+      if not isinstance(results.get(k), (int, float)) or isinstance(results.get(k), bool)
+    ]
     if missing:
       raise TypeError(f"no number {missing[0]!r}")
   except (ValueError, TypeError) as e:  # JSONDecodeError too
@@ -80,8 +90,10 @@ def _load_results(path: str):
   ``UserError`` naming it."""
   results, why = _read_results(path)
   if why:
-    raise UserError(f"{path} is damaged ({why}); delete it and run the sweep again: that run then "
-                    "evaluates its last checkpoint again and writes it anew")
+    raise UserError(
+      f"{path} is damaged ({why}); delete it and run the sweep again: that run then "
+      "evaluates its last checkpoint again and writes it anew"
+    )
   return results
 
 
@@ -91,8 +103,12 @@ def _finished(path: str) -> bool:
   checkpoint, which evaluates the final state again and writes the file anew."""
   results, why = _read_results(path)
   if why:
-    print(f"warning: {path} is damaged ({why}); the run is resumed from its checkpoint to write "
-          "it again", file=sys.stderr, flush=True)
+    print(
+      f"warning: {path} is damaged ({why}); the run is resumed from its checkpoint to write "
+      "it again",
+      file=sys.stderr,
+      flush=True,
+    )
   return results is not None
 
 
@@ -100,11 +116,12 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
   """Checks every run first (nothing is written if one is bad), runs what is not finished yet,
   then writes and returns the summary."""
   from dsbn_jax import config_check, run_control, train  # heavy imports (TF, JAX): when needed
-  from dsbn_jax.models import heads
-  bad = [m for m in methods if m not in heads.METHODS]
+
+  bad = [m for m in methods if m not in METHODS]
   if bad:
-    raise UserError(f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: "
-                    f"{', '.join(heads.METHODS)}")
+    raise UserError(
+      f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: {', '.join(METHODS)}"
+    )
   runs = []
   for method, task, seed in [(m, t, s) for m in methods for t in tasks for s in parse_seeds(seeds)]:
     workdir = run_dir(root, method, task, seed)
@@ -119,7 +136,7 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     runs.append((method, task, seed, workdir, cfg, finished))
   # Before any run starts: a root (and run folders) that can be created and written.
   run_control.check_writable(root, flag="sweep --workdir")
-  _check_root(root, heads.METHODS)
+  _check_root(root, METHODS)
   for *_, workdir, _, finished in runs:
     if not finished:
       run_control.check_writable(workdir)
@@ -140,6 +157,7 @@ def _check_root(root: str, methods) -> None:
   """A sweep root is new, empty, or a sweep's: its method folders and summary files only (the
   summary files of another tool in a folder without runs would be replaced)."""
   from dsbn_jax import train
+
   if os.path.exists(root) and not os.path.isdir(root):
     raise UserError(f"sweep --workdir={root} is a file, not a folder; choose a new --workdir")
   if not os.path.isdir(root):
@@ -147,9 +165,11 @@ def _check_root(root: str, methods) -> None:
   runs = [n for n in os.listdir(root) if n in methods and os.path.isdir(os.path.join(root, n))]
   foreign = train.foreign_entries(root, ours=runs + list(SUMMARY_FILES) if runs else runs)
   if foreign:
-    raise UserError(f"sweep --workdir={root} is not empty and is not a sweep's (it holds "
-                    f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new "
-                    "or empty --workdir (nothing was changed in this one)")
+    raise UserError(
+      f"sweep --workdir={root} is not empty and is not a sweep's (it holds "
+      f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new "
+      "or empty --workdir (nothing was changed in this one)"
+    )
 
 
 def _cell(rows, key):
@@ -161,15 +181,21 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
   summary = {}
   for m in methods:
     for t in tasks:
-      rows = [_load_results(os.path.join(run_dir(root, m, t, int(s)), "results.json"))
-              for s in seeds]
+      rows = [
+        _load_results(os.path.join(run_dir(root, m, t, int(s)), "results.json")) for s in seeds
+      ]
       summary.setdefault(m, {})[t] = [r for r in rows if r is not None]
   lines = []
-  for key, title in (("best_accuracy", "best over evaluations (the papers' protocol)"),
-                     ("last_accuracy", "last evaluation (final model)")):
-    lines += [f"### Target accuracy (%), {title}", "",
-              "| method | " + " | ".join(t.replace("->", "→") for t in tasks) + " | Avg |",
-              "|---" * (len(tasks) + 2) + "|"]
+  for key, title in (
+    ("best_accuracy", "best over evaluations (the papers' protocol)"),
+    ("last_accuracy", "last evaluation (final model)"),
+  ):
+    lines += [
+      f"### Target accuracy (%), {title}",
+      "",
+      "| method | " + " | ".join(t.replace("->", "→") for t in tasks) + " | Avg |",
+      "|---" * (len(tasks) + 2) + "|",
+    ]
     for m in methods:
       cells = [_cell(summary[m][t], key) for t in tasks]
       avgs = _seed_averages(summary[m], tasks, key)
@@ -179,9 +205,16 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
   text = "\n".join(lines) + "\n"
   reporting.write_atomic(os.path.join(root, "results.md"), text)  # a full disk: one line (cli)
-  reporting.write_atomic(os.path.join(root, "summary.json"), json.dumps(
-      {m: {t: [{k: r[k] for k in RESULT_KEYS} for r in rs] for t, rs in v.items()}
-       for m, v in summary.items()}, indent=2))
+  reporting.write_atomic(
+    os.path.join(root, "summary.json"),
+    json.dumps(
+      {
+        m: {t: [{k: r[k] for k in RESULT_KEYS} for r in rs] for t, rs in v.items()}
+        for m, v in summary.items()
+      },
+      indent=2,
+    ),
+  )
   _plot(summary, tasks, methods, os.path.join(root, "results.png"))
   return {"markdown": text, "runs": summary}
 
@@ -198,20 +231,23 @@ def _seed_averages(by_task: dict, tasks, key):
 def _plot(summary, tasks, methods, path: str) -> None:
   """Bars of the mean target accuracy per task and method, last and best, ± the sample std."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
   def mean_std(rows, key):  # the sample std, as in the table; no bar for a missing cell
     values = [r[key] for r in rows]
-    return (np.mean(values) if values else 0.0,
-            np.std(values, ddof=1) if len(values) > 1 else 0.0)
+    return (np.mean(values) if values else 0.0, np.std(values, ddof=1) if len(values) > 1 else 0.0)
 
   width = 0.8 / len(methods)
   panel = max(4.0, 0.35 * len(tasks) * len(methods) + 2)  # inches per panel
   fig, axes = plt.subplots(1, 2, figsize=(2 * panel, 4))
-  for ax, key, title in zip(axes, ("last_accuracy", "best_accuracy"),
-                            ("last evaluation (final model)", "best over evaluations")):
+  for ax, key, title in zip(
+    axes,
+    ("last_accuracy", "best_accuracy"),
+    ("last evaluation (final model)", "best over evaluations"),
+  ):
     for i, m in enumerate(methods):
       means, stds = zip(*(mean_std(summary[m][t], key) for t in tasks))
       ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=stds, label=m, capsize=3)
@@ -236,8 +272,10 @@ def main(argv):
   root = _WORKDIR.value or os.path.join("runs", f"sweep_{config.data.dataset}")
   out = run_cli(run_sweep, config, root, tasks, methods, seeds)  # creates root once all are valid
   print("\n" + out["markdown"], flush=True)
-  print(f"table: {os.path.join(root, 'results.md')}, plot: {os.path.join(root, 'results.png')}",
-        file=sys.stderr)
+  print(
+    f"table: {os.path.join(root, 'results.md')}, plot: {os.path.join(root, 'results.png')}",
+    file=sys.stderr,
+  )
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ No math lives here (``train_step.py``) and no device logic (``sharding.py``). Ou
 target images -- and its mean over the classes with images, confusion matrix, steps, wall time,
 img/s).
 
-Evaluation protocol: the target set with the target DSBN branch in eval mode, every
-``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number the ALDA
-code logs and the papers report (model selection on the test set, docs/reference.md §7) -- and
-``last`` is the final model's; both are recorded. The reference evaluates before iteration i for
-i % 500 == 499 (after 499, 999, ... updates); here it is after 500, 1000, ... updates.
+Evaluation protocol (``evaluation.py``): the target set with the target DSBN branch in eval mode,
+every ``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number
+the ALDA code logs and the papers report (model selection on the test set, docs/reference.md §7)
+-- and ``last`` is the final model's; both are recorded. The reference evaluates before iteration
+i for i % 500 == 499 (after 499, 999, ... updates); here it is after 500, 1000, ... updates.
 """
 
 import json
@@ -26,30 +26,65 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from dsbn_jax import checkpointing, cli, input_pipeline, reporting, run_control, sharding
+from dsbn_jax import (
+  checkpointing,
+  cli,
+  evaluation,
+  input_pipeline,
+  reporting,
+  run_control,
+  sharding,
+)
 from dsbn_jax.datasets import catalog
 from dsbn_jax.errors import UserError
-from dsbn_jax.models import heads
+from dsbn_jax.models import heads, torchvision_port
 
 # Config fields that may change between a run and its resumption without making it another run:
 # cadence of logs/checkpoints, local paths and input-pipeline throughput knobs.
-_RESUME_SAFE = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "data.data_dir", "data.manual_dir", "data.num_parallel_calls",
-                "data.prefetch_batches", "data.cache_resized", "model.pretrained_path")
+_RESUME_SAFE = (
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "data.data_dir",
+  "data.manual_dir",
+  "data.num_parallel_calls",
+  "data.prefetch_batches",
+  "data.cache_resized",
+  "model.pretrained_path",
+)
 
 
 class NonFiniteLossError(UserError):
   """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
 
 
+def task_lr0(config, source: str, target: str) -> float:
+  """The base learning rate of the task ``source -> target`` (canonical domain names): its entry in
+  ``optim.lr0_per_task`` (keys in any spelling ``catalog.canonical_domain`` accepts), else
+  ``optim.lr0``."""
+  for task, lr0 in config.optim.get("lr0_per_task", {}).items():
+    s, t = task.split("->")
+    if (catalog.canonical_domain(config.data, s), catalog.canonical_domain(config.data, t)) == (
+      source,
+      target,
+    ):
+      return float(lr0)
+  return float(config.optim.lr0)
+
+
+def _resolve_lr0(config, source: str, target: str) -> None:
+  """In place: ``optim.lr0`` becomes the task's rate, and the table, now read, is emptied."""
+  config.optim.lr0 = task_lr0(config, source, target)
+  config.optim.lr0_per_task = {}
+
+
 def resolve_config(config: ml_collections.ConfigDict, info: catalog.DataInfo):
-  """A copy with the values derived from the data: number of classes and the per-task lr0."""
+  """A copy with the values derived from the data: the number of classes, and in ``optim.lr0``
+  the task's base learning rate (``task_lr0``; ``optim.lr0_per_task`` is emptied: the resolved
+  config, which a run writes to config.json, holds the rate it trains with)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.num_classes = info.num_classes
-  if config.optim.lr0 < 0:  # sentinel: the reference's per-task base rate (configs/office31.py)
-    by_task = {(s, t): lr for s, t, lr in config.optim.get("lr0_by_task", ())}
-    config.optim.lr0 = float(by_task.get((info.source.name, info.target.name),
-                                         config.optim.lr0_default))
+  _resolve_lr0(config, info.source.name, info.target.name)
   return config
 
 
@@ -65,16 +100,41 @@ _EMPTY_ENOUGH = frozenset({".lock", ".DS_Store", "Thumbs.db", "desktop.ini"})
 def foreign_entries(folder: str, ours=()) -> list[str]:
   """Sorted names in an existing ``folder`` other than ``ours`` and ``_EMPTY_ENOUGH`` (and the
   probe file another run's ``run_control.check_writable`` may have there for an instant)."""
-  return sorted(n for n in os.listdir(folder) if n not in _EMPTY_ENOUGH and n not in ours
-                and not n.startswith(run_control.PROBE_PREFIX))
+  return sorted(
+    n
+    for n in os.listdir(folder)
+    if n not in _EMPTY_ENOUGH and n not in ours and not n.startswith(run_control.PROBE_PREFIX)
+  )
 
 
 # Config fields added after runs were already made, with the value that computes what those runs
 # computed: a run whose config.json lacks one resumes when the field holds that value. (conv_impl
 # 'auto' computes 1x1 convolutions as matmuls on CPU: the same maths within float rounding.)
-_ADDED_LATER = {"model.matmul_precision": "default", "model.fused_pass": False,
-                "model.conv_impl": "auto"}
+_ADDED_LATER = {
+  "model.matmul_precision": "default",
+  "model.fused_pass": False,
+  "model.conv_impl": "auto",
+}
 _NO = object()
+
+
+def _as_written_now(saved: dict, config) -> dict:
+  """The flat fields of a saved config.json in the form this version writes: before
+  ``optim.lr0_per_task``, a config held the per-task rates as ``optim.lr0_by_task`` ((source,
+  target, lr0) rows) and ``optim.lr0_default``, selected by ``optim.lr0 < 0``; a resolved config
+  held the task's rate in ``optim.lr0`` already, as now. ``config``: the config compared with it
+  (its task, whose names the saved one shares or the comparison fails anyway)."""
+  saved = dict(saved)
+  by_task = saved.pop("optim.lr0_by_task", None)
+  default = saved.pop("optim.lr0_default", None)
+  lr0 = saved.get("optim.lr0")
+  if isinstance(lr0, (int, float)) and lr0 < 0 and default is not None:
+    source, target = (
+      catalog.canonical_domain(config.data, config.data[k]) for k in ("source", "target")
+    )
+    rates = {(s, t): lr for s, t, lr in by_task or ()}
+    saved["optim.lr0"] = float(rates.get((source, target), default))
+  return saved
 
 
 def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
@@ -83,7 +143,8 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
   A non-empty folder without our ``config.json`` holds someone else's files (a results.json or
   metrics.jsonl of another tool would be replaced); a run of another configuration would be mixed.
   ``resolved=False`` compares a config before ``resolve_config`` (what a sweep has before it
-  decides to skip a finished run): the fields derived from the data are then not compared.
+  decides to skip a finished run): its task's ``optim.lr0`` is resolved from the domain names
+  (nothing prepared) and the class count, read from the data, is not compared.
   """
   path = os.path.join(workdir, "config.json")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -92,9 +153,11 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
     foreign = foreign_entries(workdir) if os.path.isdir(workdir) else []
     if foreign:
       shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-      raise UserError(f"workdir {workdir} is not empty and is not a run's (no config.json; it "
-                      f"holds {shown}); choose a new or empty --workdir (nothing was changed in "
-                      "this one)")
+      raise UserError(
+        f"workdir {workdir} is not empty and is not a run's (no config.json; it "
+        f"holds {shown}); choose a new or empty --workdir (nothing was changed in "
+        "this one)"
+      )
     return
   try:
     with open(path, encoding="utf-8") as f:
@@ -102,64 +165,43 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
     if not isinstance(saved, dict):
       raise ValueError("not a JSON object")
   except ValueError as e:  # JSONDecodeError too
-    raise UserError(f"workdir {workdir} holds a config.json that is not a run's ({e}); choose a "
-                    "new --workdir (nothing was changed in this one)") from None
-  old = traverse_util.flatten_dict(saved, sep=".")
+    raise UserError(
+      f"workdir {workdir} holds a config.json that is not a run's ({e}); choose a "
+      "new --workdir (nothing was changed in this one)"
+    ) from None
+  if not resolved:
+    config = ml_collections.ConfigDict(config.to_dict())
+    _resolve_lr0(
+      config, *(catalog.canonical_domain(config.data, config.data[k]) for k in ("source", "target"))
+    )
+  old = _as_written_now(traverse_util.flatten_dict(saved, sep="."), config)
   new = traverse_util.flatten_dict(_jsonable(config), sep=".")
-  derived = () if resolved else ("model.num_classes",) + (
-      ("optim.lr0",) if config.optim.lr0 < 0 else ())
-  differ = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_SAFE + derived)
-                  and not (k not in old and _ADDED_LATER.get(k, _NO) == new.get(k)))
+  derived = () if resolved else ("model.num_classes",)
+  differ = sorted(
+    k
+    for k in set(old) | set(new)
+    if old.get(k) != new.get(k)
+    and not k.startswith(_RESUME_SAFE + derived)
+    and not (k not in old and _ADDED_LATER.get(k, _NO) == new.get(k))
+  )
   if differ:
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
-    raise UserError(f"workdir {workdir} holds a run of another configuration ({shown}"
-                    f"{' ...' if len(differ) > 4 else ''}); choose a new --workdir (nothing was "
-                    "changed in this one)")
+    raise UserError(
+      f"workdir {workdir} holds a run of another configuration ({shown}"
+      f"{' ...' if len(differ) > 4 else ''}); choose a new --workdir (nothing was "
+      "changed in this one)"
+    )
 
 
 def _write_json(path: str, obj) -> None:
   reporting.write_atomic(path, json.dumps(obj, indent=2))  # a crash never leaves half a file
 
 
-def evaluate(eval_fn, state, eval_data, mesh, num_classes: int, say=None) -> dict:
-  """Accuracy (%) over every target image exactly once, with per-class accuracy and confusion.
-
-  ``say``: where an evaluation that lasts more than a minute reports its progress (batches, img/s,
-  ETA; about every 30 s), e.g. a 10-crop evaluation of a whole Office domain on a CPU.
-  """
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  t0 = t_said = time.perf_counter()
-  for i, batch in enumerate(eval_data):
-    out = jax.device_get(eval_fn(state, sharding.to_global(batch, mesh)))
-    mask = np.asarray(out["mask"], bool)
-    np.add.at(confusion, (np.asarray(out["label"])[mask], np.asarray(out["pred"])[mask]), 1)
-    now = time.perf_counter()
-    if say is not None and now - t0 > 60 and now - t_said > 30 and i + 1 < len(eval_data):
-      t_said, rate = now, (i + 1) / (now - t0)
-      say(f"evaluating: batch {i + 1}/{len(eval_data)}, "
-          f"{rate * eval_data.num_examples / len(eval_data):.1f} img/s, ETA "
-          f"{reporting.fmt_duration((len(eval_data) - i - 1) / rate)}")
-  total = int(confusion.sum())
-  if total != eval_data.num_examples:
-    raise RuntimeError(f"evaluated {total} images, expected {eval_data.num_examples}")
-  counts = confusion.sum(1)
-  # None for a class without target images (no accuracy to speak of, not 0 %), left out of the
-  # mean over classes.
-  per_class = [100.0 * (float(confusion[k, k]) / float(n)) if n else None
-               for k, n in enumerate(counts)]
-  present = [a for a in per_class if a is not None]
-  return {"accuracy": 100.0 * confusion.diagonal().sum() / max(total, 1),
-          "per_class_accuracy": per_class,
-          "mean_class_accuracy": sum(present) / len(present) if present else None,
-          "confusion": confusion.tolist(), "num_images": total}
-
-
 class _Run:
   """Everything one training run holds; the loop below is split into its named steps."""
 
   def __init__(self, config, workdir: str):
-    self.lock = self.ckpt = None
+    self.lock = self.ckpt = self.progress = None
     try:
       self._setup(config, workdir)
     except BaseException:  # in-process callers (sweeps, tests) may start this workdir again
@@ -178,16 +220,28 @@ class _Run:
     sharding.check_batch_sizes(config, self.mesh)
     self.say(sharding.describe(self.mesh, config, workdir))
     if sharding.slow_on_cpu(self.mesh, config):
-      self.say("warning: this trains a ResNet-50 on the CPU (JAX found no GPU or TPU), which "
-               "takes days; on an accelerator host install its extra (README, 'GPU and TPU'). "
-               "An estimate from the measured step rate follows after a few steps.")
-    pretrained = heads.load_pretrained_backbone(config)  # a missing file fails before data prep
+      self.say(
+        "warning: this trains a ResNet-50 on the CPU (JAX found no GPU or TPU), which "
+        "takes days; on an accelerator host install its extra (README, 'GPU and TPU'). "
+        "An estimate from the measured step rate follows after a few steps."
+      )
+    # A missing weights file fails before data preparation.
+    pretrained = torchvision_port.load_pretrained_backbone(config)
     tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
+    lr0 = config.optim.lr0
     self.config = config = resolve_config(config, self.info)
+    if config.optim.lr0 != lr0:  # an entry of optim.lr0_per_task: said, as a flag did not set it
+      self.say(
+        f"optim.lr0 {config.optim.lr0:g} for {self.info.source.name}->"
+        f"{self.info.target.name} (its optim.lr0_per_task entry; optim.lr0 {lr0:g} is the "
+        "other tasks')"
+      )
     if self.info.source.name == self.info.target.name:
-      self.say(f"warning: source and target are the same domain ({self.info.source.name}): this "
-               "is no domain adaptation; check config.data.source and config.data.target")
+      self.say(
+        f"warning: source and target are the same domain ({self.info.source.name}): this "
+        "is no domain adaptation; check config.data.source and config.data.target"
+      )
     guard_workdir(workdir, config)
     self.lock = run_control.WorkdirLock(workdir)
     if self.is_main:
@@ -201,29 +255,38 @@ class _Run:
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     self.step_rng = sharding.replicate(step_rng, self.mesh)  # one base key; the step folds in
-    self.state = sharding.create_sharded_state(self.mesh, init_rng, config, self.model,
-                                               image_shape, pretrained)
+    self.state = sharding.create_sharded_state(
+      self.mesh, init_rng, config, self.model, image_shape, pretrained
+    )
     self.ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     self.meta = {"evals": [], "best": None, "wall_time_s": 0.0}
     try:  # the newest good checkpoint; damaged newer ones are named and moved aside
       found = self.ckpt.restore_latest(self.state, self.say)
     except checkpointing.DamagedCheckpointError as e:
-      raise UserError(f"{e}: choose a new --workdir, or move {self.ckpt.directory} away to train "
-                      "from scratch in this one (nothing was deleted)") from None
+      raise UserError(
+        f"{e}: choose a new --workdir, or move {self.ckpt.directory} away to train "
+        "from scratch in this one (nothing was deleted)"
+      ) from None
     if found is not None:
       latest, self.state, self.meta = found
       self.say(f"resumed from {self.ckpt.directory} at step {latest}")
     self.start_step = int(jax.device_get(self.state.step))
     self.train_fn = sharding.jit_train_step(self.mesh, config)
-    self.eval_fn = sharding.jit_eval_step(self.mesh, config)
+    self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
     self.eval_data = input_pipeline.make_eval_data(config.data)
     self.writer = reporting.MetricWriter(
-        workdir, enabled=self.is_main, resume_step=self.start_step,  # 0: a crash before ckpt 1
-        reevaluate=self.start_step >= config.total_steps)
+      workdir,
+      enabled=self.is_main,
+      resume_step=self.start_step,  # 0: a crash before ckpt 1
+      reevaluate=self.start_step >= config.total_steps,
+    )
 
   def say(self, msg: str) -> None:
     if self.is_main:
-      print(msg, flush=True)
+      if self.progress is not None:  # above the progress bar on a terminal
+        self.progress.write(msg)
+      else:
+        print(msg, flush=True)
 
   def checkpoint(self, step: int) -> None:
     try:
@@ -234,8 +297,9 @@ class _Run:
 
   def run_eval(self, step: int) -> dict:
     t0 = time.perf_counter()
-    result = evaluate(self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes,
-                      self.say)
+    result = evaluation.evaluate(
+      self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes, self.say
+    )
     entry = {"step": step, "accuracy": result["accuracy"]}
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
@@ -249,11 +313,18 @@ class _Run:
     # when a finished run from before checkpoints_best re-evaluates its best (final) step.
     if improved or (self.meta["best"]["step"] == step and self.ckpt.best_step() != step):
       self.ckpt.save_best(step, self.state, self.meta)
-    self.writer.write(step, {"eval/accuracy": result["accuracy"],
-                             "eval/best_accuracy": self.meta["best"]["accuracy"],
-                             "eval/seconds": time.perf_counter() - t0})
-    self.say(f"step {step}: target accuracy {result['accuracy']:.2f}% (best "
-             f"{self.meta['best']['accuracy']:.2f}% at step {self.meta['best']['step']})")
+    self.writer.write(
+      step,
+      {
+        "eval/accuracy": result["accuracy"],
+        "eval/best_accuracy": self.meta["best"]["accuracy"],
+        "eval/seconds": time.perf_counter() - t0,
+      },
+    )
+    self.say(
+      f"step {step}: target accuracy {result['accuracy']:.2f}% (best "
+      f"{self.meta['best']['accuracy']:.2f}% at step {self.meta['best']['step']})"
+    )
     return result
 
 
@@ -279,10 +350,15 @@ def _check_finite(step: int, metrics: dict, ckpt: checkpointing.Checkpointer) ->
   if bad:
     ckpt.wait()  # the last good checkpoint may still be being written (async): finish it first
     last = ckpt.latest_step()
-    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
-        "no checkpoint had been written yet"
-    raise NonFiniteLossError(f"non-finite {', '.join(bad)} at step {step}; the run stopped and "
-                             f"{kept}: lower optim.lr0 or check the data")
+    kept = (
+      f"the last good checkpoint (step {last}) is kept"
+      if last is not None
+      else "no checkpoint had been written yet"
+    )
+    raise NonFiniteLossError(
+      f"non-finite {', '.join(bad)} at step {step}; the run stopped and "
+      f"{kept}: lower optim.lr0 or check the data"
+    )
 
 
 class _CpuEstimate:
@@ -305,8 +381,10 @@ class _CpuEstimate:
       jax.block_until_ready(metrics)
       s_per_step = (time.perf_counter() - self.t0) / self.MEASURED
       left = self.run.config.total_steps - done
-      self.run.say(f"warning: at {s_per_step:.1f} s per step on the CPU, the remaining {left} "
-                   f"steps take about {_duration(left * s_per_step)} (evaluations not included)")
+      self.run.say(
+        f"warning: at {s_per_step:.1f} s per step on the CPU, the remaining {left} "
+        f"steps take about {_duration(left * s_per_step)} (evaluations not included)"
+      )
       self.enabled = False
 
 
@@ -343,8 +421,11 @@ def _disk_full(e: Exception, workdir: str) -> str:
   """The one line for a full disk (``cli.disk_full_message``) with the step the run resumes from:
   the newest checkpoint on disk (a save the full disk interrupted never counts)."""
   steps = checkpointing.saved_steps(workdir)
-  resume = (f"run the same command to resume from checkpoint step {steps[-1]}" if steps else
-            "run the same command again (no checkpoint was written: it starts from step 0)")
+  resume = (
+    f"run the same command to resume from checkpoint step {steps[-1]}"
+    if steps
+    else "run the same command again (no checkpoint was written: it starts from step 0)"
+  )
   return cli.disk_full_message(e, where=workdir, resume=resume)
 
 
@@ -353,9 +434,11 @@ def _train_loop(run: _Run) -> dict:
   config, total = run.config, run.config.total_steps
   batch_images = 2 * config.batch_size
   train_iter = input_pipeline.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=run.start_step)
-  progress = reporting.Progress(total, run.start_step, batch_images, enabled=run.is_main)
+    config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=run.start_step
+  )
+  run.progress = progress = reporting.Progress(
+    total, run.start_step, batch_images, enabled=run.is_main, sync=jax.block_until_ready
+  )
   t_start, pending, last_eval = time.perf_counter(), None, None
   cpu_clock = _CpuEstimate(run, enabled=sharding.slow_on_cpu(run.mesh, config))
   wall0 = run.meta["wall_time_s"]
@@ -364,7 +447,8 @@ def _train_loop(run: _Run) -> dict:
   def save(done: int, metrics) -> None:  # a checkpoint of the state after step done, if finite
     _check_finite(done, jax.device_get(metrics), run.ckpt)
     run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
-    run.checkpoint(done)
+    with progress.excluded(run.state):  # not training time: out of the img/s
+      run.checkpoint(done)
 
   # SIGINT/SIGTERM from here on: finish the step, checkpoint it, exit 75 (run_control).
   with run_control.GracefulStop() as stop:
@@ -373,6 +457,7 @@ def _train_loop(run: _Run) -> dict:
         batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
         run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
         cpu_clock.tick(step + 1, metrics)
+        progress.tick(step + 1, metrics)  # the first step (compilation) is not timed
         if pending is not None:  # read the previous step's metrics: no stall on the current step
           _check_finite(step, jax.device_get(pending), run.ckpt)
         pending, done = metrics, step + 1
@@ -381,10 +466,12 @@ def _train_loop(run: _Run) -> dict:
           _check_finite(done, host, run.ckpt)
           host["train/images_per_s"] = progress.rate(done)
           run.writer.write(done, host)
-          progress.report(done, {k: host[k] for k in ("train/loss", "train/source_acc")
-                                 if k in host})
+          progress.report(
+            done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host}
+          )
         if done % config.eval_every_steps == 0 or done == total:
-          last_eval = run.run_eval(done)
+          with progress.excluded(run.state):  # not training time: out of the img/s
+            last_eval = run.run_eval(done)
         if done % config.checkpoint_every_steps == 0 or done == total:
           save(done, metrics)
           saved = done
@@ -394,6 +481,8 @@ def _train_loop(run: _Run) -> dict:
           run.ckpt.wait()
           raise run_control.Stopped(done, stop.signal_name)
     except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop
+      run.progress = None
+      progress.close()
       try:
         run.ckpt.close()
       finally:
@@ -401,6 +490,7 @@ def _train_loop(run: _Run) -> dict:
       raise
   try:
     progress.close()
+    run.progress = None
     if last_eval is None:  # resumed a finished run: evaluate the final state again
       last_eval = run.run_eval(int(jax.device_get(run.state.step)))
     wall = wall0 + time.perf_counter() - t_start
@@ -408,9 +498,11 @@ def _train_loop(run: _Run) -> dict:
     results = _results(run, last_eval, wall, trained=total - run.start_step, t=t_start)
     if run.is_main:
       _write_json(os.path.join(workdir, "results.json"), results)
-      reporting.plot_curves(os.path.join(workdir, "metrics.jsonl"),
-                            os.path.join(workdir, "curves.png"),
-                            f"{config.method}: {run.info.source.name} -> {run.info.target.name}")
+      reporting.plot_curves(
+        os.path.join(workdir, "metrics.jsonl"),
+        os.path.join(workdir, "curves.png"),
+        f"{config.method}: {run.info.source.name} -> {run.info.target.name}",
+      )
   except BaseException:  # e.g. a full disk at results.json: the same clean stop
     try:
       run.ckpt.close()
@@ -425,14 +517,22 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
   config = run.config
   elapsed = time.perf_counter() - t
   return {
-      "method": config.method, "source": run.info.source.name, "target": run.info.target.name,
-      "seed": config.seed, "steps": config.total_steps,
-      "best_accuracy": run.meta["best"]["accuracy"], "best_step": run.meta["best"]["step"],
-      "last_accuracy": last_eval["accuracy"], "evals": run.meta["evals"],
-      "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
-      "mean_class_accuracy": last_eval["mean_class_accuracy"],
-      "confusion_matrix": last_eval["confusion"], "class_names": list(run.info.class_names),
-      "num_target_images": last_eval["num_images"], "wall_time_s": wall,
-      "images_per_s_this_session": trained * 2 * config.batch_size / elapsed if elapsed else 0.0,
-      "num_devices": len(jax.devices()), "num_processes": jax.process_count(),
+    "method": config.method,
+    "source": run.info.source.name,
+    "target": run.info.target.name,
+    "seed": config.seed,
+    "steps": config.total_steps,
+    "best_accuracy": run.meta["best"]["accuracy"],
+    "best_step": run.meta["best"]["step"],
+    "last_accuracy": last_eval["accuracy"],
+    "evals": run.meta["evals"],
+    "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
+    "mean_class_accuracy": last_eval["mean_class_accuracy"],
+    "confusion_matrix": last_eval["confusion"],
+    "class_names": list(run.info.class_names),
+    "num_target_images": last_eval["num_images"],
+    "wall_time_s": wall,
+    "images_per_s_this_session": trained * 2 * config.batch_size / elapsed if elapsed else 0.0,
+    "num_devices": len(jax.devices()),
+    "num_processes": jax.process_count(),
   }

@@ -1,4 +1,4 @@
-"""The pure training and evaluation steps (no devices, no I/O: ``sharding.py`` jits them).
+"""The pure training step (no devices, no I/O: ``sharding.py`` jits it; evaluation.py evaluates).
 
 One step mirrors one iteration of the official ALDA ``train.py::train`` (docs/reference.md §1-§2):
 1. source batch through G+C (BN branch 0), then target batch (branch 1 for DSBN methods, the shared
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.training import train_state
 
-from dsbn_jax import losses, optim
+from dsbn_jax import losses, methods, optim
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads
 
@@ -32,14 +32,18 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def create_train_state(rng: jax.Array, config, model: heads.AdaptationNet,
-                       image_shape: tuple[int, int, int], pretrained: dict | None = None
-                       ) -> TrainState:
+def create_train_state(
+  rng: jax.Array,
+  config,
+  model: heads.AdaptationNet,
+  image_shape: tuple[int, int, int],
+  pretrained: dict | None = None,
+) -> TrainState:
   """Randomly initialised state; pure, so it can run under ``jax.jit(..., out_shardings=...)``.
 
-  ``pretrained`` (``heads.load_pretrained_backbone``) replaces the backbone's params and BN
-  statistics. The optimizer state does not depend on param values (zero momentum), so initialising
-  it before the replacement is the same as after.
+  ``pretrained`` (``torchvision_port.load_pretrained_backbone``) replaces the backbone's params
+  and BN statistics. The optimizer state does not depend on param values (zero momentum), so
+  initialising it before the replacement is the same as after.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({"params": rng}, x, method="init_all")
@@ -49,15 +53,21 @@ def create_train_state(rng: jax.Array, config, model: heads.AdaptationNet,
     _check_same_structure(batch_stats["backbone"], pretrained["batch_stats"], "batch_stats")
     params["backbone"] = pretrained["params"]
     batch_stats["backbone"] = pretrained["batch_stats"]
-  return TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
-                           tx=optim.create_optimizer(config.optim))
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=params,
+    batch_stats=batch_stats,
+    tx=optim.create_optimizer(config.optim),
+  )
 
 
 def _check_same_structure(ours, theirs, what: str) -> None:
   shapes = lambda t: jax.tree.map(lambda v: tuple(v.shape), t)  # noqa: E731
   if jax.tree.structure(ours) != jax.tree.structure(theirs) or shapes(ours) != shapes(theirs):
-    raise UserError(f"pretrained backbone {what} do not fit model.backbone; check "
-                    "model.pretrained_path and model.backbone")
+    raise UserError(
+      f"pretrained backbone {what} do not fit model.backbone; check "
+      "model.pretrained_path and model.backbone"
+    )
 
 
 def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_coeff, *, cfg):
@@ -67,25 +77,39 @@ def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_co
   the updated 'batch_stats' and the float32 'logits_s' / 'logits_t' ('logits_t' absent for
   source_only). 'reg' is computed from *detached* features, so its gradient reaches D only.
   """
-  spec = heads.method_spec(cfg.method)
+  spec = methods.method_spec(cfg.method)
   src, tgt = batch["source"], batch["target"]
   if spec.adversary == "none":
     # Source-only: the target batch never enters the network, so it cannot leak into the shared
     # BN statistics (that would be AdaBN-style adaptation, not the "ResNet-50" baseline).
-    (_, logits_s), upd = apply_fn({"params": params, "batch_stats": batch_stats}, src["image"],
-                                  domain=0, train=True, mutable=["batch_stats"])
-    return ({"ce": losses.cross_entropy(logits_s, src["label"])},
-            {"batch_stats": upd["batch_stats"], "logits_s": logits_s})
+    (_, logits_s), upd = apply_fn(
+      {"params": params, "batch_stats": batch_stats},
+      src["image"],
+      domain=0,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return (
+      {"ce": losses.cross_entropy(logits_s, src["label"])},
+      {"batch_stats": upd["batch_stats"], "logits_s": logits_s},
+    )
   (feat_s, logits_s), (feat_t, logits_t), new_stats = _forward_both_domains(
-      apply_fn, params, batch_stats, src["image"], tgt["image"], target_branch=int(spec.dsbn),
-      fused=cfg.model.fused_pass)
+    apply_fn,
+    params,
+    batch_stats,
+    src["image"],
+    tgt["image"],
+    target_branch=spec.target_branch,
+    fused=cfg.model.fused_pass,
+  )
   terms = {"ce": losses.cross_entropy(logits_s, src["label"])}
   aux = {"batch_stats": new_stats, "logits_s": logits_s, "logits_t": logits_t}
   feat_Nxf = jnp.concatenate([feat_s, feat_t])
 
   def discriminate(feat):  # same rng each call -> the same dropout mask, like the single D forward
-    return apply_fn({"params": params}, feat, train=True, method="discriminate",
-                    rngs={"dropout": dropout_rng})
+    return apply_fn(
+      {"params": params}, feat, train=True, method="discriminate", rngs={"dropout": dropout_rng}
+    )
 
   d_logits = discriminate(losses.gradient_reversal(feat_Nxf, grl_coeff))
   if spec.adversary == "dann":
@@ -96,13 +120,15 @@ def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_co
   terms["adv"], _, terms["correct"] = losses.alda_losses(d_logits, labels_s, probs_NxK, threshold)
   # train.py back-propagates reg_loss with every G/C param at requires_grad=False: it updates D
   # only. Same D forward (same dropout mask) on detached features gives exactly that gradient.
-  _, terms["reg"], _ = losses.alda_losses(discriminate(jax.lax.stop_gradient(feat_Nxf)),
-                                          labels_s, probs_NxK, threshold)
+  _, terms["reg"], _ = losses.alda_losses(
+    discriminate(jax.lax.stop_gradient(feat_Nxf)), labels_s, probs_NxK, threshold
+  )
   return terms, aux
 
 
-def _forward_both_domains(apply_fn, params, batch_stats, images_s, images_t, *, target_branch: int,
-                          fused: bool):
+def _forward_both_domains(
+  apply_fn, params, batch_stats, images_s, images_t, *, target_branch: int, fused: bool
+):
   """``(feat_s, logits_s), (feat_t, logits_t), new_batch_stats`` of G+C in train mode.
 
   The reference makes two calls, source (branch 0) then target (``target_branch``), each normalised
@@ -114,13 +140,19 @@ def _forward_both_domains(apply_fn, params, batch_stats, images_s, images_t, *, 
   variables = {"params": params, "batch_stats": batch_stats}
   if not fused:
     out_s, upd = apply_fn(variables, images_s, domain=0, train=True, mutable=["batch_stats"])
-    out_t, upd = apply_fn({"params": params, "batch_stats": upd["batch_stats"]}, images_t,
-                          domain=target_branch, train=True, mutable=["batch_stats"])
+    out_t, upd = apply_fn(
+      {"params": params, "batch_stats": upd["batch_stats"]},
+      images_t,
+      domain=target_branch,
+      train=True,
+      mutable=["batch_stats"],
+    )
     return out_s, out_t, upd["batch_stats"]
   b = images_s.shape[0]
   images = jnp.stack([images_s, images_t], axis=1).reshape((2 * b, *images_s.shape[1:]))
-  (feat, logits), upd = apply_fn(variables, images, domain=(0, target_branch), train=True,
-                                 mutable=["batch_stats"])
+  (feat, logits), upd = apply_fn(
+    variables, images, domain=(0, target_branch), train=True, mutable=["batch_stats"]
+  )
   split = lambda a: tuple(jnp.moveaxis(a.reshape((b, 2, *a.shape[1:])), 1, 0))  # noqa: E731
   (feat_s, feat_t), (logits_s, logits_t) = split(feat), split(logits)
   return (feat_s, logits_s), (feat_t, logits_t), upd["batch_stats"]
@@ -139,9 +171,10 @@ def total_loss(terms: dict, lambda_t, cfg) -> jax.Array:
 def step_coefficients(step, cfg) -> dict:
   """GRL coefficient (``calc_coeff(i + 1)``) and L_T weight λ_T (``calc_coeff(i)``) at step i."""
   lc = cfg.loss
-  return {"grl_coeff": losses.grl_coeff(step, lc.ramp_alpha, lc.ramp_max_steps),
-          "lambda_t": losses.correct_loss_weight(step, lc.trade_off, lc.ramp_alpha,
-                                                 lc.ramp_max_steps)}
+  return {
+    "grl_coeff": losses.grl_coeff(step, lc.ramp_alpha, lc.ramp_max_steps),
+    "lambda_t": losses.correct_loss_weight(step, lc.trade_off, lc.ramp_alpha, lc.ramp_max_steps),
+  }
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, *, cfg):
@@ -154,8 +187,9 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, cfg):
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    terms, aux = compute_loss_terms(state.apply_fn, params, state.batch_stats, batch, dropout_rng,
-                                    coeffs["grl_coeff"], cfg=cfg)
+    terms, aux = compute_loss_terms(
+      state.apply_fn, params, state.batch_stats, batch, dropout_rng, coeffs["grl_coeff"], cfg=cfg
+    )
     loss = total_loss(terms, coeffs["lambda_t"], cfg)
     return loss + terms.get("reg", 0.0), (loss, terms, aux)
 
@@ -170,9 +204,12 @@ def _accuracy(logits_BxK, labels_B):
 
 
 def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
-  adversary = heads.method_spec(cfg.method).adversary
-  metrics = {"train/loss": loss, "train/lr": optim.inv_schedule(cfg.optim)(state.step),
-             "train/source_acc": _accuracy(aux["logits_s"], batch["source"]["label"])}
+  adversary = methods.method_spec(cfg.method).adversary
+  metrics = {
+    "train/loss": loss,
+    "train/lr": optim.inv_schedule(cfg.optim)(state.step),
+    "train/source_acc": _accuracy(aux["logits_s"], batch["source"]["label"]),
+  }
   metrics.update({f"train/{k}": v for k, v in terms.items()})
   if adversary != "none":
     metrics["train/grl_coeff"] = coeffs["grl_coeff"]
@@ -184,27 +221,3 @@ def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
   if adversary == "alda":
     metrics["train/lambda_t"] = coeffs["lambda_t"]
   return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
-
-
-def eval_step(state: TrainState, batch, *, cfg) -> dict:
-  """Target-domain predictions with BN in eval mode; the target branch for DSBN methods.
-
-  ``batch``: ``{'image': f32[B,H,W,3] or f32[B,C,H,W,3] (C crops), 'label': i32[B],
-  'mask': bool[B]}``. With crops, the prediction is the argmax of the mean softmax over the C crops
-  (``image_classification_test``). Returns per-example 'probs' f32[B,K], 'pred'/'label' i32[B],
-  'mask' bool[B], and the masked counts 'num_correct'/'num_valid' (i32 scalars).
-  """
-  domain = 1 if heads.method_spec(cfg.method).dsbn else 0
-  images = batch["image"]
-  b = images.shape[0]
-  if images.ndim == 5:  # fold the crop axis into the batch: eval-mode BN makes rows independent
-    images = images.reshape((-1, *images.shape[2:]))
-  _, logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
-                             domain=domain, train=False)
-  probs_BxCxK = jax.nn.softmax(logits, axis=-1).reshape((b, -1, logits.shape[-1]))
-  probs_BxK = jnp.mean(probs_BxCxK, axis=1)
-  pred_B = jnp.argmax(probs_BxK, axis=-1).astype(jnp.int32)
-  mask_B = batch["mask"].astype(jnp.bool_)
-  return {"probs": probs_BxK, "pred": pred_B, "label": batch["label"], "mask": mask_B,
-          "num_correct": jnp.sum((pred_B == batch["label"]) & mask_B, dtype=jnp.int32),
-          "num_valid": jnp.sum(mask_B, dtype=jnp.int32)}

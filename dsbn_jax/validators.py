@@ -54,14 +54,14 @@ def info_max(target_probs: np.ndarray) -> float:
   return float(_entropies(p.mean(axis=0)) - np.mean(_entropies(p)))
 
 
-def snd(target_probs: np.ndarray, temperature: float = SND_TEMPERATURE) -> float:
+def snd(target_probs: np.ndarray) -> float:
   """Soft neighbourhood density: mean entropy of each row's softmax similarity to the others."""
   p = np.asarray(target_probs, np.float64)
   n = p.shape[0]
   if n < 2:
     raise ValueError('snd needs at least two target predictions')
   f = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), _EPS)
-  sim = (f @ f.T)[~np.eye(n, dtype=bool)].reshape(n, n - 1) / temperature
+  sim = (f @ f.T)[~np.eye(n, dtype=bool)].reshape(n, n - 1) / SND_TEMPERATURE
   sim -= sim.max(axis=1, keepdims=True)
   soft = np.exp(sim)
   soft /= soft.sum(axis=1, keepdims=True)
@@ -75,8 +75,7 @@ def bnm(target_probs: np.ndarray) -> float:
   return float(np.linalg.svd(p, compute_uv=False).sum() / np.sqrt(n * min(n, k)))
 
 
-def density_ratio(source_features: np.ndarray, target_features: np.ndarray,
-                  seed: int = 0) -> np.ndarray:
+def density_ratio(source_features: np.ndarray, target_features: np.ndarray) -> np.ndarray:
   """w(x) = p_target(x) / p_source(x) at the source features, from a domain classifier.
 
   A logistic regression (L2, C=1, on standardised features) tells target (1) from source (0);
@@ -84,11 +83,12 @@ def density_ratio(source_features: np.ndarray, target_features: np.ndarray,
   indistinguishable.
   """
   from sklearn import linear_model, preprocessing  # pylint: disable=g-import-not-at-top
+
   xs, xt = np.asarray(source_features, np.float64), np.asarray(target_features, np.float64)
   x = np.concatenate([xs, xt])
   y = np.concatenate([np.zeros(len(xs)), np.ones(len(xt))])
   scaler = preprocessing.StandardScaler().fit(x)
-  clf = linear_model.LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+  clf = linear_model.LogisticRegression(C=1.0, max_iter=1000, random_state=0)
   clf.fit(scaler.transform(x), y)
   p_target = clf.predict_proba(scaler.transform(xs))[:, 1]
   p_target = np.clip(p_target, 1e-6, 1 - 1e-6)
@@ -107,10 +107,11 @@ def dev_risk(weights: np.ndarray, losses: np.ndarray) -> float:
   return float(np.mean(wl) + eta * np.mean(w) - eta)
 
 
-def dev(source_features: np.ndarray, source_losses: np.ndarray, target_features: np.ndarray,
-        seed: int = 0) -> float:
+def dev(
+  source_features: np.ndarray, source_losses: np.ndarray, target_features: np.ndarray
+) -> float:
   """Minus the DEV risk of held-out source losses weighted towards the target features."""
-  return -dev_risk(density_ratio(source_features, target_features, seed), source_losses)
+  return -dev_risk(density_ratio(source_features, target_features), source_losses)
 
 
 # Every validator's name; `needs_source` marks those that need the held-out source split.
@@ -119,12 +120,20 @@ NEEDS_SOURCE = ('source_accuracy', 'dev')
 NAMES = NEEDS_SOURCE + TARGET_ONLY
 
 
-def scores(target_probs: np.ndarray, target_features: np.ndarray | None = None,
-           source_probs: np.ndarray | None = None, source_labels: np.ndarray | None = None,
-           source_features: np.ndarray | None = None) -> dict[str, float]:
+def scores(
+  target_probs: np.ndarray,
+  target_features: np.ndarray | None = None,
+  source_probs: np.ndarray | None = None,
+  source_labels: np.ndarray | None = None,
+  source_features: np.ndarray | None = None,
+) -> dict[str, float]:
   """Every validator computable from what is given (source ones only with the source split)."""
-  out = {'entropy': entropy(target_probs), 'info_max': info_max(target_probs),
-         'snd': snd(target_probs), 'bnm': bnm(target_probs)}
+  out = {
+    'entropy': entropy(target_probs),
+    'info_max': info_max(target_probs),
+    'snd': snd(target_probs),
+    'bnm': bnm(target_probs),
+  }
   if source_probs is not None and source_labels is not None:
     out['source_accuracy'] = source_accuracy(source_probs, source_labels)
     if source_features is not None and target_features is not None:

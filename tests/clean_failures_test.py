@@ -55,13 +55,15 @@ def _lock_is_free(workdir) -> bool:
 
 
 def test_workdir_that_is_a_file_or_under_a_file_is_refused_before_data_preparation(
-    tmp_path, capsys):
+  tmp_path, capsys
+):
   data_dir = tmp_path / "tfds"  # never created: the refusal comes before any data preparation
   afile = tmp_path / "a_file"
   afile.write_text("mine")
-  for workdir, expected in [(afile, f"--workdir={afile} is a file, not a folder"),
-                            (afile / "run", (f"--workdir={afile}/run cannot be created: {afile} "
-                                             "is a file, not a folder"))]:
+  for workdir, expected in [
+    (afile, f"--workdir={afile} is a file, not a folder"),
+    (afile / "run", (f"--workdir={afile}/run cannot be created: {afile} is a file, not a folder")),
+  ]:
     rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(data_dir), str(workdir))
     assert rc == 2 and line.startswith(f"error: {expected}; choose a new --workdir"), line
   assert afile.read_text() == "mine" and not data_dir.exists()
@@ -86,8 +88,10 @@ def _chmod_stops_writes(folder) -> bool:
 
 def test_workdir_without_write_permission_is_refused_before_anything_is_written(tmp_path, capsys):
   if not _chmod_stops_writes(tmp_path):
-    pytest.skip(f"euid {os.geteuid()} writes through chmod 0500 (root): the simulated cases of "
-                "test_read_only_workdir_or_parent_... and test_unwritable_..._simulated cover it")
+    pytest.skip(
+      f"euid {os.geteuid()} writes through chmod 0500 (root): the simulated cases of "
+      "test_read_only_workdir_or_parent_... and test_unwritable_..._simulated cover it"
+    )
   data_dir = tmp_path / "tfds"
   locked = tmp_path / "locked"
   locked.mkdir()
@@ -95,11 +99,14 @@ def test_workdir_without_write_permission_is_refused_before_anything_is_written(
   locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
   (locked / "run").chmod(stat.S_IRUSR | stat.S_IXUSR)
   try:
-    for workdir, where in [(locked / "run", ""), (locked / "new" / "run",
-                                                  f" (it would be created in {locked})")]:
+    for workdir, where in [
+      (locked / "run", ""),
+      (locked / "new" / "run", f" (it would be created in {locked})"),
+    ]:
       rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(data_dir), str(workdir))
       assert rc == 2 and line.startswith(
-          f"error: --workdir={workdir} is not writable{where}: Permission denied"), line
+        f"error: --workdir={workdir} is not writable{where}: Permission denied"
+      ), line
     assert sorted(os.listdir(locked)) == ["run"] and os.listdir(locked / "run") == []
   finally:
     (locked / "run").chmod(0o700)
@@ -107,8 +114,9 @@ def test_workdir_without_write_permission_is_refused_before_anything_is_written(
   assert not data_dir.exists()
 
 
-def test_read_only_workdir_or_parent_is_refused_before_anything_is_written(tmp_path, capsys,
-                                                                         monkeypatch):
+def test_read_only_workdir_or_parent_is_refused_before_anything_is_written(
+  tmp_path, capsys, monkeypatch
+):
   """A read-only filesystem (what ``os.access`` does not see, and what stops root too), simulated
   at the probe file; for a new workdir the probe is in its parent. A full disk at the probe is
   ``disk full``."""
@@ -122,12 +130,15 @@ def test_read_only_workdir_or_parent_is_refused_before_anything_is_written(tmp_p
   monkeypatch.setattr(run_control, "_write_probe", read_only)
   existing = tmp_path / "existing"
   existing.mkdir()
-  for workdir, where in [(existing, ""), (tmp_path / "new" / "run",
-                                          f" (it would be created in {tmp_path})")]:
+  for workdir, where in [
+    (existing, ""),
+    (tmp_path / "new" / "run", f" (it would be created in {tmp_path})"),
+  ]:
     rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(data_dir), str(workdir))
     assert rc == 2 and line == (
-        f"error: --workdir={workdir} is not writable{where}: Read-only file system; choose a "
-        "writable --workdir or change the folder's permissions (nothing was written)"), line
+      f"error: --workdir={workdir} is not writable{where}: Read-only file system; choose a "
+      "writable --workdir or change the folder's permissions (nothing was written)"
+    ), line
   assert probed == [str(existing), str(tmp_path)]
   # the sweep checks its root (and every run folder) the same way, before any run starts
   args = (["digits->digits_m"], ["source_only"], [0])
@@ -142,17 +153,28 @@ def test_read_only_workdir_or_parent_is_refused_before_anything_is_written(tmp_p
 def test_unwritable_workdir_or_parent_is_refused_simulated(tmp_path, capsys, monkeypatch):
   """What ``os.access`` answers for a folder without write permission, for any user (root too)."""
   real_access = os.access
-  monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(path).startswith(
-      str(tmp_path)) and mode & os.W_OK else real_access(path, mode, *a, **k))
+  monkeypatch.setattr(
+    os,
+    "access",
+    lambda path, mode, *a, **k: (
+      False
+      if str(path).startswith(str(tmp_path)) and mode & os.W_OK
+      else real_access(path, mode, *a, **k)
+    ),
+  )
   existing = tmp_path / "existing"
   existing.mkdir()
-  for workdir, where in [(existing, ""), (tmp_path / "new" / "run",
-                                          f" (it would be created in {tmp_path})")]:
-    rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"),
-                       str(workdir))
+  for workdir, where in [
+    (existing, ""),
+    (tmp_path / "new" / "run", f" (it would be created in {tmp_path})"),
+  ]:
+    rc, line, _ = _cli(
+      capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"), str(workdir)
+    )
     assert rc == 2 and line == (
-        f"error: --workdir={workdir} is not writable{where}: Permission denied; choose a "
-        "writable --workdir or change the folder's permissions (nothing was written)"), line
+      f"error: --workdir={workdir} is not writable{where}: Permission denied; choose a "
+      "writable --workdir or change the folder's permissions (nothing was written)"
+    ), line
   assert os.listdir(tmp_path) == ["existing"] and os.listdir(existing) == []
 
 
@@ -177,7 +199,7 @@ class _HalfWriteThenFull(io.TextIOBase):
     self.f = f
 
   def write(self, s):
-    self.f.write(s[:len(s) // 2])
+    self.f.write(s[: len(s) // 2])
     self.f.flush()
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -185,8 +207,9 @@ class _HalfWriteThenFull(io.TextIOBase):
     self.f.close()
 
 
-def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(tmp_path, capsys,
-                                                                      monkeypatch):
+def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(
+  tmp_path, capsys, monkeypatch
+):
   """One workdir through: disk full in its first checkpoint (step 3), in metrics.jsonl at step 5
   (leaving half a row), in results.json; then a truncated results.json; then it finishes. On one
   of the suite's 8 emulated devices: the five starts compile far less."""
@@ -207,9 +230,10 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(tmp_path, 
     m.setattr(checkpointing.Checkpointer, "save", full_at_3)
     rc, line, err = _cli(capsys, train.train_and_evaluate, config, str(workdir))
   assert rc == 2 and line == (
-      f"error: disk full (No space left on device) while writing {workdir / 'checkpoints' / '3'}; "
-      "free some space, then run the same command again (no checkpoint was written: it starts "
-      "from step 0)"), line
+    f"error: disk full (No space left on device) while writing {workdir / 'checkpoints' / '3'}; "
+    "free some space, then run the same command again (no checkpoint was written: it starts "
+    "from step 0)"
+  ), line
   assert checkpointing.saved_steps(str(workdir)) == [] and _lock_is_free(workdir)
 
   real_write = reporting.MetricWriter.write
@@ -222,8 +246,9 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(tmp_path, 
   with monkeypatch.context() as m:
     m.setattr(reporting.MetricWriter, "write", fill_at_5)
     rc, line, _ = _cli(capsys, train.train_and_evaluate, config, str(workdir))
-  assert rc == 2 and line == (f"error: disk full (No space left on device) while writing "
-                              f"{metrics}; {resume} 3"), line
+  assert rc == 2 and line == (
+    f"error: disk full (No space left on device) while writing {metrics}; {resume} 3"
+  ), line
   assert checkpointing.saved_steps(str(workdir)) == [3] and _lock_is_free(workdir)
   last = metrics.read_text().splitlines()[-1]
   with pytest.raises(ValueError):
@@ -241,8 +266,9 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(tmp_path, 
     m.setattr(reporting, "open", full_results, raising=False)
     rc, line, err = _cli(capsys, train.train_and_evaluate, config, str(workdir))
   assert f"warning: {metrics} line 6 is truncated (" in err and "dropped" in err, err
-  assert rc == 2 and line == (f"error: disk full (No space left on device) while writing "
-                              f"{results}; {resume} 6"), line
+  assert rc == 2 and line == (
+    f"error: disk full (No space left on device) while writing {results}; {resume} 6"
+  ), line
   assert not results.exists() and not (workdir / "results.json.tmp").exists()
   steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]  # every line parses
   assert steps == [1, 2, 3, 3, 4, 5, 6, 6]  # train rows and the evaluations at 3 and 6
@@ -275,8 +301,9 @@ def test_a_run_that_fails_while_starting_releases_its_workdir_lock(tmp_path, mon
   with pytest.raises(UserError) as failed:
     train.train_and_evaluate(_smoke_config(tmp_path / "tfds"), str(workdir))
   assert str(failed.value) == (
-      f"disk full (No space left on device) while writing in {workdir}; free some space, then run "
-      "the same command again (no checkpoint was written: it starts from step 0)")
+    f"disk full (No space left on device) while writing in {workdir}; free some space, then run "
+    "the same command again (no checkpoint was written: it starts from step 0)"
+  )
   # released by the run, not by the garbage collector: its traceback (alive) still holds it
   assert (workdir / "config.json").exists() and _lock_is_free(workdir)
 
@@ -292,11 +319,14 @@ def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(tmp_path, caps
 
   monkeypatch.setattr(reporting, "open", full_config, raising=False)
   workdir = tmp_path / "run"
-  rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"),
-                     str(workdir))
-  assert rc == 2 and line == (f"error: disk full (Disk quota exceeded) while writing "
-                              f"{workdir / 'config.json'}; free some space, then run the same "
-                              "command again (no checkpoint was written: it starts from step 0)")
+  rc, line, _ = _cli(
+    capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"), str(workdir)
+  )
+  assert rc == 2 and line == (
+    f"error: disk full (Disk quota exceeded) while writing "
+    f"{workdir / 'config.json'}; free some space, then run the same "
+    "command again (no checkpoint was written: it starts from step 0)"
+  )
   assert sorted(os.listdir(workdir)) == [".lock"] and _lock_is_free(workdir)
 
 
@@ -329,9 +359,11 @@ def test_disk_full_in_any_entry_point_is_one_line(tmp_path, capsys, monkeypatch)
 
   monkeypatch.setattr(reporting, "open", full_md, raising=False)
   rc, line, _ = _cli(capsys, sweep.write_summary, str(tmp_path), ["a->b"], ["m"], [0])
-  assert rc == 2 and line == (f"error: disk full (No space left on device) while writing "
-                              f"{tmp_path / 'results.md'}; free some space, then run the same "
-                              "command again"), line
+  assert rc == 2 and line == (
+    f"error: disk full (No space left on device) while writing "
+    f"{tmp_path / 'results.md'}; free some space, then run the same "
+    "command again"
+  ), line
   assert not (tmp_path / "results.md.tmp").exists()
 
   def orbax_like():
@@ -353,23 +385,33 @@ def _fake_run(root, method, task, seed, text=None):
   workdir = sweep.run_dir(str(root), method, task, seed)
   os.makedirs(workdir)
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    f.write(text if text is not None else
-            json.dumps({"seed": seed, "best_accuracy": 61.0, "last_accuracy": 60.0}))
+    f.write(
+      text
+      if text is not None
+      else json.dumps({"seed": seed, "best_accuracy": 61.0, "last_accuracy": 60.0})
+    )
   return workdir
 
 
 def test_truncated_results_json_is_named_in_the_summary_and_rerun_by_the_sweep(
-    tmp_path, capsys, monkeypatch):
+  tmp_path, capsys, monkeypatch
+):
   root = tmp_path / "sweep"
-  for text, why in [('{"seed": 0, "best_accuracy": 6', "Expecting"),  # truncated
-                    ('{"seed": 0}', "no number 'best_accuracy'"), ("[1]", "not a JSON object")]:
+  for text, why in [
+    ('{"seed": 0, "best_accuracy": 6', "Expecting"),  # truncated
+    ('{"seed": 0}', "no number 'best_accuracy'"),
+    ("[1]", "not a JSON object"),
+  ]:
     workdir = _fake_run(root, "source_only", "digits->digits_m", 0, text)
     path = os.path.join(workdir, "results.json")
-    rc, line, _ = _cli(capsys, sweep.write_summary, str(root), ["digits->digits_m"],
-                       ["source_only"], [0])
+    rc, line, _ = _cli(
+      capsys, sweep.write_summary, str(root), ["digits->digits_m"], ["source_only"], [0]
+    )
     assert rc == 2 and line.startswith(f"error: {path} is damaged ({why}"), line
-    assert line.endswith("delete it and run the sweep again: that run then evaluates its last "
-                         "checkpoint again and writes it anew"), line
+    assert line.endswith(
+      "delete it and run the sweep again: that run then evaluates its last "
+      "checkpoint again and writes it anew"
+    ), line
     shutil.rmtree(root)
 
   # run_sweep: the run with a damaged results.json is not finished; it is run (resumed) again
@@ -393,4 +435,6 @@ def test_truncated_results_json_is_named_in_the_summary_and_rerun_by_the_sweep(
   err = capsys.readouterr().err
   assert ran == [workdir] and "| source_only | 40.0 | 40.0 |" in out["markdown"]
   assert f"warning: {workdir}/results.json is damaged (" in err, err
-  assert "the run is resumed from its checkpoint to write it again" in err and "Traceback" not in err
+  assert (
+    "the run is resumed from its checkpoint to write it again" in err and "Traceback" not in err
+  )

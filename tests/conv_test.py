@@ -24,9 +24,13 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 def _reference(x_NHWC, kernel_HWIO, stride):
   pad = kernel_HWIO.shape[0] // 2
-  return jax.lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride),
-                                      ((pad, pad), (pad, pad)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x_NHWC,
+    kernel_HWIO,
+    (stride, stride),
+    ((pad, pad), (pad, pad)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 def _close(a, b, dtype):
@@ -61,8 +65,7 @@ def test_1x1_matmul_matches_conv_in_value_and_grad(size, stride, dtype):
 def test_every_impl_of_the_module_matches_the_plain_conv(kernel_size, stride):
   rng = np.random.default_rng(kernel_size + stride)
   x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 4, 6)) / kernel_size,
-                       jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 4, 6)) / kernel_size, jnp.float32)
   want = _reference(x, kernel, stride)
   for impl in conv.IMPLS:
     module = conv.Conv(6, kernel_size, stride, dtype=jnp.float32, impl=impl)
@@ -82,9 +85,17 @@ def _old_conv(features, kernel, stride, name, dtype, impl="auto"):
   """``resnet._conv`` as it was before models/conv.py: a configured ``nn.Conv``."""
   del impl
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=resnet.conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=resnet.conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _shapes(model, x):
@@ -109,6 +120,7 @@ def test_bottleneck_init_values_and_outputs_equal_nn_conv(monkeypatch):
   # A stride-2 block has every 1x1 kind (stride 1, the stride-2 downsample) and a 3x3.
   model = resnet.Bottleneck(width=2, stride=2, num_domains=2, conv_impl="matmul")
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 7, 4)), jnp.float32)
+
   def init_and_apply():
     variables = model.init(jax.random.key(0), x, domain=0, train=False)
     return variables, model.apply(variables, x, domain=1, train=False)

@@ -15,10 +15,18 @@ import numpy as np
 import PIL.Image
 
 # (PIL mode, format, extension) cycled over the images; covers the conversions the builders handle.
-MODES = (('RGB', 'JPEG', '.jpg'), ('L', 'JPEG', '.jpg'), ('CMYK', 'JPEG', '.jpg'),
-         ('P', 'PNG', '.png'), ('RGBA', 'PNG', '.png'), ('LA', 'PNG', '.png'),
-         ('I;16', 'PNG', '.png'), ('RGB', 'PNG', '.PNG'), ('1', 'PNG', '.png'),
-         ('RGB', 'JPEG', '.JPG'))
+MODES = (
+  ('RGB', 'JPEG', '.jpg'),
+  ('L', 'JPEG', '.jpg'),
+  ('CMYK', 'JPEG', '.jpg'),
+  ('P', 'PNG', '.png'),
+  ('RGBA', 'PNG', '.png'),
+  ('LA', 'PNG', '.png'),
+  ('I;16', 'PNG', '.png'),
+  ('RGB', 'PNG', '.PNG'),
+  ('1', 'PNG', '.png'),
+  ('RGB', 'JPEG', '.JPG'),
+)
 SIZES = ((40, 30), (23, 57), (64, 48), (31, 31))  # (width, height) px
 IGNORED = ('.DS_Store', 'Thumbs.db', '._frame_0001.jpg', 'desktop.ini')  # never examples
 OFFICE_HOME_DOMAINS = ('Art', 'Clipart', 'Product', 'Real World')
@@ -55,8 +63,9 @@ def random_image(seed: int, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(small).resize((w, h), PIL.Image.BILINEAR))
 
 
-def make_domain_tree(root: str, domains, classes, *, per_class=(1, 2, 3), subdir: str = '',
-                     seed: int = 0) -> list[Entry]:
+def make_domain_tree(
+  root: str, domains, classes, *, per_class=(1, 2, 3), subdir: str = '', seed: int = 0
+) -> list[Entry]:
   """Writes the tree; image counts per (domain, class) cycle through `per_class`."""
   entries, k = [], seed * 1000
   for d_i, domain in enumerate(domains):
@@ -89,11 +98,18 @@ def write_image(path: str, array: np.ndarray, fmt: str = 'PNG') -> None:
 
 
 def get_data_config(name: str):
-  """configs/data.py's get_data_config (configs/ is a folder of config files, not a package)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  """The data section of dataset ``name`` (``dsbn_jax.config_defaults.get_data_config``)."""
+  from dsbn_jax import config_defaults  # pylint: disable=g-import-not-at-top
+
+  return config_defaults.get_data_config(name)
+
+
+def get_config(name: str, lock: bool = True):
+  """``configs/<name>.py``'s config, loaded by the parser behind the entry points' ``--config``
+  flag (ml_collections' ``DEFINE_config_file``, ``lock_config=True``): what
+  ``python -m dsbn_jax.main --config=configs/<name>.py`` starts from, before any override."""
+  from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(repo, 'configs', 'data.py')
-  spec = importlib.util.spec_from_file_location('configs_data', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_data_config(name)
+  parser = config_flags.ConfigFileFlagParser(name='config', lock_config=lock)
+  return parser.parse(os.path.join(repo, 'configs', f'{name}.py'))

@@ -12,11 +12,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dsbn_jax import datasets
-from dsbn_jax import input_pipeline
-from dsbn_jax.datasets import catalog
-from dsbn_jax.datasets import digits
-from dsbn_jax.datasets import office
+from dsbn_jax import datasets, input_pipeline
+from dsbn_jax.datasets import catalog, digits, office
 from dsbn_jax.errors import UserError
 from tests import data_fixtures as fx
 
@@ -26,8 +23,8 @@ _CONVERTED_MODES = ('CMYK', 'I;16')  # stored as PNG of PIL .convert('RGB'); all
 def _build(name, data_dir, manual_dir=None, **kwargs):
   builder = tfds.builder(name, data_dir=str(data_dir), **kwargs)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir) if manual_dir else None))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+  )
   return builder
 
 
@@ -41,8 +38,11 @@ def _examples(builder, split):
 def office_home(tmp_path_factory):
   """office_home built from a generated tree, the way the issue's public surface says."""
   tmp = tmp_path_factory.mktemp('office_home')
-  entries = fx.make_domain_tree(str(tmp / 'manual' / 'OfficeHomeDataset_10072016'),
-                                fx.OFFICE_HOME_DOMAINS, fx.OFFICE_HOME_SUBSET)
+  entries = fx.make_domain_tree(
+    str(tmp / 'manual' / 'OfficeHomeDataset_10072016'),
+    fx.OFFICE_HOME_DOMAINS,
+    fx.OFFICE_HOME_SUBSET,
+  )
   return _build('office_home', tmp / 'tfds', tmp / 'manual'), entries
 
 
@@ -104,9 +104,13 @@ def test_tf_decodes_cmyk_jpeg_close_to_pil_but_we_store_pil_rgb(tmp_path):
 
 def test_office31_from_original_archive_warns_about_counts(tmp_path, caplog):
   tree = tmp_path / 'tree'
-  entries = fx.make_domain_tree(str(tree / 'domain_adaptation_images'),
-                                ('amazon', 'dslr', 'webcam'), ('back_pack', 'bike', 'trash_can'),
-                                subdir='images', per_class=(1, 2))
+  entries = fx.make_domain_tree(
+    str(tree / 'domain_adaptation_images'),
+    ('amazon', 'dslr', 'webcam'),
+    ('back_pack', 'bike', 'trash_can'),
+    subdir='images',
+    per_class=(1, 2),
+  )
   manual = tmp_path / 'manual'
   manual.mkdir()
   with tarfile.open(manual / 'domain_adaptation_images.tar.gz', 'w:gz') as tar:
@@ -125,8 +129,9 @@ def test_office31_from_original_archive_warns_about_counts(tmp_path, caplog):
 
 
 def _minimal_office_home(root, **kwargs):
-  return fx.make_domain_tree(str(root), fx.OFFICE_HOME_DOMAINS, ('Drill',), per_class=(1,),
-                             **kwargs)
+  return fx.make_domain_tree(
+    str(root), fx.OFFICE_HOME_DOMAINS, ('Drill',), per_class=(1,), **kwargs
+  )
 
 
 def test_truncated_jpeg_fails_naming_the_file(tmp_path):
@@ -135,7 +140,7 @@ def test_truncated_jpeg_fails_naming_the_file(tmp_path):
   with open(victim.path, 'rb') as f:
     data = f.read()
   with open(victim.path, 'wb') as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   with pytest.raises(UserError, match=re.escape(victim.path)):
     _build('office_home', tmp_path / 'tfds', tmp_path / 'manual')
 
@@ -196,13 +201,14 @@ def _digits_examples(data_dir, name, seed=0):
   return {s: _examples(builder, s) for s in ('train', 'test')}
 
 
-def test_digits_build_deterministically_with_disjoint_splits(tmp_path):
-  first = _digits_examples(tmp_path / 'a', 'digits_m')
+def test_digits_build_deterministically_with_disjoint_splits(tmp_path, digits_data_dir):
+  """The session's prepared Digits-M (conftest) and a new build agree byte for byte."""
+  first = _digits_examples(digits_data_dir, 'digits_m')
   again = _digits_examples(tmp_path / 'b', 'digits_m')
   for split in ('train', 'test'):
     assert first[split].keys() == again[split].keys()
     assert all(first[split][k] == again[split][k] for k in first[split])  # same seed, same bytes
-  source = _digits_examples(tmp_path / 'a', 'digits')
+  source = _digits_examples(digits_data_dir, 'digits')
   parts = digits.partition(0)
   index_sets = {}
   for name, examples in (('digits', source), ('digits_m', first)):
@@ -222,17 +228,18 @@ def test_digits_seed_changes_partition_and_patches():
   assert any(not np.array_equal(a[k], b[k]) for k in a)
   assert {k: len(v) for k, v in a.items()} == {k: len(v) for k, v in b.items()}
   gray, _ = digits.digit_images(a['digits_m/test'][:8])
-  np.testing.assert_array_equal(digits.blend_with_photos(gray, 0),
-                                digits.blend_with_photos(gray, 0))
+  np.testing.assert_array_equal(
+    digits.blend_with_photos(gray, 0), digits.blend_with_photos(gray, 0)
+  )
   assert not np.array_equal(digits.blend_with_photos(gray, 0), digits.blend_with_photos(gray, 1))
   blended = digits.blend_with_photos(gray, 0).astype(int)
   assert blended.std(axis=-1).mean() > 1  # coloured, not gray
 
 
-def test_eval_split_train_evaluates_on_the_adapted_images_and_is_checked(tmp_path):
+def test_eval_split_train_evaluates_on_the_adapted_images_and_is_checked(digits_data_dir):
   """data.eval_split='train' (hyper-parameter search without the test split) and a bad name."""
   data = fx.get_data_config('digits')
-  data.data_dir = str(tmp_path / 'tfds')
+  data.data_dir = digits_data_dir
   protocol = catalog.resolve_domain(data, 'digits_m')
   assert (protocol.train_split, protocol.eval_split) == ('train', 'test')
   data.eval_split = 'train'

@@ -15,10 +15,17 @@ def test_batch_stat_from_update_matches_direct_statistics():
   x = jnp.asarray(rng.normal(1.5, 2.0, (6, 5, 5, 3)).astype(np.float32))
   layer = DomainSpecificBatchNorm(num_domains=2)
   variables = layer.init(jax.random.key(0), x, domain=0, train=False)
-  stats = {"mean": jnp.asarray(rng.uniform(-1, 1, (2, 3)).astype(np.float32)),
-           "var": jnp.asarray(rng.uniform(0.5, 2, (2, 3)).astype(np.float32))}
-  _, upd = layer.apply({"params": variables["params"], "batch_stats": stats}, x, domain=1,
-                       train=True, mutable=["batch_stats"])
+  stats = {
+    "mean": jnp.asarray(rng.uniform(-1, 1, (2, 3)).astype(np.float32)),
+    "var": jnp.asarray(rng.uniform(0.5, 2, (2, 3)).astype(np.float32)),
+  }
+  _, upd = layer.apply(
+    {"params": variables["params"], "batch_stats": stats},
+    x,
+    domain=1,
+    train=True,
+    mutable=["batch_stats"],
+  )
   x64 = np.asarray(x, np.float64).reshape(-1, 3)
   new = upd["batch_stats"]
   for k, direct in (("mean", x64.mean(0)), ("var", x64.var(0, ddof=1))):
@@ -32,8 +39,10 @@ def test_exact_statistics_in_layer_order_and_exact():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(0.3, 1.0, (5, 16, 16, 3)).astype(np.float32))
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, domain=0, train=False))(x)
-  variables = {"params": variables["params"],
-               "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])}
+  variables = {
+    "params": variables["params"],
+    "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"]),
+  }
   layers = diag.exact_statistics(model, variables, x, domain=1)
   assert [l["path"] for l in layers] == [("bn1",), ("bn2",), ("bn_fc",)]
   assert [l["n"] for l in layers] == [5 * 12 * 12, 5 * 2 * 2, 5]
@@ -55,8 +64,9 @@ def test_exact_statistics_in_layer_order_and_exact():
 
   replaced = diag.with_statistics(variables["batch_stats"], layers, domain=1)
   np.testing.assert_allclose(replaced["bn2"]["var"][1], direct["bn2"][1], rtol=1e-5)
-  np.testing.assert_array_equal(replaced["bn2"]["var"][0],
-                                variables["batch_stats"]["bn2"]["var"][0])
+  np.testing.assert_array_equal(
+    replaced["bn2"]["var"][0], variables["batch_stats"]["bn2"]["var"][0]
+  )
 
 
 def test_relative_distance_and_mix_weight():

@@ -15,13 +15,19 @@ def _init(layer, x):
 
 def _randomise(variables, rng):
   """Distinct scale/bias/statistics per branch, so a wrong branch cannot pass by accident."""
+
   def rand(x, lo, hi):
     return jnp.asarray(rng.uniform(lo, hi, x.shape).astype(np.float32))
+
   return {
-      "params": {"scale": rand(variables["params"]["scale"], 0.5, 1.5),
-                 "bias": rand(variables["params"]["bias"], -0.5, 0.5)},
-      "batch_stats": {"mean": rand(variables["batch_stats"]["mean"], -1, 1),
-                      "var": rand(variables["batch_stats"]["var"], 0.5, 2.0)},
+    "params": {
+      "scale": rand(variables["params"]["scale"], 0.5, 1.5),
+      "bias": rand(variables["params"]["bias"], -0.5, 0.5),
+    },
+    "batch_stats": {
+      "mean": rand(variables["batch_stats"]["mean"], -1, 1),
+      "var": rand(variables["batch_stats"]["var"], 0.5, 2.0),
+    },
   }
 
 
@@ -86,8 +92,9 @@ def test_gradients_reach_only_the_used_branch():
   variables = _randomise(_init(layer, x), np.random.default_rng(1))
 
   def loss(params):
-    y, _ = layer.apply({**variables, "params": params}, x, domain=1, train=True,
-                       mutable=["batch_stats"])
+    y, _ = layer.apply(
+      {**variables, "params": params}, x, domain=1, train=True, mutable=["batch_stats"]
+    )
     return jnp.sum(y * y)
 
   g = jax.grad(loss)(variables["params"])

@@ -7,14 +7,14 @@ import pytest
 import torch
 from flax import traverse_util
 
-from configs import default
+from dsbn_jax import config_defaults
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads
 from tests import torch_reference as ref
 
 
 def _config(method="alda_dsbn", **model):
-  cfg = default.get_config()
+  cfg = config_defaults.get_config()
   cfg.method = method
   cfg.model.update(model)
   return cfg
@@ -22,14 +22,22 @@ def _config(method="alda_dsbn", **model):
 
 def _shapes(cfg, size=64):
   model = heads.create_model(cfg)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                             method="init_all"))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), method="init_all")
+  )
   return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
 
 
-@pytest.mark.parametrize("method,num_domains,disc_out", [
-    ("alda_dsbn", 2, 65), ("alda", 1, 65), ("dann_dsbn", 2, 1), ("dann", 1, 1),
-    ("source_only", 1, None)])
+@pytest.mark.parametrize(
+  "method,num_domains,disc_out",
+  [
+    ("alda_dsbn", 2, 65),
+    ("alda", 1, 65),
+    ("dann_dsbn", 2, 1),
+    ("dann", 1, 1),
+    ("source_only", 1, None),
+  ],
+)
 def test_resnet50_model_structure_per_method(method, num_domains, disc_out):
   """ResNetFc: 2048 -> 512 bottleneck -> K; D 512 -> 1024 -> 1024 -> K (ALDA) or 1 (DANN)."""
   shapes = _shapes(_config(method))
@@ -41,14 +49,23 @@ def test_resnet50_model_structure_per_method(method, num_domains, disc_out):
   if disc_out is None:
     assert not disc
   else:
-    assert disc == {"disc/ad_layer1/kernel": (512, 1024), "disc/ad_layer1/bias": (1024,),
-                    "disc/ad_layer2/kernel": (1024, 1024), "disc/ad_layer2/bias": (1024,),
-                    "disc/ad_layer3/kernel": (1024, disc_out), "disc/ad_layer3/bias": (disc_out,)}
+    assert disc == {
+      "disc/ad_layer1/kernel": (512, 1024),
+      "disc/ad_layer1/bias": (1024,),
+      "disc/ad_layer2/kernel": (1024, 1024),
+      "disc/ad_layer2/bias": (1024,),
+      "disc/ad_layer3/kernel": (1024, disc_out),
+      "disc/ad_layer3/bias": (disc_out,),
+    }
 
 
 def test_no_bottleneck_feeds_backbone_features_to_classifier_and_disc():
-  shapes = _shapes(_config(backbone="small_cnn", feature_dim=40, bottleneck_dim=0,
-                           num_classes=10, disc_hidden_dim=8), size=28)
+  shapes = _shapes(
+    _config(
+      backbone="small_cnn", feature_dim=40, bottleneck_dim=0, num_classes=10, disc_hidden_dim=8
+    ),
+    size=28,
+  )
   assert "bottleneck/kernel" not in shapes
   assert shapes["classifier/kernel"] == (40, 10)
   assert shapes["disc/ad_layer1/kernel"] == (40, 8)
@@ -91,11 +108,3 @@ def test_unknown_method_and_backbone_are_user_errors():
     heads.create_model(_config(method="alda_bn"))
   with pytest.raises(UserError, match="small_cnn"):
     heads.create_model(_config(backbone="vgg16"))
-
-
-def test_pretrained_backbone_loading_rules(tmp_path):
-  assert heads.load_pretrained_backbone(_config()) is None  # '' = random init
-  with pytest.raises(UserError, match="resnet50"):
-    heads.load_pretrained_backbone(_config(backbone="small_cnn", pretrained_path="x.pth"))
-  with pytest.raises(UserError, match="model.pretrained_path"):
-    heads.load_pretrained_backbone(_config(pretrained_path=str(tmp_path / "missing.pth")))

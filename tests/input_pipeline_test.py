@@ -7,9 +7,9 @@ from unittest import mock
 import numpy as np
 import PIL.Image
 import pytest
-from scipy import stats
 import tensorflow as tf
 import torch
+from scipy import stats
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
@@ -24,8 +24,9 @@ def office_home(tmp_path_factory):
   """Data config of a generated Office-Home tree (Art -> Real_World), prepared once."""
   tmp = tmp_path_factory.mktemp('pipeline')
   # 11 (Art), 13, 13, 11 (Real World) images: odd counts exercise uneven process splits.
-  fx.make_domain_tree(str(tmp / 'manual'), fx.OFFICE_HOME_DOMAINS, fx.OFFICE_HOME_SUBSET,
-                      per_class=(1, 2, 3, 2))
+  fx.make_domain_tree(
+    str(tmp / 'manual'), fx.OFFICE_HOME_DOMAINS, fx.OFFICE_HOME_SUBSET, per_class=(1, 2, 3, 2)
+  )
   data = fx.get_data_config('office_home')
   data.data_dir, data.manual_dir = str(tmp / 'tfds'), str(tmp / 'manual')
   data.source, data.target = 'Art', 'Real World'
@@ -44,8 +45,14 @@ def _take(iterator, n):
 
 
 def _train(data, start_step=0, seed=0, batch=4, index=0, count=1):
-  return ip.make_train_iterator(data, global_batch_size=batch, seed=seed, start_step=start_step,
-                                process_index=index, process_count=count)
+  return ip.make_train_iterator(
+    data,
+    global_batch_size=batch,
+    seed=seed,
+    start_step=start_step,
+    process_index=index,
+    process_count=count,
+  )
 
 
 def _assert_batches_equal(a, b):
@@ -97,9 +104,9 @@ def test_eval_batches_follow_the_contract(office_home, mode, shape):
     assert np.all(b['image'][~b['mask']] == 0)  # padding
 
 
-def test_digits_pipeline_is_32px_without_crop(tmp_path):
+def test_digits_pipeline_is_32px_without_crop(digits_data_dir):
   data = fx.get_data_config('digits')
-  data.data_dir = str(tmp_path / 'tfds')
+  data.data_dir = digits_data_dir
   batch = next(_train(data, batch=8))
   for domain in batch.values():
     assert domain['image'].shape == (8, 32, 32, 3) and domain['image'].dtype == np.float32
@@ -114,8 +121,9 @@ def test_digits_pipeline_is_32px_without_crop(tmp_path):
 
 def test_tensorflow_is_told_to_hide_accelerators(office_home):
   with mock.patch.object(tf.config, 'set_visible_devices') as hide:
-    ip.make_train_dataset(office_home, global_batch_size=4, seed=0, process_index=0,
-                          process_count=1)
+    ip.make_train_dataset(
+      office_home, global_batch_size=4, seed=0, process_index=0, process_count=1
+    )
   hide.assert_any_call([], 'GPU')
 
 
@@ -136,15 +144,18 @@ def test_bad_pipeline_settings_are_user_errors(office_home):
 @pytest.mark.parametrize('sharding', ['global', 'process'])
 def test_resume_at_step_yields_the_uninterrupted_batches(office_home, sharding):
   # 11 images per domain, global batch 4: 2 steps per epoch, so steps 0..7 span four epochs.
-  data = _config(office_home, train_sharding=sharding, crop_size=32, resize_size=40,
-                 eval_mode='center')
+  data = _config(
+    office_home, train_sharding=sharding, crop_size=32, resize_size=40, eval_mode='center'
+  )
   count = 2 if sharding == 'process' else 1
   uninterrupted = _take(_train(data, count=count), 8)
   resumed = _take(_train(data, start_step=5, count=count), 3)
   _assert_batches_equal(resumed, uninterrupted[5:])
   other_seed = _take(_train(data, seed=1, count=count), 8)
-  assert any(not np.array_equal(a['source']['image'], b['source']['image'])
-             for a, b in zip(uninterrupted, other_seed))
+  assert any(
+    not np.array_equal(a['source']['image'], b['source']['image'])
+    for a, b in zip(uninterrupted, other_seed)
+  )
 
 
 def test_each_epoch_is_a_permutation_of_the_domain(office_home):
@@ -171,6 +182,24 @@ def test_global_stream_does_not_depend_on_the_process_count(office_home):
         np.testing.assert_array_equal(np.concatenate(rows), whole[domain][key])
 
 
+@pytest.mark.parametrize('dataset', ['office_home', 'digits'])
+def test_cache_resized_off_gives_the_same_train_batches(office_home, digits_data_dir, dataset):
+  """data.cache_resized=False (decode and resize every image every time it is read) yields the
+  batches of the default True (each image decoded and resized once): Office's crop of 224 with
+  flips, and the digits' 32 px without crop; over two epochs (Office), from step 0 and resumed."""
+  if dataset == 'office_home':
+    data, batch = _config(office_home), 4
+  else:
+    data, batch = fx.get_data_config('digits'), 8
+    data.data_dir = digits_data_dir
+  assert data.cache_resized is True  # the default
+  cached = _take(_train(data, batch=batch), 4)
+  uncached = _take(_train(_config(data, cache_resized=False), batch=batch), 4)
+  _assert_batches_equal(uncached, cached)
+  resumed = _take(_train(_config(data, cache_resized=False), batch=batch, start_step=3), 1)
+  _assert_batches_equal(resumed, cached[3:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Eval coverage: every image exactly once, also across processes
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +221,15 @@ def test_every_eval_image_counts_once_across_processes(office_home, batch):
   info = catalog.get_data_info(data)
   target = info.target.builder.as_dataset(split='Real_World')
   expected_labels = sorted(int(ex['label']) for ex in target)
-  single, n_single = _masked_images(ip.make_eval_data(data, global_batch_size=batch,
-                                                      process_index=0, process_count=1))
+  single, n_single = _masked_images(
+    ip.make_eval_data(data, global_batch_size=batch, process_index=0, process_count=1)
+  )
   assert [label for label, _ in single] == expected_labels and len(set(single)) == len(single)
   assert n_single == -(-len(expected_labels) // batch)
-  per_process = [ip.make_eval_data(data, global_batch_size=batch, process_index=p, process_count=2)
-                 for p in range(2)]
+  per_process = [
+    ip.make_eval_data(data, global_batch_size=batch, process_index=p, process_count=2)
+    for p in range(2)
+  ]
   results = [_masked_images(e) for e in per_process]
   assert results[0][1] == results[1][1] == per_process[0].num_batches  # same batch count everywhere
   assert sorted(results[0][0] + results[1][0]) == single
@@ -208,8 +240,12 @@ def test_more_processes_than_eval_images_still_count_each_once(office_home):
   data = _config(office_home, eval_mode='center', crop_size=32, resize_size=40)
   n = catalog.get_data_info(data).target.num_eval
   count = n + 1  # the last process gets no image at all, only padding
-  results = [_masked_images(ip.make_eval_data(data, global_batch_size=count, process_index=p,
-                                              process_count=count)) for p in range(count)]
+  results = [
+    _masked_images(
+      ip.make_eval_data(data, global_batch_size=count, process_index=p, process_count=count)
+    )
+    for p in range(count)
+  ]
   assert [batches for _, batches in results] == [1] * count
   assert [len(seen) for seen, _ in results] == [1] * n + [0]
 
@@ -220,13 +256,11 @@ def test_more_processes_than_eval_images_still_count_each_once(office_home):
 
 
 class _ResizeImage:  # the reference's ResizeImage: PIL resize to a square, default filter
-
   def __call__(self, img):
     return img.resize((256, 256))
 
 
 class _PlaceCrop:  # the reference's PlaceCrop: PIL crop of box (x, y, x + 224, y + 224)
-
   def __init__(self, x, y):
     self.x, self.y = x, y
 
@@ -275,8 +309,12 @@ def test_ten_crop_after_a_real_resize_is_close_to_the_reference(office_home):
 
 def test_random_resized_crop_box_fallback_equals_torchvision():
   for height, width in ((1000, 10), (10, 1000), (5, 6)):
-    ours = [int(v) for v in ip.random_resized_crop_box(tf.constant([1, 2], tf.int64), height, width,
-                                                       (0.08, 1.0), (3 / 4, 4 / 3))]
+    ours = [
+      int(v)
+      for v in ip.random_resized_crop_box(
+        tf.constant([1, 2], tf.int64), height, width, (0.08, 1.0), (3 / 4, 4 / 3)
+      )
+    ]
     image = torch.zeros(1, height, width)
     if (height, width) == (5, 6):  # small enough that attempts can succeed: compare validity only
       top, left, h, w = ours
@@ -287,21 +325,34 @@ def test_random_resized_crop_box_fallback_equals_torchvision():
 
 def test_random_resized_crop_box_distribution_matches_torchvision():
   n = 3000
-  boxes = tf.data.Dataset.range(n).map(lambda i: tf.stack(ip.random_resized_crop_box(
-      tf.stack([tf.constant(7, tf.int64), i]), 256, 256, (0.08, 1.0), (3 / 4, 4 / 3))))
+  boxes = tf.data.Dataset.range(n).map(
+    lambda i: tf.stack(
+      ip.random_resized_crop_box(
+        tf.stack([tf.constant(7, tf.int64), i]), 256, 256, (0.08, 1.0), (3 / 4, 4 / 3)
+      )
+    )
+  )
   ours = boxes.batch(n).get_single_element().numpy()
   torch.manual_seed(0)
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # get_params makes tiny tensors: thread start-up dominates otherwise
   try:
-    theirs = np.array([transforms.RandomResizedCrop.get_params(torch.zeros(1, 256, 256),
-                                                               (0.08, 1.0), (3 / 4, 4 / 3))
-                       for _ in range(n)])
+    theirs = np.array(
+      [
+        transforms.RandomResizedCrop.get_params(
+          torch.zeros(1, 256, 256), (0.08, 1.0), (3 / 4, 4 / 3)
+        )
+        for _ in range(n)
+      ]
+    )
   finally:
     torch.set_num_threads(threads)
-  for name, f in (('area', lambda b: b[:, 2] * b[:, 3] / 256**2),
-                  ('aspect', lambda b: b[:, 3] / b[:, 2]), ('top', lambda b: b[:, 0]),
-                  ('center_x', lambda b: b[:, 1] + b[:, 3] / 2)):
+  for name, f in (
+    ('area', lambda b: b[:, 2] * b[:, 3] / 256**2),
+    ('aspect', lambda b: b[:, 3] / b[:, 2]),
+    ('top', lambda b: b[:, 0]),
+    ('center_x', lambda b: b[:, 1] + b[:, 3] / 2),
+  ):
     assert stats.ks_2samp(f(ours), f(theirs)).pvalue > 1e-3, name
   assert np.all(ours[:, 0] + ours[:, 2] <= 256) and np.all(ours[:, 1] + ours[:, 3] <= 256)
 
@@ -312,8 +363,9 @@ def test_train_crop_pixels_match_torchvision_resized_crop(office_home):
   seed = tf.constant([3, 4], tf.int64)
   ours = ip.preprocess_train(tf.constant(encoded), seed, data).numpy()
   crop_seed = tf.random.experimental.stateless_split(seed, 2)[0]  # as preprocess_train splits it
-  top, left, h, w = [int(v) for v in ip.random_resized_crop_box(crop_seed, 256, 256, (0.08, 1.0),
-                                                                (3 / 4, 4 / 3))]
+  top, left, h, w = [
+    int(v) for v in ip.random_resized_crop_box(crop_seed, 256, 256, (0.08, 1.0), (3 / 4, 4 / 3))
+  ]
   img = PIL.Image.open(io.BytesIO(encoded)).convert('RGB')
   ref = TF.resized_crop(img, top, left, h, w, [224, 224], transforms.InterpolationMode.BILINEAR)
   ref = (np.asarray(ref) / 255.0 - np.array(data.mean)) / np.array(data.std)
@@ -325,13 +377,19 @@ def test_train_flip_is_a_fair_coin(office_home):
   data = _config(office_home, crop_size=0, resize_size=8)
   encoded = fx.encode(fx.random_image(2, (8, 8)), 'RGB', 'PNG')
   plain = ip.preprocess_eval(tf.constant(encoded), _config(data, eval_mode='center')).numpy()
-  flips = [not np.allclose(ip.preprocess_train(tf.constant(encoded), tf.constant([0, i], tf.int64),
-                                               data).numpy(), plain) for i in range(400)]
+  flips = [
+    not np.allclose(
+      ip.preprocess_train(tf.constant(encoded), tf.constant([0, i], tf.int64), data).numpy(), plain
+    )
+    for i in range(400)
+  ]
   assert 0.42 < np.mean(flips) < 0.58
 
 
 def test_every_data_config_field_is_commented():
-  path = fx.os.path.join(fx.os.path.dirname(fx.os.path.dirname(fx.__file__)), 'configs', 'data.py')
+  path = fx.os.path.join(
+    fx.os.path.dirname(fx.os.path.dirname(fx.__file__)), 'dsbn_jax', 'config_defaults.py'
+  )
   with open(path) as f:
     lines = [l.strip() for l in f]
   for name in ('digits', 'office31', 'office_home', 'custom'):

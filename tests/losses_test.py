@@ -29,7 +29,8 @@ def _case(seed, k, b=5, regime="mixed"):
   disc = rng.normal(0.0, 2.0, (2 * b, k)).astype(np.float32)
   logits = rng.normal(0.0, 1.0, (2 * b, k))
   boost = {"none": np.zeros(2 * b, bool), "all": np.ones(2 * b, bool)}.get(
-      regime, rng.random(2 * b) < 0.5)
+    regime, rng.random(2 * b) < 0.5
+  )
   boost[b] = regime != "none"  # at least one confident target row unless "none"
   boost[b + 1] = regime == "all"  # and at least one unconfident one unless "all"
   logits[boost, rng.integers(0, k, int(boost.sum()))] += 30.0
@@ -50,8 +51,10 @@ def _jax_values_and_jacobians(disc, labels, probs, threshold):
 
 def _jax_terms_and_grads(disc, labels, probs, threshold):
   values, (d_disc, d_probs) = _jax_values_and_jacobians(disc, labels, probs, threshold)
-  return ({n: float(values[i]) for i, n in enumerate(TERMS)},
-          {n: (np.asarray(d_disc[i]), np.asarray(d_probs[i])) for i, n in enumerate(TERMS)})
+  return (
+    {n: float(values[i]) for i, n in enumerate(TERMS)},
+    {n: (np.asarray(d_disc[i]), np.asarray(d_probs[i])) for i, n in enumerate(TERMS)},
+  )
 
 
 def _torch_terms_and_grads(disc, labels, probs, threshold):
@@ -62,8 +65,9 @@ def _torch_terms_and_grads(disc, labels, probs, threshold):
     out = ref.alda_loss(d, torch.from_numpy(labels).long(), p, threshold)[i]
     values[name] = float(out.detach())
     g = torch.autograd.grad(out, (d, p), allow_unused=True)
-    grads[name] = tuple(np.zeros_like(x) if gi is None else gi.numpy() for gi, x in
-                        zip(g, (disc, probs)))
+    grads[name] = tuple(
+      np.zeros_like(x) if gi is None else gi.numpy() for gi, x in zip(g, (disc, probs))
+    )
   return values, grads
 
 
@@ -103,15 +107,19 @@ def test_threshold_is_strict():
   probs[:, 0] = np.float32(0.9)  # max prob == float32(0.9) == the threshold in float32
   probs[b] = [0.02, 0.94, 0.02, 0.02]  # one target row strictly above
   assert np.asarray(losses.confident_mask(jnp.asarray(probs[b:]), 0.9)).tolist() == [
-      True, False, False]
+    True,
+    False,
+    False,
+  ]
   ours, theirs = _compare(disc, labels, probs, 0.9)
   assert np.isfinite(theirs["correct"])  # exactly the one strictly-above row counted, in both
 
 
 def test_no_confident_target_gives_exact_zero_and_zero_gradients():
   disc, labels, probs = _case(7, 31, regime="none")
-  value, grad = jax.jit(jax.value_and_grad(
-      lambda p: losses.alda_losses(disc, labels, p, 0.9)[2]))(probs)
+  value, grad = jax.jit(jax.value_and_grad(lambda p: losses.alda_losses(disc, labels, p, 0.9)[2]))(
+    probs
+  )
   assert float(value) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
 
@@ -149,12 +157,16 @@ def test_cross_entropy_matches_torch():
 @pytest.mark.parametrize("step", [0, 1, 7, 499, 2000, 10000, 20000])
 def test_ramps_and_their_step_offsets(step):
   """GRL uses calc_coeff(i + 1) (D's iter_num counts before use); L_T's weight calc_coeff(i)."""
-  np.testing.assert_allclose(losses.grl_coeff(step), ref.calc_coeff(step + 1), rtol=1e-6,
-                             atol=1e-7)
-  np.testing.assert_allclose(losses.correct_loss_weight(step, trade_off=1.3),
-                             ref.calc_coeff(step, high=1.3), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(losses.ramp(step, max_steps=300.0),
-                             ref.calc_coeff(step, max_iter=300.0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(losses.grl_coeff(step), ref.calc_coeff(step + 1), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    losses.correct_loss_weight(step, trade_off=1.3),
+    ref.calc_coeff(step, high=1.3),
+    rtol=1e-6,
+    atol=1e-7,
+  )
+  np.testing.assert_allclose(
+    losses.ramp(step, max_steps=300.0), ref.calc_coeff(step, max_iter=300.0), rtol=1e-6, atol=1e-7
+  )
 
 
 def test_gradient_reversal_is_identity_forward_and_minus_coeff_backward():

@@ -4,28 +4,28 @@ and the generator the rehearsal relies on."""
 
 import io
 import os
-import sys
 import tarfile
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from configs import data as data_config
-from dsbn_jax import train
-from dsbn_jax.datasets import catalog
-from dsbn_jax.datasets import office
+from benchmarks import office_scale
+from dsbn_jax import config_defaults, evaluation
+from dsbn_jax.datasets import catalog, office
 from dsbn_jax.errors import UserError
 from tests import data_fixtures as fx
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
-import office_scale  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _office31_archive(tmp_path):
   tree = tmp_path / 'tree'
-  entries = fx.make_domain_tree(str(tree), ('amazon', 'dslr', 'webcam'), ('back_pack', 'bike'),
-                                subdir='images', per_class=(1, 2))
+  entries = fx.make_domain_tree(
+    str(tree),
+    ('amazon', 'dslr', 'webcam'),
+    ('back_pack', 'bike'),
+    subdir='images',
+    per_class=(1, 2),
+  )
   manual = tmp_path / 'manual'
   manual.mkdir()
   with tarfile.open(manual / office_scale.OFFICE31_TAR, 'w:gz') as tar:
@@ -36,7 +36,7 @@ def _office31_archive(tmp_path):
 
 def test_a_build_from_an_archive_keeps_no_extracted_copy_and_no_progress_flood(tmp_path, capsys):
   manual, entries = _office31_archive(tmp_path)
-  data = data_config.get_data_config('office31')
+  data = config_defaults.get_data_config('office31')
   data.manual_dir, data.data_dir = str(manual), str(tmp_path / 'tfds')
   builder = catalog.get_builder(data, 'amazon')
   assert sum(s.num_examples for s in builder.info.splits.values()) == len(entries)
@@ -52,7 +52,7 @@ def test_a_build_from_an_archive_keeps_no_extracted_copy_and_no_progress_flood(t
 
 def test_a_failed_build_keeps_the_extracted_copy_for_the_next_attempt(tmp_path):
   manual, entries = _office31_archive(tmp_path)
-  data = data_config.get_data_config('office31')
+  data = config_defaults.get_data_config('office31')
   data.manual_dir, data.data_dir = str(manual), str(tmp_path / 'tfds')
   # A class folder that Office-31 does not have: the build stops after extracting.
   with tarfile.open(manual / office_scale.OFFICE31_TAR, 'r:gz') as tar:
@@ -85,17 +85,19 @@ class _FakeEval:
 
 def test_a_long_evaluation_reports_its_progress(monkeypatch):
   clock = iter(range(0, 10_000, 20))  # every evaluated batch takes 20 s
-  monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
-  monkeypatch.setattr(train.sharding, 'to_global', lambda batch, mesh: batch)
+  monkeypatch.setattr(evaluation.time, 'perf_counter', lambda: next(clock))
+  monkeypatch.setattr(evaluation.sharding, 'to_global', lambda batch, mesh: batch)
   said = []
-  result = train.evaluate(lambda state, batch: batch, None, _FakeEval(12), None, 2, said.append)
+  result = evaluation.evaluate(
+    lambda state, batch: batch, None, _FakeEval(12), None, 2, said.append
+  )
   assert result['accuracy'] == 100.0 and result['num_images'] == 24
   # silent during the first minute, then about every 30 s (here every other batch), never after
   # the last batch
   assert said and all(line.startswith('evaluating: batch ') for line in said)
   assert 'batch 4/12' in said[0] and 'ETA' in said[0] and len(said) == 4
   quiet = []
-  train.evaluate(lambda state, batch: batch, None, _FakeEval(2), None, 2, quiet.append)
+  evaluation.evaluate(lambda state, batch: batch, None, _FakeEval(2), None, 2, quiet.append)
   assert not quiet
 
 

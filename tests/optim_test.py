@@ -7,22 +7,28 @@ import optax
 import pytest
 import torch
 
-from configs import default
-from dsbn_jax import optim
+from dsbn_jax import config_defaults, optim
 from tests import torch_reference as ref
 
-SHAPES = {"backbone": {"conv": (3, 3, 4, 8), "bn": (2, 8)}, "bottleneck": {"kernel": (8, 6)},
-          "classifier": {"kernel": (6, 5), "bias": (5,)}, "disc": {"kernel": (6, 5)}}
+SHAPES = {
+  "backbone": {"conv": (3, 3, 4, 8), "bn": (2, 8)},
+  "bottleneck": {"kernel": (8, 6)},
+  "classifier": {"kernel": (6, 5), "bias": (5,)},
+  "disc": {"kernel": (6, 5)},
+}
 
 
 def _tree(rng, scale=1.0):
-  return jax.tree.map(lambda s: (rng.normal(size=s) * scale).astype(np.float32), SHAPES,
-                      is_leaf=lambda s: isinstance(s, tuple))
+  return jax.tree.map(
+    lambda s: (rng.normal(size=s) * scale).astype(np.float32),
+    SHAPES,
+    is_leaf=lambda s: isinstance(s, tuple),
+  )
 
 
 @pytest.mark.parametrize("step", [0, 1, 500, 1000, 10000, 20000])
 def test_inv_schedule_matches_reference_scheduler(step):
-  cfg = default.get_config().optim
+  cfg = config_defaults.get_config().optim
   opt = ref.make_sgd([([torch.zeros(1, requires_grad=True)], 1)], cfg.lr0)
   ref.inv_lr_scheduler(opt, step, cfg.lr_gamma, cfg.lr_power, cfg.lr0, 0.0005)
   np.testing.assert_allclose(optim.inv_schedule(cfg)(step), opt.param_groups[0]["lr"], rtol=1e-6)
@@ -31,7 +37,7 @@ def test_inv_schedule_matches_reference_scheduler(step):
 @pytest.mark.parametrize("mults", [(1.0, 10.0, 10.0), (0.5, 3.0, 7.0)])
 def test_updates_match_torch_sgd_over_steps(mults):
   """Nesterov momentum (buffer starting at the first gradient), coupled decay, per-group lr."""
-  cfg = default.get_config().optim
+  cfg = config_defaults.get_config().optim
   cfg.lr0, cfg.weight_decay = 0.05, 0.01  # large enough that decay and momentum both matter
   cfg.lr_mult_backbone, cfg.lr_mult_head, cfg.lr_mult_disc = mults
   rng = np.random.default_rng(0)
@@ -43,10 +49,14 @@ def test_updates_match_torch_sgd_over_steps(mults):
   state = tx.init(ours)
   update = jax.jit(tx.update)
   torch_params = jax.tree.map(lambda x: torch.tensor(x, requires_grad=True), params)
-  groups = [(jax.tree.leaves(torch_params["backbone"]), mults[0]),
-            (jax.tree.leaves(torch_params["bottleneck"]) +
-             jax.tree.leaves(torch_params["classifier"]), mults[1]),
-            (jax.tree.leaves(torch_params["disc"]), mults[2])]
+  groups = [
+    (jax.tree.leaves(torch_params["backbone"]), mults[0]),
+    (
+      jax.tree.leaves(torch_params["bottleneck"]) + jax.tree.leaves(torch_params["classifier"]),
+      mults[1],
+    ),
+    (jax.tree.leaves(torch_params["disc"]), mults[2]),
+  ]
   opt = ref.make_sgd(groups, cfg.lr0, momentum=cfg.momentum, weight_decay=cfg.weight_decay / 2)
   for i, g in enumerate(grads):
     updates, state = update(jax.tree.map(jnp.asarray, g), state, ours)
@@ -55,8 +65,9 @@ def test_updates_match_torch_sgd_over_steps(mults):
     for p, gi in zip(jax.tree.leaves(torch_params), jax.tree.leaves(g)):
       p.grad = torch.from_numpy(gi)
     opt.step()
-    for ours_leaf, theirs, start in zip(jax.tree.leaves(ours), jax.tree.leaves(torch_params),
-                                        jax.tree.leaves(params)):
+    for ours_leaf, theirs, start in zip(
+      jax.tree.leaves(ours), jax.tree.leaves(torch_params), jax.tree.leaves(params)
+    ):
       theirs = theirs.detach().numpy()
       assert np.abs(theirs - start).max() > 1e-3  # every group moves
       np.testing.assert_allclose(ours_leaf, theirs, atol=1e-6, rtol=1e-6)
@@ -64,7 +75,7 @@ def test_updates_match_torch_sgd_over_steps(mults):
 
 def test_first_step_is_lr_times_one_point_nine_decayed_gradient():
   """torch's buffer starts at d = g + wd·w, so step 0 moves by lr·(d + 0.9·d) (optax: trace 0)."""
-  cfg = default.get_config().optim
+  cfg = config_defaults.get_config().optim
   params = {"disc": {"w": jnp.array([1.0, -2.0])}}
   g = {"disc": {"w": jnp.array([0.5, 0.25])}}
   tx = optim.create_optimizer(cfg)
@@ -82,7 +93,7 @@ def test_every_top_level_param_needs_a_group():
 
 def test_adam_matches_torch_adam_with_coupled_decay_and_the_schedule():
   """optim.name='adam' (torch Adam's update, as in ALDA's digits scripts) vs torch.optim.Adam."""
-  cfg = default.get_config().optim
+  cfg = config_defaults.get_config().optim
   cfg.name, cfg.lr0, cfg.weight_decay, cfg.lr_gamma = "adam", 0.01, 0.01, 0.3
   cfg.lr_mult_backbone, cfg.lr_mult_head, cfg.lr_mult_disc = 1.0, 2.0, 3.0
   rng = np.random.default_rng(1)
@@ -91,8 +102,10 @@ def test_adam_matches_torch_adam_with_coupled_decay_and_the_schedule():
   ours = jax.tree.map(jnp.asarray, params)
   state = tx.init(ours)
   torch_params = jax.tree.map(lambda x: torch.tensor(x, requires_grad=True), params)
-  groups = [{"params": jax.tree.leaves(torch_params[k]), "mult": m} for k, m in
-            (("backbone", 1.0), ("bottleneck", 2.0), ("classifier", 2.0), ("disc", 3.0))]
+  groups = [
+    {"params": jax.tree.leaves(torch_params[k]), "mult": m}
+    for k, m in (("backbone", 1.0), ("bottleneck", 2.0), ("classifier", 2.0), ("disc", 3.0))
+  ]
   opt = torch.optim.Adam(groups, lr=cfg.lr0, weight_decay=cfg.weight_decay)
   for i, g in enumerate(grads):
     updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
@@ -107,7 +120,7 @@ def test_adam_matches_torch_adam_with_coupled_decay_and_the_schedule():
 
 
 def test_unknown_optimizer_is_a_user_error():
-  cfg = default.get_config().optim
+  cfg = config_defaults.get_config().optim
   cfg.name = "adamw"
   with pytest.raises(optim.UserError, match="adamw"):
     optim.create_optimizer(cfg)

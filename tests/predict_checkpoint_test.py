@@ -1,9 +1,12 @@
 """``predict --checkpoint=best|last`` on a smoke run, the best checkpoint across resumes, and the
 panels of ``curves.png``.
 
-Training runs are real ``python -m dsbn_jax.main`` subprocesses on one CPU device (the generated
-Digits data); predict is called in-process on the run's target test images, exported from the
-prepared dataset as their stored PNG bytes into ``<class>/<n>.png``.
+Training runs are the command ``python -m dsbn_jax.main`` on one CPU device (the generated Digits
+data of conftest's ``digits_data_dir``), run in this process (tests/cli_driver.py), except the
+crash: a real subprocess killed with ``kill -9``, started in the background when the test session
+starts (``background_jobs``, run by conftest's ``background_runs``);
+predict is called in-process on the run's target test images, exported from the prepared dataset
+as their stored PNG bytes into ``<class>/<n>.png``.
 """
 
 import csv
@@ -11,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,8 +21,9 @@ import pytest
 
 from dsbn_jax import checkpointing, predict, reporting
 from dsbn_jax.errors import UserError
+from tests import cli_driver, suite_env, train_test
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = suite_env.ROOT
 # configs/smoke.py with an evaluation after every step, 5 steps and a larger lr0: the target
 # accuracy then goes 10.4, 11.2, 11.2, 9.3, 10.4 %, so the best evaluation (step 2) is not the last
 # (step 5), and the evaluations outpace the regular checkpoints (steps 3 and 5). With the plain
@@ -29,21 +32,42 @@ OVERRIDES = ("--config.eval_every_steps=1", "--config.total_steps=5", "--config.
 LAST = 5
 
 
-def _main(workdir, data_dir, env_extra=None, check=True):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DSBN_JAX_"))}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
-  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *OVERRIDES]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return proc
+def _main(workdir, data_dir):
+  """The command, in this process, on one device."""
+  result = cli_driver.run_main(workdir, data_dir, *OVERRIDES)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _main_subprocess(workdir, data_dir, env):
+  """The command as a new process (the crash: only a process can be killed)."""
+  cmd = train_test._command(workdir, data_dir, *OVERRIDES)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def background_jobs(session, root, data_dir) -> dict:
+  """{"crash": a run killed as its step 3 starts (kill -9 after 2 steps): ``(workdir,
+  CompletedProcess)``}, started by conftest's ``background_runs`` when the session starts."""
+  if not any(
+    str(getattr(item, "path", "")) == os.path.abspath(__file__)
+    and item.name == "test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint"
+    for item in session.items
+  ):
+    return {}  # not selected
+  workdir = root / "crashed"
+  env = suite_env.subprocess_env(1, DSBN_JAX_KILL_AT_STEP="2")  # this process's environment now
+  return {"crash": lambda: (workdir, _main_subprocess(workdir, data_dir, env))}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(digits_data_dir):
+  return digits_data_dir
+
+
+@pytest.fixture(scope="module")
+def crashed(background_runs):
+  """The future of ``background_jobs``' crash."""
+  return background_runs[f"{__name__.rsplit('.', 1)[-1]}:crash"]
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +85,15 @@ def target_images(run, tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
+
   workdir, results = run
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   domain = catalog.resolve_domain(config.data, config.data.target)
   folder = tmp_path_factory.mktemp("target_images")
   n = 0
-  stored = domain.builder.as_dataset(split=domain.eval_split,
-                                     decoders={"image": tfds.decode.SkipDecoding()})
+  stored = domain.builder.as_dataset(
+    split=domain.eval_split, decoders={"image": tfds.decode.SkipDecoding()}
+  )
   for ex in stored.as_numpy_iterator():
     data = ex["image"]
     assert data[:4] == b"\x89PNG"
@@ -113,8 +139,9 @@ def test_the_best_checkpoint_is_kept_apart_from_the_rolling_ones(run):
   assert meta["best"] == {"step": results["best_step"], "accuracy": results["best_accuracy"]}
 
 
-def test_predict_best_and_last_give_their_evaluations_accuracies(run, target_images, tmp_path,
-                                                                 capsys):
+def test_predict_best_and_last_give_their_evaluations_accuracies(
+  run, target_images, tmp_path, capsys
+):
   workdir, results = run
   best, err = _predict_accuracy(workdir, target_images, tmp_path / "best.csv", "best", capsys)
   assert best == results["best_accuracy"]
@@ -127,18 +154,21 @@ def test_predict_best_and_last_give_their_evaluations_accuracies(run, target_ima
 
 
 def test_predict_best_of_a_run_without_a_best_checkpoint_is_a_one_line_error(
-    run, target_images, tmp_path):
+  run, target_images, tmp_path
+):
   workdir = tmp_path / "old_run"  # as trained before the best checkpoint existed
   shutil.copytree(run[0], workdir, ignore=shutil.ignore_patterns(checkpointing.BEST_DIR))
   with pytest.raises(UserError) as e:
-    predict.predict_folder(str(workdir), str(target_images), str(tmp_path / "p.csv"),
-                           checkpoint="best")
+    predict.predict_folder(
+      str(workdir), str(target_images), str(tmp_path / "p.csv"), checkpoint="best"
+    )
   msg = str(e.value)
   assert "\n" not in msg and "has no best checkpoint" in msg and "--checkpoint=last" in msg
   assert not (tmp_path / "p.csv").exists()
   with pytest.raises(UserError, match="invalid --checkpoint=first; valid: last, best"):
-    predict.predict_folder(str(run[0]), str(target_images), str(tmp_path / "p.csv"),
-                           checkpoint="first")
+    predict.predict_folder(
+      str(run[0]), str(target_images), str(tmp_path / "p.csv"), checkpoint="first"
+    )
 
 
 def test_resuming_the_finished_run_keeps_its_best_checkpoint(run, data_dir, tmp_path):
@@ -154,14 +184,14 @@ def test_resuming_the_finished_run_keeps_its_best_checkpoint(run, data_dir, tmp_
 
 
 def test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint(
-    run, data_dir, tmp_path):
+  run, data_dir, crashed
+):
   """Killed as step 3 starts, after the evaluations of steps 1 and 2 wrote best checkpoints but
   before the first regular checkpoint: the best checkpoint is ahead of the resume point (step 0).
   The resumed run re-trains and re-evaluates those steps bit for bit, replaces it, and ends with
   the uninterrupted run's best checkpoint."""
-  workdir = tmp_path / "run"
-  crashed = _main(workdir, data_dir, env_extra={"DSBN_JAX_KILL_AT_STEP": "2"}, check=False)
-  assert crashed.returncode == -9, crashed.stderr[-2000:]
+  workdir, proc = crashed.result(timeout=1800)
+  assert proc.returncode == -9, proc.stderr[-2000:]
   assert not os.listdir(workdir / "checkpoints")
   assert os.listdir(workdir / checkpointing.BEST_DIR)  # step 1's at least (2's may be partial)
   resumed = _main(workdir, data_dir)
@@ -173,23 +203,43 @@ def test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint(
   assert os.listdir(workdir / checkpointing.BEST_DIR) == [str(ref_step)]
 
 
-_ALL_TERMS = ("train/loss", "train/ce", "train/adv", "train/reg", "train/correct", "train/dann",
-              "train/confident_frac")
+_ALL_TERMS = (
+  "train/loss",
+  "train/ce",
+  "train/adv",
+  "train/reg",
+  "train/correct",
+  "train/dann",
+  "train/confident_frac",
+)
 
 
 def test_curves_draw_every_loss_term_and_the_confident_fraction_on_their_own_axes(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  rows = [{"step": s, **{k: 1.0 / s + i for i, k in enumerate(_ALL_TERMS)}, "train/lr": 0.01}
-          for s in range(1, 5)] + [{"step": 4, "eval/accuracy": 50.0}]
+  rows = [
+    {"step": s, **{k: 1.0 / s + i for i, k in enumerate(_ALL_TERMS)}, "train/lr": 0.01}
+    for s in range(1, 5)
+  ] + [{"step": 4, "eval/accuracy": 50.0}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   titles = reporting.plot_curves(str(path), str(tmp_path / "c.png"), "all terms")
-  assert titles == ["target accuracy (evaluation)", "total loss (CE + transfer)",
-                    "source cross-entropy", "adversarial loss (ALDA)", "discriminator regulariser",
-                    "corrected-target loss", "DANN domain loss", "confident target fraction"]
+  assert titles == [
+    "target accuracy (evaluation)",
+    "total loss (CE + transfer)",
+    "source cross-entropy",
+    "adversarial loss (ALDA)",
+    "discriminator regulariser",
+    "corrected-target loss",
+    "DANN domain loss",
+    "confident target fraction",
+  ]
   assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
   # source_only logs only the CE (and the total it equals): no empty panels for the rest.
-  path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0, "train/ce": 1.0}) + "\n"
-                          for s in (1, 2)))
+  path.write_text(
+    "".join(json.dumps({"step": s, "train/loss": 1.0, "train/ce": 1.0}) + "\n" for s in (1, 2))
+  )
   titles = reporting.plot_curves(str(path), str(tmp_path / "s.png"))
-  assert titles == ["target accuracy (evaluation)", "total loss (CE + transfer)",
-                    "source cross-entropy"]
+  assert titles == [
+    "target accuracy (evaluation)",
+    "total loss (CE + transfer)",
+    "source cross-entropy",
+  ]

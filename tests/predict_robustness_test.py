@@ -3,9 +3,10 @@ format, the same decompression-bomb limit, unreadable files skipped with a reaso
 CSV cells, and bad flags refused before any work.
 
 In-process and fast: no training run. ``predict.load_run`` is replaced by the digits data config
-(32x32 centre evaluation) and a numpy "model" whose probabilities are a function of the pixels it is
-given (and which records them), so the tests see exactly what predict feeds a model. The real
-checkpoint path is covered by ``predict_checkpoint_test.py`` and ``silent_answers_test.py``.
+(32x32 centre evaluation) and a numpy "model" (in place of ``evaluation.predict_batches``: one
+output per batch) whose probabilities are a function of the pixels it is given (and which records
+them), so the tests see exactly what predict feeds a model. The real checkpoint path is covered by
+``predict_checkpoint_test.py`` and ``silent_answers_test.py``.
 """
 
 import csv
@@ -42,20 +43,20 @@ def _encode(array, mode, fmt):
 # (id, file name, PIL mode, PIL format): every format the builders accept (the same modes as
 # data_fixtures.MODES, and a TIFF named .png), and the extra extensions predict lists.
 FORMATS = [
-    ("jpeg_rgb", "a.jpg", "RGB", "JPEG"),
-    ("jpeg_gray", "b.jpg", "L", "JPEG"),
-    ("jpeg_cmyk", "c.jpeg", "CMYK", "JPEG"),
-    ("png_rgb", "d.png", "RGB", "PNG"),
-    ("png_rgba", "e.png", "RGBA", "PNG"),
-    ("png_l", "f.png", "L", "PNG"),
-    ("png_la", "g.png", "LA", "PNG"),
-    ("png_p", "h.png", "P", "PNG"),
-    ("png_1", "i.png", "1", "PNG"),
-    ("png_16bit", "j.png", "I;16", "PNG"),
-    ("tiff_named_png", "k.png", "RGB", "TIFF"),
-    ("bmp", "l.bmp", "RGB", "BMP"),
-    ("gif", "m.gif", "RGB", "GIF"),
-    ("webp", "n.webp", "RGB", "WEBP"),
+  ("jpeg_rgb", "a.jpg", "RGB", "JPEG"),
+  ("jpeg_gray", "b.jpg", "L", "JPEG"),
+  ("jpeg_cmyk", "c.jpeg", "CMYK", "JPEG"),
+  ("png_rgb", "d.png", "RGB", "PNG"),
+  ("png_rgba", "e.png", "RGBA", "PNG"),
+  ("png_l", "f.png", "L", "PNG"),
+  ("png_la", "g.png", "LA", "PNG"),
+  ("png_p", "h.png", "P", "PNG"),
+  ("png_1", "i.png", "1", "PNG"),
+  ("png_16bit", "j.png", "I;16", "PNG"),
+  ("tiff_named_png", "k.png", "RGB", "TIFF"),
+  ("bmp", "l.bmp", "RGB", "BMP"),
+  ("gif", "m.gif", "RGB", "GIF"),
+  ("webp", "n.webp", "RGB", "WEBP"),
 ]
 
 
@@ -71,15 +72,21 @@ def _write_formats(root) -> list[str]:
 
 def bomb_png(width: int, height: int) -> bytes:
   """A valid 1-bit grayscale PNG, all black: small on disk for any size, written cheaply."""
+
   def chunk(tag, data):
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
   z = zlib.compressobj(9)
   rows = (b"\0" * (1 + (width + 7) // 8)) * min(height, 1000)
   body = [z.compress(rows) for _ in range(height // 1000)]
-  body.append(z.compress(rows[:(height % 1000) * (1 + (width + 7) // 8)]) + z.flush())
+  body.append(z.compress(rows[: (height % 1000) * (1 + (width + 7) // 8)]) + z.flush())
   header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body)) +
-          chunk(b"IEND", b""))
+  return (
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", header)
+    + chunk(b"IDAT", b"".join(body))
+    + chunk(b"IEND", b"")
+  )
 
 
 def _training_pixels(path):
@@ -104,7 +111,11 @@ def fake_run(monkeypatch):
     e = np.exp(8.0 * (means - means.max(axis=1, keepdims=True)))
     return {"probs": e / e.sum(axis=1, keepdims=True)}
 
-  monkeypatch.setattr(predict, "load_run", lambda workdir, checkpoint: (config, CLASSES, predictor))
+  monkeypatch.setattr(
+    predict,
+    "load_run",
+    lambda workdir, checkpoint: (config, CLASSES, lambda bs: map(predictor, bs)),
+  )
   return config, calls
 
 
@@ -137,13 +148,19 @@ def test_predict_folder_feeds_the_model_what_training_evaluates(tmp_path, fake_r
   config, calls = fake_run
   (tmp_path / "images").mkdir()
   paths = sorted(_write_formats(tmp_path / "images"))
-  n = predict.predict_folder("unused", str(tmp_path / "images"), str(tmp_path / "p.csv"),
-                             batch_size=4)
+  n = predict.predict_folder(
+    "unused", str(tmp_path / "images"), str(tmp_path / "p.csv"), batch_size=4
+  )
   assert n == len(FORMATS)
   fed = np.concatenate([c["image"][c["mask"]] for c in calls])
-  expected = np.stack([
-      input_pipeline.preprocess_eval(tf.constant(folder.read_image_bytes(p)[0]), config.data)
-      .numpy() for p in paths])
+  expected = np.stack(
+    [
+      input_pipeline.preprocess_eval(
+        tf.constant(folder.read_image_bytes(p)[0]), config.data
+      ).numpy()
+      for p in paths
+    ]
+  )
   np.testing.assert_array_equal(fed, expected)
   rows = _rows(tmp_path / "p.csv")
   assert [r["path"] for r in rows] == [os.path.basename(p) for p in paths]
@@ -181,8 +198,10 @@ def test_both_paths_apply_pils_max_image_pixels(tmp_path, monkeypatch):
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if outcome == "refuse":
-          with pytest.raises((UserError, PIL.Image.DecompressionBombError),
-                             match="DecompressionBomb|decompression bomb"):
+          with pytest.raises(
+            (UserError, PIL.Image.DecompressionBombError),
+            match="DecompressionBomb|decompression bomb",
+          ):
             read(path)
           continue
         data = read(path)
@@ -198,12 +217,16 @@ def test_both_paths_apply_pils_max_image_pixels(tmp_path, monkeypatch):
 
 def _bad_files(root):
   jpeg = fx.encode(fx.random_image(5, (40, 30)), "RGB", "JPEG")
-  (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
   (root / "garbage.jpg").write_bytes(b"this is not an image\n")
   (root / "bomb.png").write_bytes(bomb_png(20000, 20000))
   (root / "empty.png").write_bytes(b"")
-  return {"truncated.jpg": "truncated", "garbage.jpg": "UnidentifiedImageError",
-          "bomb.png": "DecompressionBombError", "empty.png": "UnidentifiedImageError"}
+  return {
+    "truncated.jpg": "truncated",
+    "garbage.jpg": "UnidentifiedImageError",
+    "bomb.png": "DecompressionBombError",
+    "empty.png": "UnidentifiedImageError",
+  }
 
 
 def test_unreadable_images_are_skipped_with_a_warning_and_a_csv_row(tmp_path, fake_run, capsys):
@@ -266,11 +289,27 @@ def test_spreadsheet_safe_prefixes_a_quote_and_is_undone_by_removing_it(text):
 def test_csv_cells_from_user_names_never_start_a_formula(tmp_path, fake_run, monkeypatch):
   config, _ = fake_run
   classes = ["=HYPERLINK(\"http://x\")", "@cmd", "-1"]  # class names are folder names too
-  monkeypatch.setattr(predict, "load_run", lambda w, c: (config, classes, lambda batch: {
-      "probs": np.tile([0.7, 0.2, 0.1], (len(batch["image"]), 1))}))
+  monkeypatch.setattr(
+    predict,
+    "load_run",
+    lambda w, c: (
+      config,
+      classes,
+      lambda bs: ({"probs": np.tile([0.7, 0.2, 0.1], (len(batch["image"]), 1))} for batch in bs),
+    ),
+  )
   images = tmp_path / "images"
-  names = ["=cmd|' /C calc'!A0.png", "+1.png", "-2.png", "@SUM(1).png", "\tx.png", "\rx.png",
-           "'q.png", "plain.png", os.path.join("-dir", "x.png")]
+  names = [
+    "=cmd|' /C calc'!A0.png",
+    "+1.png",
+    "-2.png",
+    "@SUM(1).png",
+    "\tx.png",
+    "\rx.png",
+    "'q.png",
+    "plain.png",
+    os.path.join("-dir", "x.png"),
+  ]
   for i, name in enumerate(names):
     fx.write_image(str(images / name), fx.random_image(i, (32, 32)))
   (images / "=bad.jpg").write_bytes(b"not an image")
@@ -294,33 +333,39 @@ def test_csv_cells_from_user_names_never_start_a_formula(tmp_path, fake_run, mon
 
 
 @pytest.mark.parametrize("case", ["out_is_a_folder", "batch_size_0"])
-def test_bad_out_or_batch_size_is_a_one_line_error_before_any_work(case, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_bad_out_or_batch_size_is_a_one_line_error_before_any_work(
+  case, tmp_path, monkeypatch, capsys
+):
   def no_work(*args):
     raise AssertionError("work started")
+
   monkeypatch.setattr(predict, "load_run", no_work)
   monkeypatch.setattr(predict, "list_images", no_work)
   monkeypatch.setattr(predict, "read_image", no_work)
   out, batch = (str(tmp_path), 32) if case == "out_is_a_folder" else (str(tmp_path / "p.csv"), 0)
   before = sorted(os.listdir(tmp_path))
   with pytest.raises(SystemExit) as e:
-    run_cli(predict.predict_folder, str(tmp_path / "no_run"), str(tmp_path / "no_images"), out,
-            batch)
+    run_cli(
+      predict.predict_folder, str(tmp_path / "no_run"), str(tmp_path / "no_images"), out, batch
+    )
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: ")
-  assert ("is a folder" if case == "out_is_a_folder" else
-          "invalid --batch_size=0; valid: an integer >= 1") in err
+  assert (
+    "is a folder" if case == "out_is_a_folder" else "invalid --batch_size=0; valid: an integer >= 1"
+  ) in err
   assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_bytes_tensorflow_refuses_after_pil_read_them_are_skipped_too(tmp_path, fake_run, capsys,
-                                                                      monkeypatch):
+def test_bytes_tensorflow_refuses_after_pil_read_them_are_skipped_too(
+  tmp_path, fake_run, capsys, monkeypatch
+):
   for i in range(2):
     fx.write_image(str(tmp_path / "images" / f"{i}.png"), fx.random_image(i, (32, 32)))
   read = predict.read_image
-  monkeypatch.setattr(predict, "read_image",
-                      lambda p: b"\x89PNG broken" if p.endswith("1.png") else read(p))
+  monkeypatch.setattr(
+    predict, "read_image", lambda p: b"\x89PNG broken" if p.endswith("1.png") else read(p)
+  )
   assert predict.predict_folder("unused", str(tmp_path / "images"), str(tmp_path / "p.csv")) == 1
   rows = _rows(tmp_path / "p.csv")
   assert rows[0]["error"] == "" and rows[0]["prediction"] in CLASSES
@@ -333,10 +378,15 @@ def test_bytes_tensorflow_refuses_after_pil_read_them_are_skipped_too(tmp_path, 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,content", [("config.json", '{"method": "alda'),
-                                          ("config.json", "[1, 2]"),
-                                          ("classes.json", '["a", "b"'),
-                                          ("classes.json", '{"a": 1}')])
+@pytest.mark.parametrize(
+  "name,content",
+  [
+    ("config.json", '{"method": "alda'),
+    ("config.json", "[1, 2]"),
+    ("classes.json", '["a", "b"'),
+    ("classes.json", '{"a": 1}'),
+  ],
+)
 def test_a_damaged_config_or_classes_json_is_one_line_naming_it(tmp_path, name, content):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -349,9 +399,11 @@ def test_a_damaged_config_or_classes_json_is_one_line_naming_it(tmp_path, name, 
   assert "\n" not in msg and msg.startswith(f"{workdir / name} is damaged (")
 
 
-def test_a_full_disk_while_writing_the_csv_names_it_and_leaves_no_tmp(tmp_path, fake_run,
-                                                                        monkeypatch):
+def test_a_full_disk_while_writing_the_csv_names_it_and_leaves_no_tmp(
+  tmp_path, fake_run, monkeypatch
+):
   import errno
+
   images = tmp_path / "images"
   images.mkdir()
   (images / "a.png").write_bytes(_encode(fx.random_image(0, (20, 20)), "RGB", "PNG"))
@@ -361,8 +413,10 @@ def test_a_full_disk_while_writing_the_csv_names_it_and_leaves_no_tmp(tmp_path, 
   def full_disk_open(path, mode="r", *args, **kwargs):
     f = real_open(path, mode, *args, **kwargs)
     if str(path).endswith(".tmp") and "w" in mode:
+
       def write(_):
         raise OSError(errno.ENOSPC, "No space left on device")
+
       f.write = write
     return f
 

@@ -11,7 +11,8 @@ from dsbn_jax.models import resnet
 
 def _shapes(model, size=64):
   return jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), domain=0, train=False))
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), domain=0, train=False)
+  )
 
 
 def _count(tree):
@@ -35,8 +36,11 @@ def test_resnet50_has_53_domain_specific_norms_including_downsample():
 
 
 def test_resnet50_feature_shape_for_odd_size():
-  out = jax.eval_shape(lambda: resnet.ResNet50(num_domains=2).init_with_output(
-      jax.random.key(0), jnp.zeros((3, 193, 193, 3)), domain=1, train=False))[0]
+  out = jax.eval_shape(
+    lambda: resnet.ResNet50(num_domains=2).init_with_output(
+      jax.random.key(0), jnp.zeros((3, 193, 193, 3)), domain=1, train=False
+    )
+  )[0]
   assert out.shape == (3, 2048)
 
 

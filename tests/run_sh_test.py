@@ -21,8 +21,11 @@ QUERY = "--query-gpu=driver_version --format=csv,noheader"
 
 
 def _clean_env(**extra):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("DSBN_JAX_ACCELERATOR", "TPU_ACCELERATOR_TYPE", "DSBN_JAX_TEST_SYSROOT")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("DSBN_JAX_ACCELERATOR", "TPU_ACCELERATOR_TYPE", "DSBN_JAX_TEST_SYSROOT")
+  }
   env.update(extra)
   return env
 
@@ -37,24 +40,34 @@ def _accelerator(tmp_path, nvidia_smi=None, sysroot=None, **env):
   if nvidia_smi is not None:
     script = bindir / "nvidia-smi"
     # Answers only the query run.sh is meant to make.
-    script.write_text(f'#!/bin/sh\n[ "$*" = "{QUERY}" ] || {{ echo "bad args: $*"; exit 64; }}\n'
-                      + nvidia_smi + "\n")
+    script.write_text(
+      f'#!/bin/sh\n[ "$*" = "{QUERY}" ] || {{ echo "bad args: $*"; exit 64; }}\n'
+      + nvidia_smi
+      + "\n"
+    )
     script.chmod(0o755)
   if sysroot is None:
     sysroot = tmp_path / "sysroot"  # empty: no TPU on PCI, no /dev/accel*
     sysroot.mkdir(exist_ok=True)
   full_env = _clean_env(PATH=str(bindir), DSBN_JAX_TEST_SYSROOT=str(sysroot), **env)
-  return subprocess.run([BASH, str(RUN_SH), "accelerator"], env=full_env, capture_output=True,
-                        text=True, timeout=60)
+  return subprocess.run(
+    [BASH, str(RUN_SH), "accelerator"], env=full_env, capture_output=True, text=True, timeout=60
+  )
 
 
-@pytest.mark.parametrize("smi,extra,why", [
+@pytest.mark.parametrize(
+  "smi,extra,why",
+  [
     ("echo 590.44.01", "cuda13", "NVIDIA driver 590.44.01 supports CUDA 13 (>= 580)"),
     ("echo 580.65.06", "cuda13", "NVIDIA driver 580.65.06 supports CUDA 13 (>= 580)"),
-    ("echo 550.54.14; echo 550.54.14", "cuda12",  # two GPUs: one line each
-     "NVIDIA driver 550.54.14 supports CUDA 12 (>= 525), not CUDA 13 (>= 580)"),
+    (
+      "echo 550.54.14; echo 550.54.14",
+      "cuda12",  # two GPUs: one line each
+      "NVIDIA driver 550.54.14 supports CUDA 12 (>= 525), not CUDA 13 (>= 580)",
+    ),
     ("echo 525.60.13", "cuda12", "NVIDIA driver 525.60.13 supports CUDA 12 (>= 525)"),
-])
+  ],
+)
 def test_nvidia_driver_picks_the_newest_cuda_extra_it_supports(tmp_path, smi, extra, why):
   r = _accelerator(tmp_path, smi)
   assert r.returncode == 0, r.stderr
@@ -62,13 +75,19 @@ def test_nvidia_driver_picks_the_newest_cuda_extra_it_supports(tmp_path, smi, ex
   assert r.stdout.count("\n") == 1 and r.stderr == ""
 
 
-@pytest.mark.parametrize("smi,note", [
+@pytest.mark.parametrize(
+  "smi,note",
+  [
     ("echo 470.82.01", "NVIDIA driver 470.82.01 is older than 525"),
-    ("echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; "
-     "exit 9", "nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't"),
+    (
+      "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; "
+      "exit 9",
+      "nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't",
+    ),
     ("exit 6", "nvidia-smi failed (exit 6)"),
     ("echo 'No devices were found'", "nvidia-smi printed no driver version ('No devices"),
-])
+  ],
+)
 def test_unusable_nvidia_driver_falls_back_to_cpu_with_a_warning(tmp_path, smi, note):
   r = _accelerator(tmp_path, smi)
   assert r.returncode == 0, r.stderr
@@ -81,7 +100,10 @@ def test_unusable_nvidia_driver_falls_back_to_cpu_with_a_warning(tmp_path, smi, 
 def test_no_gpu_and_no_tpu_is_cpu(tmp_path):
   r = _accelerator(tmp_path)
   assert (r.returncode, r.stdout, r.stderr) == (
-      0, "cpu: no NVIDIA driver (nvidia-smi) and no TPU found\n", "")
+    0,
+    "cpu: no NVIDIA driver (nvidia-smi) and no TPU found\n",
+    "",
+  )
 
 
 def _pci(sysroot, slot, vendor, device):
@@ -121,11 +143,14 @@ def test_invalid_override_is_a_one_line_error_before_anything_is_installed(tmp_p
   bindir.mkdir()
   (bindir / "dirname").symlink_to(shutil.which("dirname"))
   env = _clean_env(PATH=str(bindir), DSBN_JAX_ACCELERATOR="gpu")
-  r = subprocess.run([BASH, str(work / "run.sh"), command], env=env, capture_output=True,
-                     text=True, timeout=60)
+  r = subprocess.run(
+    [BASH, str(work / "run.sh"), command], env=env, capture_output=True, text=True, timeout=60
+  )
   assert r.returncode == 2 and r.stdout == "", r
-  assert r.stderr == ("error: DSBN_JAX_ACCELERATOR='gpu' is not one of cpu, cuda12, cuda13, tpu "
-                      "(unset it to detect)\n"), r.stderr
+  assert r.stderr == (
+    "error: DSBN_JAX_ACCELERATOR='gpu' is not one of cpu, cuda12, cuda13, tpu "
+    "(unset it to detect)\n"
+  ), r.stderr
   assert sorted(p.name for p in work.iterdir()) == ["pyproject.toml", "run.sh"]
 
 
@@ -166,8 +191,9 @@ def _install_repo(tmp_path):
 
 def _run(work, *args, accelerator):
   env = _clean_env(DSBN_JAX_ACCELERATOR=accelerator)
-  r = subprocess.run([BASH, str(work / "run.sh"), *args], env=env, capture_output=True, text=True,
-                     timeout=120)
+  r = subprocess.run(
+    [BASH, str(work / "run.sh"), *args], env=env, capture_output=True, text=True, timeout=120
+  )
   assert r.returncode == 0, r
   log = work / "calls.log"
   calls = log.read_text().splitlines() if log.exists() else []
@@ -186,8 +212,9 @@ def test_stamp_holds_the_choice_and_a_switch_reinstalls_and_drops_the_other_plug
   assert calls == [upgrade, listing, "-m pip install -q -e .[test,cuda12]", pytest_call]
   assert "[run.sh] accelerator cuda12: DSBN_JAX_ACCELERATOR=cuda12\n" in r.stderr
   assert installed == ["jax-cuda12-plugin==0.10.2", "jax_cuda12_pjrt==0.10.2"]
-  sha = subprocess.run(["sha256sum", str(work / "pyproject.toml")], capture_output=True,
-                       text=True, check=True).stdout.split()[0]
+  sha = subprocess.run(
+    ["sha256sum", str(work / "pyproject.toml")], capture_output=True, text=True, check=True
+  ).stdout.split()[0]
   stamp = work / ".venv/.dsbn_jax_install"
   assert stamp.read_text() == f"{sha} accelerator=cuda12 extras=test,cuda12\n"
 
@@ -198,17 +225,24 @@ def test_stamp_holds_the_choice_and_a_switch_reinstalls_and_drops_the_other_plug
 
   # CPU after CUDA: the CUDA plugins go, then the CPU install.
   r, calls, installed = _run(work, "test", "-q", accelerator="cpu")
-  assert calls == [upgrade, listing,
-                   "-m pip uninstall -q -y jax-cuda12-plugin jax_cuda12_pjrt",
-                   "-m pip install -q -e .[test]", pytest_call]
+  assert calls == [
+    upgrade,
+    listing,
+    "-m pip uninstall -q -y jax-cuda12-plugin jax_cuda12_pjrt",
+    "-m pip install -q -e .[test]",
+    pytest_call,
+  ]
   assert installed == [] and stamp.read_text() == f"{sha} accelerator=cpu extras=test\n"
 
   # CUDA 13, then CUDA 12 again: never both plugins at once.
   _, calls, installed = _run(work, "main", accelerator="cuda13")
   assert calls == [upgrade, listing, "-m pip install -q -e .[cuda13]", main]
   _, calls, installed = _run(work, "test", "-q", accelerator="cuda12")
-  assert calls[2:] == ["-m pip uninstall -q -y jax-cuda13-plugin jax-cuda13-pjrt",
-                       "-m pip install -q -e .[test,cuda12]", pytest_call]
+  assert calls[2:] == [
+    "-m pip uninstall -q -y jax-cuda13-plugin jax-cuda13-pjrt",
+    "-m pip install -q -e .[test,cuda12]",
+    pytest_call,
+  ]
   assert installed == ["jax-cuda12-plugin==0.10.2", "jax_cuda12_pjrt==0.10.2"]
 
   # A changed pyproject.toml re-installs with the same choice.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsbn_jax import sharding, train_step
+from dsbn_jax import evaluation, sharding, train_step
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads
 from tests.train_step_test import NUM_CLASSES, SIZE, SMALL, make_batch, make_config
@@ -17,10 +17,12 @@ STEPS = 3
 
 def _counting(fn, counter):
   """``fn`` that counts its Python executions, i.e. its traces under jit."""
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     counter.append(1)
     return fn(*args, **kwargs)
+
   return wrapped
 
 
@@ -33,11 +35,13 @@ def _train(mesh, cfg, state, batches):
     old = state
     state, m = step(state, sharding.to_global(batch, mesh), rng)
     metrics.append(jax.device_get(m))
-  evaluate = sharding.jit_eval_step(mesh, cfg)
+  evaluate = evaluation.jit_eval_step(mesh, cfg)
   rng = np.random.default_rng(9)
-  eval_batch = {"image": rng.normal(size=(8, 2, SIZE, SIZE, 3)).astype(np.float32),
-                "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32),
-                "mask": np.arange(8) < 7}
+  eval_batch = {
+    "image": rng.normal(size=(8, 2, SIZE, SIZE, 3)).astype(np.float32),
+    "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32),
+    "mask": np.arange(8) < 7,
+  }
   out = jax.device_get(evaluate(state, sharding.to_global(eval_batch, mesh)))
   return state, metrics, out, len(traces), old
 
@@ -54,11 +58,11 @@ def runs(request):
   rng = np.random.default_rng(0)
   batches = [make_batch(rng, 8, SIZE) for _ in range(STEPS)]
   mesh8, mesh1 = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
-  state8 = sharding.create_sharded_state(mesh8, jax.random.key(0), cfg, heads.create_model(cfg),
-                                         (SIZE, SIZE, 3))
+  state8 = sharding.create_sharded_state(
+    mesh8, jax.random.key(0), cfg, heads.create_model(cfg), (SIZE, SIZE, 3)
+  )
   # The same initial state on one device, through the host (fresh buffers: both get donated).
-  state1 = jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding.replicated(mesh1)),
-                        state8)
+  state1 = jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding.replicated(mesh1)), state8)
   return _train(mesh1, cfg, state1, batches), _train(mesh8, cfg, state8, batches)
 
 
@@ -106,17 +110,23 @@ def test_pretrained_variables_replace_the_backbone():
   cfg = make_config("alda_dsbn", **SMALL)
   model = heads.create_model(cfg)
   mesh = sharding.make_mesh()
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)),
-                                             method="init_all"))
-  pretrained = {col: jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes[col]["backbone"])
-                for col in ("params", "batch_stats")}
-  state = sharding.create_sharded_state(mesh, jax.random.key(0), cfg, model, (SIZE, SIZE, 3),
-                                        pretrained=pretrained)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), method="init_all")
+  )
+  pretrained = {
+    col: jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes[col]["backbone"])
+    for col in ("params", "batch_stats")
+  }
+  state = sharding.create_sharded_state(
+    mesh, jax.random.key(0), cfg, model, (SIZE, SIZE, 3), pretrained=pretrained
+  )
   for leaf in jax.tree.leaves((state.params["backbone"], state.batch_stats["backbone"])):
     np.testing.assert_array_equal(np.asarray(leaf), 0.5)
   assert float(np.abs(np.asarray(state.params["classifier"]["kernel"])).max()) > 0
-  bad = {"params": {"conv1": pretrained["params"]["conv1"]},
-         "batch_stats": pretrained["batch_stats"]}
+  bad = {
+    "params": {"conv1": pretrained["params"]["conv1"]},
+    "batch_stats": pretrained["batch_stats"],
+  }
   with pytest.raises(UserError, match="pretrained"):
     sharding.create_sharded_state(mesh, jax.random.key(0), cfg, model, (SIZE, SIZE, 3), bad)
 
@@ -130,11 +140,14 @@ def test_single_process_does_not_initialize_distributed(monkeypatch):
 def test_start_up_line_and_the_cpu_warning_for_resnet50():
   from configs import smoke
   from dsbn_jax import train
+
   config = smoke.get_config()
   mesh = sharding.make_mesh()
   line = sharding.describe(mesh, config, "runs/x")
-  assert line == ("dsbn_jax: platform cpu, 8 x cpu, 1 process, mesh data=8, compute float32, "
-                  "matmul precision default, batch 8 + 8 (source + target, global), workdir runs/x")
+  assert line == (
+    "dsbn_jax: platform cpu, 8 x cpu, 1 process, mesh data=8, compute float32, "
+    "matmul precision default, batch 8 + 8 (source + target, global), workdir runs/x"
+  )
   assert not sharding.slow_on_cpu(mesh, config)
   config.model.backbone = "resnet50"
   assert sharding.slow_on_cpu(mesh, config)

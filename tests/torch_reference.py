@@ -19,8 +19,9 @@ from torchvision.models.resnet import Bottleneck
 # ---------------------------------------------------------------------------------- losses (§1)
 def calc_coeff(iter_num, high=1.0, low=0.0, alpha=10.0, max_iter=10000.0) -> float:
   """``network.py::calc_coeff``, in float64 on the host as in the reference."""
-  return float(2.0 * (high - low) / (1.0 + np.exp(-alpha * iter_num / max_iter))
-               - (high - low) + low)
+  return float(
+    2.0 * (high - low) / (1.0 + np.exp(-alpha * iter_num / max_iter)) - (high - low) + low
+  )
 
 
 def create_matrix(n: int) -> torch.Tensor:
@@ -117,8 +118,9 @@ class SmallResNet(nn.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         down = None
         if stride != 1 or inplanes != planes * 4:
-          down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                               norm(planes * 4))
+          down = nn.Sequential(
+            nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), norm(planes * 4)
+          )
         blocks.append(Bottleneck(inplanes, planes, stride, down, norm_layer=norm))
         inplanes = planes * 4
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
@@ -161,8 +163,9 @@ def grl_hook(coeff):
 class AdversarialNetwork(nn.Module):
   """``Multi_AdversarialNetwork`` (raw K logits), or DANN's ``AdversarialNetwork`` (``sigmoid``)."""
 
-  def __init__(self, in_feature, hidden_size, num_outputs, dropout=0.5, max_iter=10000.0,
-               sigmoid=False):
+  def __init__(
+    self, in_feature, hidden_size, num_outputs, dropout=0.5, max_iter=10000.0, sigmoid=False
+  ):
     super().__init__()
     self.ad_layer1 = nn.Linear(in_feature, hidden_size)
     self.ad_layer2 = nn.Linear(hidden_size, hidden_size)
@@ -188,8 +191,9 @@ class AdversarialNetwork(nn.Module):
 def make_sgd(groups, lr0, momentum=0.9, weight_decay=0.0005):
   """SGD over ``[(params, lr_mult), ...]``, decay_mult 2 on every group (``get_parameters``)."""
   param_groups = [{"params": list(p), "lr_mult": mult, "decay_mult": 2} for p, mult in groups]
-  return torch.optim.SGD(param_groups, lr=lr0, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=True)
+  return torch.optim.SGD(
+    param_groups, lr=lr0, momentum=momentum, weight_decay=weight_decay, nesterov=True
+  )
 
 
 def inv_lr_scheduler(optimizer, iter_num, gamma, power, lr, weight_decay):
@@ -204,14 +208,36 @@ def inv_lr_scheduler(optimizer, iter_num, gamma, power, lr, weight_decay):
 class Trainer:
   """One ``train.py::train`` iteration per ``step`` call, for ALDA or DANN, DSBN or shared BN."""
 
-  def __init__(self, base: ResNetFc, ad_net: AdversarialNetwork, *, method, lr0, threshold,
-               trade_off, adv_weight, lr_gamma=0.001, lr_power=0.75, weight_decay=0.0005):
+  def __init__(
+    self,
+    base: ResNetFc,
+    ad_net: AdversarialNetwork,
+    *,
+    method,
+    lr0,
+    threshold,
+    trade_off,
+    adv_weight,
+    lr_gamma=0.001,
+    lr_power=0.75,
+    weight_decay=0.0005,
+  ):
     self.base, self.ad_net, self.method = base, ad_net, method
-    self.hp = dict(lr0=lr0, threshold=threshold, trade_off=trade_off, adv_weight=adv_weight,
-                   lr_gamma=lr_gamma, lr_power=lr_power, weight_decay=weight_decay)
+    self.hp = dict(
+      lr0=lr0,
+      threshold=threshold,
+      trade_off=trade_off,
+      adv_weight=adv_weight,
+      lr_gamma=lr_gamma,
+      lr_power=lr_power,
+      weight_decay=weight_decay,
+    )
     head = list(base.bottleneck.parameters()) + list(base.fc.parameters())
-    self.optimizer = make_sgd([(base.backbone.parameters(), 1), (head, 10),
-                               (ad_net.parameters(), 10)], lr0, weight_decay=weight_decay)
+    self.optimizer = make_sgd(
+      [(base.backbone.parameters(), 1), (head, 10), (ad_net.parameters(), 10)],
+      lr0,
+      weight_decay=weight_decay,
+    )
 
   def _forward(self, xs, xt):
     set_domain(self.base, 0)
@@ -226,8 +252,9 @@ class Trainer:
     hp = self.hp
     self.base.train(True)
     self.ad_net.train(True)
-    inv_lr_scheduler(self.optimizer, i, hp["lr_gamma"], hp["lr_power"], hp["lr0"],
-                     hp["weight_decay"])
+    inv_lr_scheduler(
+      self.optimizer, i, hp["lr_gamma"], hp["lr_power"], hp["lr0"], hp["weight_decay"]
+    )
     self.optimizer.zero_grad()
     features, outputs_source, outputs = self._forward(xs, xt)
     softmax_out = nn.Softmax(dim=1)(outputs)
@@ -274,9 +301,12 @@ def _flax_module_path(name: str):
 
 def _bn_entries(path, bns):
   stack = lambda f: np.stack([getattr(bn, f).detach().numpy() for bn in bns])  # noqa: E731
-  return {("params", *path, "scale"): stack("weight"), ("params", *path, "bias"): stack("bias"),
-          ("batch_stats", *path, "mean"): stack("running_mean"),
-          ("batch_stats", *path, "var"): stack("running_var")}
+  return {
+    ("params", *path, "scale"): stack("weight"),
+    ("params", *path, "bias"): stack("bias"),
+    ("batch_stats", *path, "mean"): stack("running_mean"),
+    ("batch_stats", *path, "var"): stack("running_var"),
+  }
 
 
 def to_flax(base: ResNetFc, ad_net: nn.Module | None = None) -> dict:

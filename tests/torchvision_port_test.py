@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,7 @@ from flax import traverse_util
 
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import resnet
-from dsbn_jax.models.torchvision_port import load_resnet50
+from dsbn_jax.models.torchvision_port import load_pretrained_backbone, load_resnet50
 from tests import torch_utils
 
 
@@ -52,7 +53,9 @@ def test_eval_features_match_torchvision_for_every_branch(torch_model, variables
     feats = jax.jit(lambda v, x, d=d: model.apply(v, x, domain=d, train=False))(variables, x)
     assert feats.shape == (2, 2048)
     err = float(np.abs(np.asarray(feats) - ref).max())
-    assert err <= 1e-4, f"domain {d}, {size}px: max|delta| = {err} (feature scale {np.abs(ref).max()})"
+    assert err <= 1e-4, (
+      f"domain {d}, {size}px: max|delta| = {err} (feature scale {np.abs(ref).max()})"
+    )
 
 
 @pytest.mark.parametrize("domain", [0, 1])
@@ -60,13 +63,14 @@ def test_train_mode_output_and_running_statistics_match_torch(domain):
   torch_model = torch_utils.perturbed_resnet50(seed=3)
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   from dsbn_jax.models.torchvision_port import convert_state_dict
+
   variables = convert_state_dict(sd, num_domains=2)
   x = np.random.default_rng(1).normal(size=(4, 96, 96, 3)).astype(np.float32)
 
   model = resnet.ResNet50(num_domains=2)
   feats, updates = jax.jit(
-      lambda v, x: model.apply(v, x, domain=domain, train=True, mutable=["batch_stats"]))(
-          variables, x)
+    lambda v, x: model.apply(v, x, domain=domain, train=True, mutable=["batch_stats"])
+  )(variables, x)
   ref = _torch_features(torch_model.train(), x)
   np.testing.assert_allclose(np.asarray(feats), ref, atol=1e-4, rtol=0)
 
@@ -77,8 +81,9 @@ def test_train_mode_output_and_running_statistics_match_torch(domain):
   for path, bn in bns.items():
     for ours, theirs in (("mean", bn.running_mean), ("var", bn.running_var)):
       got = np.asarray(new[(*path, ours)])
-      np.testing.assert_allclose(got[domain], theirs.numpy(), atol=1e-5, rtol=0,
-                                 err_msg=f"{path} {ours}")
+      np.testing.assert_allclose(
+        got[domain], theirs.numpy(), atol=1e-5, rtol=0, err_msg=f"{path} {ours}"
+      )
       np.testing.assert_array_equal(got[1 - domain], np.asarray(old[(*path, ours)])[1 - domain])
 
 
@@ -87,7 +92,7 @@ _TORCH_FREE_LOAD = textwrap.dedent("""
     sys.modules["torch"] = None  # any 'import torch' now raises ImportError
     import numpy as np
     from flax import traverse_util
-    from dsbn_jax.models.torchvision_port import load_resnet50
+    from dsbn_jax.models.torchvision_port import load_pretrained_backbone, load_resnet50
     v = load_resnet50(sys.argv[1], num_domains=2)
     assert sys.modules["torch"] is None
     flat = traverse_util.flatten_dict(v, sep="/")
@@ -99,8 +104,12 @@ _TORCH_FREE_LOAD = textwrap.dedent("""
 def test_loader_needs_no_torch_on_both_formats(pth_files, variables, fmt, tmp_path):
   out = tmp_path / "v.npz"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, "-c", _TORCH_FREE_LOAD, str(pth_files[fmt]), str(out)],
-                 check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  subprocess.run(
+    [sys.executable, "-c", _TORCH_FREE_LOAD, str(pth_files[fmt]), str(out)],
+    check=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   loaded = np.load(out)
   flat = traverse_util.flatten_dict(variables, sep="/")
   assert set(loaded.files) == set(flat)
@@ -110,13 +119,17 @@ def test_loader_needs_no_torch_on_both_formats(pth_files, variables, fmt, tmp_pa
 
 def test_branches_are_copies_and_kernels_are_transposed(torch_model, variables):
   sd = torch_model.state_dict()
-  np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
-                                sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    variables["params"]["conv1"]["kernel"], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+  )
   for d in (0, 1):
-    np.testing.assert_array_equal(variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"][d],
-                                  sd["layer2.0.downsample.1.running_var"].numpy())
-    np.testing.assert_array_equal(variables["params"]["layer4_2"]["bn3"]["scale"][d],
-                                  sd["layer4.2.bn3.weight"].numpy())
+    np.testing.assert_array_equal(
+      variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"][d],
+      sd["layer2.0.downsample.1.running_var"].numpy(),
+    )
+    np.testing.assert_array_equal(
+      variables["params"]["layer4_2"]["bn3"]["scale"][d], sd["layer4.2.bn3.weight"].numpy()
+    )
 
 
 def _save(sd, path):
@@ -149,3 +162,19 @@ def test_other_architecture_and_missing_file_are_one_line_errors(tmp_path):
   garbage.write_bytes(b"not a checkpoint at all")
   with pytest.raises(UserError, match="garbage.pth"):
     load_resnet50(garbage)
+
+
+def _config(method="alda_dsbn", **model):
+  model = {"backbone": "resnet50", "pretrained_path": "", **model}
+  return ml_collections.ConfigDict({"method": method, "model": model})
+
+
+def test_pretrained_backbone_loading_rules(tmp_path, pth_files):
+  assert load_pretrained_backbone(_config()) is None  # '' = random init
+  with pytest.raises(UserError, match="resnet50"):
+    load_pretrained_backbone(_config(backbone="small_cnn", pretrained_path="x.pth"))
+  with pytest.raises(UserError, match="model.pretrained_path"):
+    load_pretrained_backbone(_config(pretrained_path=str(tmp_path / "missing.pth")))
+  for method, branches in (("alda", 1), ("alda_dsbn", 2)):  # one BN copy per branch of the method
+    loaded = load_pretrained_backbone(_config(method, pretrained_path=str(pth_files["zip"])))
+    assert loaded["batch_stats"]["bn1"]["mean"].shape == (branches, 64), method

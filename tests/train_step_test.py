@@ -1,4 +1,4 @@
-"""The training step against the PyTorch reference iteration, gradient routing, baselines, eval."""
+"""The training step against the PyTorch reference iteration, gradient routing, baselines."""
 
 import copy
 import functools
@@ -10,20 +10,20 @@ import pytest
 import torch
 from flax import traverse_util
 
-from configs import default
-from dsbn_jax import losses, optim, train_step
+from dsbn_jax import config_defaults, losses, methods, optim, train_step
 from dsbn_jax.models import heads
 from tests import torch_reference as ref
 from tests import torch_utils
 
 NUM_CLASSES = 5
-TINY = dict(backbone="resnet", stage_sizes=(2, 1, 1), num_filters=8, bottleneck_dim=16,
-            disc_hidden_dim=32)
+TINY = dict(
+  backbone="resnet", stage_sizes=(2, 1, 1), num_filters=8, bottleneck_dim=16, disc_hidden_dim=32
+)
 
 
 def make_config(method, **model):
   """Parity config: dropout off, lr and ramps fast enough that every term moves the weights."""
-  cfg = default.get_config()
+  cfg = config_defaults.get_config()
   cfg.method = method
   cfg.model.num_classes = NUM_CLASSES
   cfg.model.dropout_rate = 0.0
@@ -36,8 +36,11 @@ def make_config(method, **model):
 
 def make_batch(rng, b, size):
   def domain():
-    return {"image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, NUM_CLASSES, b).astype(np.int32)}
+    return {
+      "image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
+      "label": rng.integers(0, NUM_CLASSES, b).astype(np.int32),
+    }
+
   return {"source": domain(), "target": domain()}
 
 
@@ -48,14 +51,20 @@ def to_torch(x_NHWC):
 def flax_variables(flat, model, image_shape):
   """Nested ``{'params', 'batch_stats'}`` from a flat torch export; must fill the model exactly."""
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), method="init_all"))
-  want = {(col, *p): v.shape for col in shapes
-          for p, v in traverse_util.flatten_dict(shapes[col]).items()}
-  assert set(flat) == set(want), (set(flat) ^ set(want))
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), method="init_all")
+  )
+  want = {
+    (col, *p): v.shape for col in shapes for p, v in traverse_util.flatten_dict(shapes[col]).items()
+  }
+  assert set(flat) == set(want), set(flat) ^ set(want)
   for k, v in flat.items():
     assert v.shape == want[k], (k, v.shape, want[k])
-  out = {col: traverse_util.unflatten_dict({k[1:]: jnp.asarray(v) for k, v in flat.items()
-                                            if k[0] == col}) for col in shapes}
+  out = {
+    col: traverse_util.unflatten_dict(
+      {k[1:]: jnp.asarray(v) for k, v in flat.items() if k[0] == col}
+    )
+    for col in shapes
+  }
   return out
 
 
@@ -63,25 +72,29 @@ def torch_models(cfg, seed, feature_dim, bias_range=(-0.2, 0.2)):
   """Reference G+C and D for ``cfg``: DSBN or plain BN, perturbed BN, xavier heads."""
   torch.manual_seed(seed)
   m = cfg.model
-  num_domains = heads.method_spec(cfg.method).num_domains
+  num_domains = methods.method_spec(cfg.method).num_domains
   if m.backbone == "resnet50":
     backbone = ref.resnet50_features(num_domains)
   else:
     backbone = ref.SmallResNet(m.stage_sizes, m.num_filters, num_domains)
   ref.perturb_bn(backbone, seed, bias_range)
   base = ref.ResNetFc(backbone, feature_dim, m.bottleneck_dim, m.num_classes)
-  adversary = heads.method_spec(cfg.method).adversary
-  ad_net = ref.AdversarialNetwork(m.bottleneck_dim, m.disc_hidden_dim,
-                                  1 if adversary == "dann" else m.num_classes,
-                                  dropout=m.dropout_rate, max_iter=cfg.loss.ramp_max_steps,
-                                  sigmoid=adversary == "dann")
+  adversary = methods.method_spec(cfg.method).adversary
+  ad_net = ref.AdversarialNetwork(
+    m.bottleneck_dim,
+    m.disc_hidden_dim,
+    1 if adversary == "dann" else m.num_classes,
+    dropout=m.dropout_rate,
+    max_iter=cfg.loss.ramp_max_steps,
+    sigmoid=adversary == "dann",
+  )
   return base, ad_net
 
 
 def median_target_confidence(base, batch, cfg) -> float:
   """A threshold that splits the first target batch into confident / not (computed, not typed)."""
   base = copy.deepcopy(base)  # train-mode forward would move the running stats of the real one
-  ref.set_domain(base, 1 if heads.method_spec(cfg.method).dsbn else 0)
+  ref.set_domain(base, methods.method_spec(cfg.method).target_branch)
   with torch.no_grad():
     _, logits = base.train()(to_torch(batch["target"]["image"]))
   return float(np.median(torch.softmax(logits, 1).max(1).values.numpy()))
@@ -95,21 +108,37 @@ def run_both(cfg, *, image_size, batch_size, feature_dim, seed=0, steps=2, **tor
   cfg.loss.threshold = median_target_confidence(base, batches[0], cfg)
   model = heads.create_model(cfg)
   variables = flax_variables(ref.to_flax(base, ad_net), model, (image_size, image_size, 3))
-  state = train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                       batch_stats=variables["batch_stats"],
-                                       tx=optim.create_optimizer(cfg.optim))
-  trainer = ref.Trainer(base, ad_net, method=cfg.method, lr0=cfg.optim.lr0,
-                        threshold=cfg.loss.threshold, trade_off=cfg.loss.trade_off,
-                        adv_weight=cfg.loss.adv_weight, lr_gamma=cfg.optim.lr_gamma,
-                        lr_power=cfg.optim.lr_power, weight_decay=cfg.optim.weight_decay / 2)
+  state = train_step.TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=optim.create_optimizer(cfg.optim),
+  )
+  trainer = ref.Trainer(
+    base,
+    ad_net,
+    method=cfg.method,
+    lr0=cfg.optim.lr0,
+    threshold=cfg.loss.threshold,
+    trade_off=cfg.loss.trade_off,
+    adv_weight=cfg.loss.adv_weight,
+    lr_gamma=cfg.optim.lr_gamma,
+    lr_power=cfg.optim.lr_power,
+    weight_decay=cfg.optim.weight_decay / 2,
+  )
   step = jax.jit(functools.partial(train_step.train_step, cfg=cfg))
   jax_metrics, torch_metrics = [], []
   for i, batch in enumerate(batches):
     state, metrics = step(state, batch, jax.random.key(seed))
     jax_metrics.append(jax.device_get(metrics))
-    torch_metrics.append(trainer.step(i, to_torch(batch["source"]["image"]),
-                                      torch.from_numpy(batch["source"]["label"]).long(),
-                                      to_torch(batch["target"]["image"])))
+    torch_metrics.append(
+      trainer.step(
+        i,
+        to_torch(batch["source"]["image"]),
+        torch.from_numpy(batch["source"]["label"]).long(),
+        to_torch(batch["target"]["image"]),
+      )
+    )
   return state, jax_metrics, ref.to_flax(base, ad_net), torch_metrics, variables
 
 
@@ -130,10 +159,12 @@ def assert_losses_match(jax_metrics, torch_metrics, tol):
 
 def assert_variables_match(state, torch_flat, initial, tol):
   """Every param and BN statistic within ``tol`` of torch, and far closer than it moved."""
+
   def flat(params, batch_stats):
     out = {("params", *k): v for k, v in traverse_util.flatten_dict(params).items()}
     out.update({("batch_stats", *k): v for k, v in traverse_util.flatten_dict(batch_stats).items()})
     return {k: np.asarray(v) for k, v in out.items()}
+
   ours = flat(state.params, state.batch_stats)
   init = flat(initial["params"], initial["batch_stats"])
   assert set(ours) == set(torch_flat)
@@ -152,8 +183,9 @@ def assert_variables_match(state, torch_flat, initial, tol):
 def test_two_steps_match_torch_small_resnet(method):
   """Aggressive ramps (GRL coefficient 0.99 at step 0) and lr: every term moves every weight."""
   cfg = make_config(method, **TINY)
-  state, jm, tflat, tm, init = run_both(cfg, image_size=32, batch_size=6,
-                                        feature_dim=TINY["num_filters"] * 4 * 4)
+  state, jm, tflat, tm, init = run_both(
+    cfg, image_size=32, batch_size=6, feature_dim=TINY["num_filters"] * 4 * 4
+  )
   assert any(0.0 < float(m["train/confident_frac"]) < 1.0 for m in jm)  # the mask is exercised
   print("losses max |dev|:", assert_losses_match(jm, tm, 1e-5))
   print("max |dev|, max dev/move:", assert_variables_match(state, tflat, init, 1e-4))
@@ -171,8 +203,9 @@ def test_two_steps_match_torch_resnet50(method):
   """
   cfg = make_config(method, backbone="resnet50", bottleneck_dim=32, disc_hidden_dim=32)
   cfg.optim.lr0, cfg.loss.ramp_max_steps = 0.001, 200
-  state, jm, tflat, tm, init = run_both(cfg, image_size=64, batch_size=4, feature_dim=2048,
-                                        bias_range=(0.0, 0.4))
+  state, jm, tflat, tm, init = run_both(
+    cfg, image_size=64, batch_size=4, feature_dim=2048, bias_range=(0.0, 0.4)
+  )
   print("losses max |dev|:", assert_losses_match(jm, tm, 1e-4))
   print("max |dev|, max dev/move:", assert_variables_match(state, tflat, init, 1e-4))
 
@@ -181,8 +214,9 @@ def test_two_steps_match_torch_resnet50(method):
 def test_dann_two_steps_match_torch_small_resnet(method):
   """The DANN baseline (1-logit D, sigmoid BCE, GRL) follows the reference iteration too."""
   cfg = make_config(method, **TINY)
-  state, jm, tflat, tm, init = run_both(cfg, image_size=32, batch_size=6,
-                                        feature_dim=TINY["num_filters"] * 4 * 4)
+  state, jm, tflat, tm, init = run_both(
+    cfg, image_size=32, batch_size=6, feature_dim=TINY["num_filters"] * 4 * 4
+  )
   assert_losses_match(jm, tm, 1e-5)
   assert_variables_match(state, tflat, init, 1e-4)
 
@@ -199,23 +233,30 @@ def small_state(cfg, seed=0):
   need reasonable weights, not the production init (``sharding_test`` covers that path).
   """
   model = heads.create_model(cfg)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                             method="init_all"))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), method="init_all")
+  )
   rng = np.random.default_rng(seed)
+
   def value(path, s):
     name = path[-1].key
     if name == "kernel":
       return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape).astype(np.float32)
     return np.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
+
   variables = jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(value, shapes))
-  return train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                      batch_stats=variables["batch_stats"],
-                                      tx=optim.create_optimizer(cfg.optim))
+  return train_step.TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=optim.create_optimizer(cfg.optim),
+  )
 
 
-@pytest.mark.parametrize("method,model", [
-    ("alda_dsbn", SMALL), ("alda", SMALL), ("dann", SMALL), ("source_only", SMALL),
-    ("alda", TINY)])
+@pytest.mark.parametrize(
+  "method,model",
+  [("alda_dsbn", SMALL), ("alda", SMALL), ("dann", SMALL), ("source_only", SMALL), ("alda", TINY)],
+)
 def test_fused_pass_equals_two_calls(method, model):
   """One backbone call over both domains == the reference's two calls: every param, BN statistic
   and logged metric after 3 steps within 1e-5 (and every BN statistic moved far more than that)."""
@@ -231,7 +272,8 @@ def test_fused_pass_equals_two_calls(method, model):
       metrics.append(m)
     ends[fused] = (state, metrics)
   flat = lambda st: traverse_util.flatten_dict(  # noqa: E731
-      {"params": st.params, "batch_stats": st.batch_stats})
+    {"params": st.params, "batch_stats": st.batch_stats}
+  )
   two, one = flat(ends[False][0]), flat(ends[True][0])
   init = flat(small_state(make_config(method, **model)))
   assert set(two) == set(one)
@@ -248,6 +290,7 @@ def test_fused_batch_norm_updates_shared_statistics_in_domain_order():
   """Shared BN, fused: the running mean is that of two sequential updates, source then target --
   not the mean of one update over both halves, nor the reversed order."""
   from dsbn_jax.models import dsbn
+
   bn = dsbn.DomainSpecificBatchNorm(num_domains=1, momentum=0.1)
   rng = np.random.default_rng(0)
   xs, xt = rng.normal(1.0, 1, (4, 3)), rng.normal(-2.0, 1, (4, 3))
@@ -255,8 +298,9 @@ def test_fused_batch_norm_updates_shared_statistics_in_domain_order():
   variables = bn.init(jax.random.key(0), x, domain=(0, 0), train=True)
   _, upd = bn.apply(variables, x, domain=(0, 0), train=True, mutable=["batch_stats"])
   after_s = 0.9 * 0.0 + 0.1 * xs.mean(0)
-  np.testing.assert_allclose(upd["batch_stats"]["mean"][0], 0.9 * after_s + 0.1 * xt.mean(0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    upd["batch_stats"]["mean"][0], 0.9 * after_s + 0.1 * xt.mean(0), rtol=1e-6
+  )
 
 
 @pytest.fixture(scope="module")
@@ -270,10 +314,13 @@ def routing_setup():
 
 def term_grads(cfg, state, batch, coeff, names=("ce", "adv", "reg", "correct")):
   """d(term)/d(params) for the named loss terms, at a fixed GRL coefficient."""
+
   def terms(params):
-    t, _ = train_step.compute_loss_terms(state.apply_fn, params, state.batch_stats, batch,
-                                         jax.random.key(0), coeff, cfg=cfg)
+    t, _ = train_step.compute_loss_terms(
+      state.apply_fn, params, state.batch_stats, batch, jax.random.key(0), coeff, cfg=cfg
+    )
     return {n: t[n] for n in names}
+
   return jax.jit(jax.jacrev(terms))(state.params)
 
 
@@ -284,8 +331,9 @@ def test_gradient_reversal_flips_only_the_feature_extractor(routing_setup, monke
   monkeypatch.setattr(losses, "gradient_reversal", lambda x, c: x)  # the unreversed graph
   plain = term_grads(cfg, state, batch, coeff, names=("adv",))
   for group in ("backbone", "bottleneck"):  # G: -coeff times the unreversed adversarial gradient
-    for got, want in zip(jax.tree.leaves(reversed_["adv"][group]),
-                         jax.tree.leaves(plain["adv"][group])):
+    for got, want in zip(
+      jax.tree.leaves(reversed_["adv"][group]), jax.tree.leaves(plain["adv"][group])
+    ):
       assert float(jnp.abs(want).max()) > 0
       np.testing.assert_allclose(got, -coeff * want, rtol=1e-5, atol=1e-7)
   jax.tree.map(np.testing.assert_array_equal, reversed_["adv"]["disc"], plain["adv"]["disc"])
@@ -297,10 +345,12 @@ def test_each_term_reaches_exactly_the_reference_parameters(routing_setup):
   grads = term_grads(cfg, state, batch, 0.5)
   nonzero = lambda tree: any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(tree))  # noqa
   reaches = {term: {group for group, g in grads[term].items() if nonzero(g)} for term in grads}
-  assert reaches == {"ce": {"backbone", "bottleneck", "classifier"},
-                     "adv": {"backbone", "bottleneck", "disc"},
-                     "reg": {"disc"},
-                     "correct": {"backbone", "bottleneck", "classifier"}}
+  assert reaches == {
+    "ce": {"backbone", "bottleneck", "classifier"},
+    "adv": {"backbone", "bottleneck", "disc"},
+    "reg": {"disc"},
+    "correct": {"backbone", "bottleneck", "classifier"},
+  }
 
 
 def test_source_only_never_looks_at_the_target_batch():
@@ -308,12 +358,15 @@ def test_source_only_never_looks_at_the_target_batch():
   state = small_state(cfg)
   step = jax.jit(functools.partial(train_step.train_step, cfg=cfg))
   batch = make_batch(np.random.default_rng(2), 4, SIZE)
-  other = {"source": batch["source"],
-           "target": make_batch(np.random.default_rng(3), 4, SIZE)["target"]}
+  other = {
+    "source": batch["source"],
+    "target": make_batch(np.random.default_rng(3), 4, SIZE)["target"],
+  }
   (s1, m1), (s2, m2) = step(state, batch, jax.random.key(0)), step(state, other, jax.random.key(0))
   assert set(m1) == {"train/loss", "train/ce", "train/lr", "train/source_acc"}
-  jax.tree.map(np.testing.assert_array_equal, (s1.params, s1.batch_stats, m1),
-               (s2.params, s2.batch_stats, m2))
+  jax.tree.map(
+    np.testing.assert_array_equal, (s1.params, s1.batch_stats, m1), (s2.params, s2.batch_stats, m2)
+  )
   assert "disc" not in s1.params
 
 
@@ -321,9 +374,18 @@ def test_dann_metrics_and_update():
   cfg = make_config("dann", **SMALL)
   state = small_state(cfg)
   new, metrics = jax.jit(functools.partial(train_step.train_step, cfg=cfg))(
-      state, make_batch(np.random.default_rng(2), 4, SIZE), jax.random.key(0))
-  assert set(metrics) == {"train/loss", "train/ce", "train/dann", "train/lr", "train/grl_coeff",
-                          "train/source_acc", "train/target_acc", "train/confident_frac"}
+    state, make_batch(np.random.default_rng(2), 4, SIZE), jax.random.key(0)
+  )
+  assert set(metrics) == {
+    "train/loss",
+    "train/ce",
+    "train/dann",
+    "train/lr",
+    "train/grl_coeff",
+    "train/source_acc",
+    "train/target_acc",
+    "train/confident_frac",
+  }
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert state.params["disc"]["ad_layer3"]["kernel"].shape[-1] == 1
   assert int(new.step) == 1
@@ -354,62 +416,11 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_float32(dropout_run):
   cfg.model.dtype = "bfloat16"
   state = state32.replace(apply_fn=heads.create_model(cfg).apply)  # same float32 weights
   s16, m16 = jax.jit(functools.partial(train_step.train_step, cfg=cfg))(
-      state, batch, jax.random.key(0))
+    state, batch, jax.random.key(0)
+  )
   _, m32 = step32(state32, batch, jax.random.key(0))  # same dropout masks: same rng and shapes
   for leaf in jax.tree.leaves((s16.params, s16.batch_stats, s16.opt_state)):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
   for name in ("train/ce", "train/adv", "train/reg"):
     assert float(m16[name]) == pytest.approx(float(m32[name]), rel=3e-2), name
   assert float(m16["train/ce"]) != float(m32["train/ce"])  # bfloat16 really was used
-
-
-# ------------------------------------------------------------------------------------ eval step
-@pytest.fixture(scope="module")
-def eval_setup():
-  """An alda_dsbn state whose two BN branches differ (scale, bias and running statistics)."""
-  cfg = make_config("alda_dsbn", **SMALL)
-  state = small_state(cfg)
-  rng = np.random.default_rng(4)
-  def perturb(path, x):
-    name = path[-1].key
-    lo, hi = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(name, (-0.5, 0.5))
-    if name in ("scale", "bias", "mean", "var") and path[0].key == "backbone":
-      return jnp.asarray(rng.uniform(lo, hi, x.shape).astype(np.float32))
-    return x
-  state = state.replace(params=jax.tree_util.tree_map_with_path(perturb, state.params),
-                        batch_stats=jax.tree_util.tree_map_with_path(perturb, state.batch_stats))
-  return cfg, state
-
-
-def test_eval_averages_crop_softmax_with_the_target_branch_and_counts_masked(eval_setup):
-  cfg, state = eval_setup
-  rng = np.random.default_rng(5)
-  b, c = 4, 3
-  batch = {"image": rng.normal(size=(b, c, SIZE, SIZE, 3)).astype(np.float32),
-           "label": rng.integers(0, NUM_CLASSES, b).astype(np.int32),
-           "mask": np.array([True, True, True, False])}
-  out = jax.jit(functools.partial(train_step.eval_step, cfg=cfg))(state, batch)
-
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  def probs(domain):  # one crop at a time, as image_classification_test does
-    per_crop = [jax.nn.softmax(state.apply_fn(variables, batch["image"][:, j], domain=domain,
-                                              train=False)[1]) for j in range(c)]
-    return np.mean(np.stack(per_crop), axis=0)
-  want = probs(1)
-  np.testing.assert_allclose(out["probs"], want, atol=1e-6)
-  assert np.abs(probs(0) - want).max() > 1e-3  # the branches differ: branch 1 was really used
-  pred = want.argmax(-1)
-  np.testing.assert_array_equal(out["pred"], pred)
-  assert int(out["num_valid"]) == 3
-  assert int(out["num_correct"]) == int(((pred == batch["label"]) & batch["mask"]).sum())
-
-
-def test_eval_without_crop_axis_equals_one_crop(eval_setup):
-  cfg, state = eval_setup
-  rng = np.random.default_rng(6)
-  images = rng.normal(size=(2, 1, SIZE, SIZE, 3)).astype(np.float32)
-  labels, mask = np.zeros(2, np.int32), np.ones(2, bool)
-  step = functools.partial(train_step.eval_step, cfg=cfg)
-  with_axis = step(state, {"image": images, "label": labels, "mask": mask})
-  without = step(state, {"image": images[:, 0], "label": labels, "mask": mask})
-  np.testing.assert_allclose(with_axis["probs"], without["probs"], atol=1e-7)

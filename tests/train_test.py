@@ -1,7 +1,20 @@
 """End to end on configs/smoke.py: outputs, resume, kill -9 + resume, guards, NaN stop, multi-host.
 
-Each run is a real ``python -m dsbn_jax.main`` subprocess (the command users type), on the
-generated Digits data, with the device count set through XLA_FLAGS.
+Runs are the command users type, ``python -m dsbn_jax.main --config=configs/smoke.py``, on the
+generated Digits data (conftest's ``digits_data_dir``) and one CPU device (the mesh a CPU host
+gives), started one of two ways:
+
+- in this process (tests/cli_driver.py: the command's flag parsing and ``main``, with exit status,
+  stdout and stderr as a subprocess gives them): the uninterrupted reference run (conftest's
+  ``smoke_run``), every resume, the guards, the NaN stops and the bad-input matrix;
+- as a real subprocess where only a process shows it: a ``kill -9`` crash, SIGTERM/SIGINT, two
+  processes (gloo), and one bad input typed as a command. These start in the background when the
+  test session starts (conftest's ``background_runs``, with ``background_jobs`` below), and run
+  while the in-process tests before them do.
+
+A run started in this process and one started as a subprocess compute bit-identical states (the
+same programs on the same CPU; checked below on every checkpoint a subprocess leaves), so a crashed
+subprocess run resumed in this process must end exactly where the reference ended.
 """
 
 import json
@@ -16,35 +29,53 @@ import numpy as np
 import pytest
 
 from dsbn_jax import checkpointing, run_control
-from tests import data_fixtures
+from tests import cli_driver, data_fixtures, suite_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+ROOT = suite_env.ROOT
 
 
-def _env(devices: int, **extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DSBN_JAX_"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             CUDA_VISIBLE_DEVICES="", **extra)
-  return env
+def _env(devices: int, base=None, **extra) -> dict:
+  return suite_env.subprocess_env(devices, base, **extra)
 
 
-def _main(workdir, data_dir, *overrides, devices=1, check=True, env_extra=None, timeout=600):
-  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides]
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices, **(env_extra or {})),
-                        capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return proc
+def _command(workdir, data_dir, *overrides) -> list:
+  return [
+    sys.executable,
+    "-m",
+    "dsbn_jax.main",
+    "--config=configs/smoke.py",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    *overrides,
+  ]
 
 
-def _params(workdir):
-  return checkpointing.read_state_arrays(str(workdir))
+def _main_subprocess(
+  workdir, data_dir, *overrides, devices=1, env_extra=None, base_env=None, timeout=600
+):
+  """The command as a new process (never raises on a failure: the tests read returncode)."""
+  return subprocess.run(
+    _command(workdir, data_dir, *overrides),
+    cwd=ROOT,
+    env=_env(devices, base_env, **(env_extra or {})),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _main(workdir, data_dir, *overrides, devices=1, check=True, env_extra=None):
+  """The command in this process (cli_driver.Result: returncode, stdout, stderr)."""
+  result = cli_driver.run_main(workdir, data_dir, *overrides, devices=devices, env=env_extra)
+  if check and result.returncode != 0:
+    raise AssertionError(
+      f"main {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+    )
+  return result
+
+
+def _params(workdir, step=None):
+  return checkpointing.read_state_arrays(str(workdir), step)
 
 
 def _assert_same_state(a, b, atol=0.0):
@@ -57,17 +88,152 @@ def _assert_same_state(a, b, atol=0.0):
     np.testing.assert_allclose(x, flat_b[path], atol=atol, rtol=0, err_msg=str(path))
 
 
+def _train_rows(workdir) -> list:
+  """metrics.jsonl train rows without the timing field."""
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [
+    {k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows if "train/loss" in r
+  ]
+
+
+def _results(workdir) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The subprocesses, started in the background when the module starts
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {})):
+  """The smoke run as 2 processes x 2 CPU devices (gloo); returns the return codes and outputs."""
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      _command(workdir, data_dir),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=_env(
+        2,
+        base_env,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+        **env_by_process[i],
+      ),
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=600) for p in procs]
+  return [p.returncode for p in procs], outs
+
+
+def _multi_host_runs(root, data_dir, base_env) -> dict:
+  """Both multi-host scenarios, one after the other (each holds two processes)."""
+  out = {}
+  multi = root / "signalled"
+  out["signalled"] = (
+    multi,
+    _two_processes(multi, data_dir, base_env, ({}, {"DSBN_JAX_SIGNAL_AT_STEP": "4:SIGTERM"})),
+  )
+  out["signalled_checkpoints"] = sorted(os.listdir(multi / "checkpoints"))
+  out["signalled_resumed"] = _two_processes(multi, data_dir, base_env)
+  plain = root / "plain"
+  out["plain"] = plain, _two_processes(plain, data_dir, base_env)
+  return out
+
+
+KILL_AT = (2, 4, 5)
+SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def _selected_jobs(session) -> set:
+  """The background jobs the selected tests of this module read (``-k`` starts no other)."""
+  jobs = set()
+  for item in session.items:
+    if str(getattr(item, "path", "")) != os.path.abspath(__file__):
+      continue
+    name = getattr(item, "originalname", item.name)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if name in (
+      "test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step",
+      "test_two_processes_match_one_process_with_four_devices",
+    ):
+      jobs.add("multi_host")
+    elif name == "test_killed_run_resumes_to_the_uninterrupted_result":
+      jobs.add(f"kill{params['kill_at']}")
+    elif name == "test_signal_stops_after_the_step_saves_it_and_resumes_bit_identical":
+      jobs.add(params["sig"])
+    elif name == "test_a_bad_input_typed_as_a_command_is_one_line_and_exit_2":
+      jobs.add("bad_input")
+  return jobs
+
+
+def background_jobs(session, root, data_dir) -> dict:
+  """The subprocess runs the selected tests of this module read, as zero-argument callables by
+  name: "multi_host" (``_multi_host_runs``), "kill<k>" and each signal's name (``(workdir,
+  CompletedProcess)``), "bad_input" (``BAD_COMMAND``'s CompletedProcess, its workdir
+  ``<root>/bad_input``). conftest's ``background_runs`` starts them when the session starts; the
+  environment they get is this process's now (a test may change it meanwhile)."""
+  wanted = _selected_jobs(session)
+  base_env = dict(os.environ)
+  jobs = {}
+
+  def one(name, env_extra):
+    workdir = root / name
+    return lambda: (
+      workdir,
+      _main_subprocess(workdir, data_dir, env_extra=env_extra, base_env=base_env),
+    )
+
+  if "multi_host" in wanted:  # the longest first
+    jobs["multi_host"] = lambda: _multi_host_runs(root, data_dir, base_env)
+  for sig in SIGNALS:
+    if sig in wanted:
+      jobs[sig] = one(sig, {"DSBN_JAX_SIGNAL_AT_STEP": f"4:{sig}"})
+  for k in KILL_AT:
+    if f"kill{k}" in wanted:
+      jobs[f"kill{k}"] = one(f"kill{k}", {"DSBN_JAX_KILL_AT_STEP": str(k)})
+  if "bad_input" in wanted:  # fails before any training: quick
+    jobs["bad_input"] = lambda: _main_subprocess(
+      root / "bad_input", data_dir, *BAD_COMMAND[0], base_env=base_env
+    )
+  return jobs
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-  """An uninterrupted 6-step run, the yardstick of the resume tests."""
-  workdir = tmp_path_factory.mktemp("ref") / "run"
-  proc = _main(workdir, data_dir)
-  return workdir, proc
+def background(background_runs):
+  """Futures of this module's ``background_jobs``, by name (started by conftest)."""
+  prefix = f"{__name__.rsplit('.', 1)[-1]}:"
+  return {k[len(prefix) :]: v for k, v in background_runs.items() if k.startswith(prefix)}
+
+
+def _job(background, name):
+  return background[name].result(timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def reference_run(smoke_run):
+  """The uninterrupted 6-step run (conftest's smoke_run), the yardstick of the resume tests."""
+  return smoke_run
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
 
 
 def test_outputs_exist_and_parse(reference_run):
   workdir, proc = reference_run
-  results = json.loads((workdir / "results.json").read_text())
+  results = _results(workdir)
   assert results["steps"] == 6 and [e["step"] for e in results["evals"]] == [3, 6]
   assert results["best_accuracy"] == max(e["accuracy"] for e in results["evals"])
   assert results["last_accuracy"] == results["evals"][-1]["accuracy"]
@@ -83,73 +249,100 @@ def test_outputs_exist_and_parse(reference_run):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert "step 6/6" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
   assert proc.stdout.splitlines()[0] == (
-      "dsbn_jax: platform cpu, 1 x cpu, 1 process, mesh data=1, compute float32, matmul precision "
-      f"default, batch 8 + 8 (source + target, global), workdir {workdir}")
+    "dsbn_jax: platform cpu, 1 x cpu, 1 process, mesh data=1, compute float32, matmul precision "
+    f"default, batch 8 + 8 (source + target, global), workdir {workdir}"
+  )
   assert "warning" not in proc.stdout  # a small CNN on CPU is what CPUs are for
+  assert proc.stdout.splitlines()[-1].startswith("alda_dsbn digits -> digits_m: target accuracy")
 
 
-def test_second_invocation_resumes_and_extends(reference_run, tmp_path, data_dir):
+def test_second_invocation_resumes_and_extends(tmp_path, digits_data_dir):
   workdir = tmp_path / "run"
-  _main(workdir, data_dir, "--config.total_steps=3")
+  _main(workdir, digits_data_dir, "--config.total_steps=3")
   with pytest.raises(AssertionError):  # another total_steps is another configuration...
-    _main(workdir, data_dir)
-  proc = _main(workdir, data_dir, "--config.total_steps=3")  # ...the same one resumes (finished)
+    _main(workdir, digits_data_dir)
+  proc = _main(workdir, digits_data_dir, "--config.total_steps=3")  # ...the same one resumes
   assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-  results = json.loads((workdir / "results.json").read_text())
+  results = _results(workdir)
   assert [e["step"] for e in results["evals"]] == [3]
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "eval/accuracy" in r] == [3]  # re-evaluated, logged once
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("kill_at", [2, 4, 5])
-def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path, data_dir,
-                                                        kill_at):
-  workdir = tmp_path / "run"
-  crashed = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_KILL_AT_STEP": str(kill_at)})
+@pytest.mark.parametrize("kill_at", KILL_AT)
+def test_killed_run_resumes_to_the_uninterrupted_result(
+  reference_run, background, digits_data_dir, kill_at
+):
+  """``kill -9`` of the command as step ``kill_at`` starts (after ``kill_at`` steps; 2: before
+  any checkpoint; 4 and 5: after checkpoint 3 was started, asynchronously); the same command again
+  resumes from the newest checkpoint the crash left complete and ends bit-identical to the
+  uninterrupted run: state, evaluations, confusion matrix, per-class accuracy and every logged
+  train row (a run that resumes nothing: two runs of one seed agree).
+
+  Whether the asynchronous save of checkpoint 3 was complete when the kill came depends on the
+  machine's load (a busy CPU delays orbax's writer thread): either is a valid crash, and an
+  incomplete save must be ignored on resume (it lives in a ``3.orbax-checkpoint-tmp-*`` folder)."""
+  ref = reference_run[0]
+  workdir, crashed = _job(background, f"kill{kill_at}")
   assert crashed.returncode == -9, crashed.stderr[-2000:]
   assert not (workdir / "results.json").exists()
-  resumed = _main(workdir, data_dir)
-  expected_start = 3 if kill_at > 3 else None
-  if expected_start:
-    assert f"at step {expected_start}" in resumed.stdout
+  saved = list(checkpointing.saved_steps(str(workdir)))
+  assert saved in ([], [3]) if kill_at > 3 else saved == [], saved
+  for step in saved:  # a subprocess computes what this process computes, bit for bit
+    _assert_same_state(_params(workdir, step), _params(ref, step))
+  resumed = _main(workdir, digits_data_dir)
+  if saved:
+    assert f"resumed from {workdir}/checkpoints at step 3" in resumed.stdout
   else:
     assert "resumed from" not in resumed.stdout
-  _assert_same_state(_params(workdir), _params(reference_run[0]))
-  res = json.loads((workdir / "results.json").read_text())
-  ref = json.loads((reference_run[0] / "results.json").read_text())
-  assert res["evals"] == ref["evals"]
-  assert _train_rows(workdir) == _train_rows(reference_run[0])  # each step logged once, as ref
+  _assert_same_state(_params(workdir), _params(ref))
+  res, want = _results(workdir), _results(ref)
+  for key in (
+    "evals",
+    "confusion_matrix",
+    "per_class_accuracy",
+    "best_accuracy",
+    "best_step",
+    "last_accuracy",
+    "mean_class_accuracy",
+    "num_target_images",
+  ):
+    assert res[key] == want[key], key
+  assert _train_rows(workdir) == _train_rows(ref)  # each step logged once, as ref
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_signal_stops_after_the_step_saves_it_and_resumes_bit_identical(reference_run, tmp_path,
-                                                                         data_dir, sig):
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_signal_stops_after_the_step_saves_it_and_resumes_bit_identical(
+  reference_run, background, digits_data_dir, sig
+):
   """SIGTERM/SIGINT as step 4 starts: step 4 finishes, checkpoint 5 (none is due there) is
   written, exit 75; the same command resumes at step 5 and ends where the uninterrupted run did."""
-  workdir = tmp_path / "run"
-  stopped = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_SIGNAL_AT_STEP": f"4:{sig}"})
+  ref = reference_run[0]
+  workdir, stopped = _job(background, sig)
   assert stopped.returncode == run_control.EXIT_STOPPED, stopped.stderr[-2000:]
   assert stopped.stdout.splitlines()[-1] == (
-      f"stopped at step 5 ({sig}), checkpoint saved; run the same command to resume")
+    f"stopped at step 5 ({sig}), checkpoint saved; run the same command to resume"
+  )
   assert "Traceback" not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "5"]  # no step lost
   assert not (workdir / "results.json").exists()
-  resumed = _main(workdir, data_dir)
+  _assert_same_state(_params(workdir, 3), _params(ref, 3))
+  resumed = _main(workdir, digits_data_dir)
   assert "at step 5" in resumed.stdout
-  _assert_same_state(_params(workdir), _params(reference_run[0]))
-  assert _train_rows(workdir) == _train_rows(reference_run[0])  # each step logged once, as ref
+  _assert_same_state(_params(workdir), _params(ref))
+  assert _train_rows(workdir) == _train_rows(ref)  # each step logged once, as ref
 
 
-def test_second_run_in_a_live_workdir_is_refused_naming_the_holder(tmp_path, data_dir):
+def test_second_run_in_a_live_workdir_is_refused_naming_the_holder(tmp_path, digits_data_dir):
   """One live run per workdir. (A holder that dies never leaves the lock stale: the kill -9
   resume tests above restart in the workdir of a killed run.)"""
   workdir = tmp_path / "run"
   workdir.mkdir()
   lock = run_control.WorkdirLock(str(workdir))
-  lock.acquire()  # as a live run holds it
+  lock.acquire()  # as a live run holds it (flock: another open of the file is another holder)
   try:
-    second = _main(workdir, data_dir, check=False)
+    second = _main(workdir, digits_data_dir, check=False)
   finally:
     lock.release()
   assert second.returncode == 2
@@ -162,10 +355,11 @@ def test_second_run_in_a_live_workdir_is_refused_naming_the_holder(tmp_path, dat
   again.release()
 
 
-def test_workdir_of_another_config_is_refused_untouched(reference_run, data_dir):
-  workdir, _ = reference_run
+def test_workdir_of_another_config_is_refused_untouched(reference_run, tmp_path, digits_data_dir):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
-  proc = _main(workdir, data_dir, "--config.method=alda", check=False)
+  proc = _main(workdir, digits_data_dir, "--config.method=alda", check=False)
   assert proc.returncode == 2
   err = proc.stderr.strip().splitlines()[-1]
   assert err.startswith("error: workdir") and "method: 'alda_dsbn' -> 'alda'" in err
@@ -173,12 +367,13 @@ def test_workdir_of_another_config_is_refused_untouched(reference_run, data_dir)
   assert before == after
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, digits_data_dir):
   workdir = tmp_path / "run"
-  proc = _main(workdir, data_dir, "--config.optim.lr0=1e12", check=False)
+  proc = _main(workdir, digits_data_dir, "--config.optim.lr0=1e12", check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite") and "lower optim.lr0" in last
+  assert "Traceback" not in proc.stderr
   assert not (workdir / "results.json").exists()
   steps = sorted(os.listdir(workdir / "checkpoints")) if (workdir / "checkpoints").exists() else []
   for s in steps:  # whatever was saved is finite
@@ -187,83 +382,74 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
 
 
 def test_nan_injected_at_step_4_stops_the_run_and_keeps_the_good_step_3_checkpoint(
-    reference_run, tmp_path, data_dir):
+  reference_run, tmp_path, digits_data_dir
+):
   """NaN pixels in step 4's source batch: the real step computes a NaN loss; the run stops at once
   with a one-line error, nothing non-finite is saved, and checkpoint 3 is the uninterrupted one."""
+  ref = reference_run[0]
   workdir = tmp_path / "run"
-  proc = _main(workdir, data_dir, check=False, env_extra={"DSBN_JAX_NAN_AT_STEP": "4"})
+  proc = _main(workdir, digits_data_dir, check=False, env_extra={"DSBN_JAX_NAN_AT_STEP": "4"})
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite train/") and "at step 5" in last, last
   assert "the last good checkpoint (step 3) is kept" in last
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
   assert not (workdir / "results.json").exists()
-  _assert_same_state(checkpointing.read_state_arrays(str(workdir), 3),
-                     checkpointing.read_state_arrays(str(reference_run[0]), 3))
-  resumed = _main(workdir, data_dir)  # the fault was transient: resuming finishes the run exactly
+  _assert_same_state(_params(workdir, 3), _params(ref, 3))
+  resumed = _main(workdir, digits_data_dir)  # the fault was transient: resuming finishes exactly
   assert "at step 3" in resumed.stdout
-  _assert_same_state(_params(workdir), _params(reference_run[0]))
+  _assert_same_state(_params(workdir), _params(ref))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(workdir, data_dir, env_by_process=({}, {})):
-  """The smoke run as 2 processes x 2 CPU devices (gloo); returns the Popens and their outputs."""
-  port = _free_port()
-  cmd = [sys.executable, "-m", "dsbn_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
-  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                                                **env_by_process[i]))
-           for i in range(2)]
-  return procs, [p.communicate(timeout=600) for p in procs]
-
-
-def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, tmp_path,
-                                                                      data_dir):
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_run, background):
   """SIGTERM to process 1 alone as its step 4 starts: both processes agree, both save checkpoint
   5 (a collective save) and exit 75; both resumed, the run ends as the uninterrupted one."""
-  multi = tmp_path / "multi"
-  procs, outs = _two_processes(multi, data_dir, ({}, {"DSBN_JAX_SIGNAL_AT_STEP": "4:SIGTERM"}))
-  assert [p.returncode for p in procs] == [run_control.EXIT_STOPPED] * 2, outs[1][1][-2000:]
+  runs = _job(background, "multi_host")
+  multi, (codes, outs) = runs["signalled"]
+  assert codes == [run_control.EXIT_STOPPED] * 2, outs[1][1][-2000:]
   assert outs[0][0].splitlines()[-1].startswith("stopped at step 5 (a signal to another process)")
-  assert sorted(os.listdir(multi / "checkpoints")) == ["3", "5"]
-  procs, outs = _two_processes(multi, data_dir)
-  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+  assert runs["signalled_checkpoints"] == ["3", "5"]
+  codes, outs = runs["signalled_resumed"]
+  assert codes == [0, 0], outs[0][1][-2000:]
   assert "at step 5" in outs[0][0]
   (step_m, sm), (step_r, sr) = _params(multi), _params(reference_run[0])
   assert step_m == step_r == 6
-  _assert_same_state((6, {k: sm[k] for k in ("params", "batch_stats")}),  # 4 devices vs 1
-                     (6, {k: sr[k] for k in ("params", "batch_stats")}), atol=1e-5)
+  _assert_same_state(
+    (6, {k: sm[k] for k in ("params", "batch_stats")}),  # 4 devices vs 1
+    (6, {k: sr[k] for k in ("params", "batch_stats")}),
+    atol=1e-5,
+  )
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
+def test_two_processes_match_one_process_with_four_devices(background, tmp_path, digits_data_dir):
   """Real multi-host: 2 processes x 2 CPU devices (gloo) == 1 process x 4 devices."""
   single = tmp_path / "single"
-  _main(single, data_dir, devices=4)
-  multi = tmp_path / "multi"
-  procs, outs = _two_processes(multi, data_dir)
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert outs[0][0].splitlines()[0].startswith(  # the main process speaks for the whole mesh
-      "dsbn_jax: platform cpu, 4 x cpu, 2 processes, mesh data=4, ")
+  _main(single, digits_data_dir, devices=4)
+  multi, (codes, outs) = _job(background, "multi_host")["plain"]
+  for code, (_, err) in zip(codes, outs):
+    assert code == 0, err[-3000:]
+  assert (
+    outs[0][0]
+    .splitlines()[0]
+    .startswith(  # the main process speaks for the whole mesh
+      "dsbn_jax: platform cpu, 4 x cpu, 2 processes, mesh data=4, "
+    )
+  )
   assert not outs[1][0].startswith("dsbn_jax:")
   # Reduction order differs (gloo all-reduce vs one process): params and BN statistics agree to
   # 1e-5; the momentum buffers (sums of raw gradients, O(1) and larger) to 1e-4 relative.
   (step_m, sm), (step_s, ss) = _params(multi), _params(single)
   assert step_m == step_s == 6
-  _assert_same_state((6, {k: sm[k] for k in ("params", "batch_stats")}),
-                     (6, {k: ss[k] for k in ("params", "batch_stats")}), atol=1e-5)
-  for x, y in zip(jax.tree_util.tree_leaves(sm["opt_state"]),
-                  jax.tree_util.tree_leaves(ss["opt_state"])):
+  _assert_same_state(
+    (6, {k: sm[k] for k in ("params", "batch_stats")}),
+    (6, {k: ss[k] for k in ("params", "batch_stats")}),
+    atol=1e-5,
+  )
+  for x, y in zip(
+    jax.tree_util.tree_leaves(sm["opt_state"]), jax.tree_util.tree_leaves(ss["opt_state"])
+  ):
     np.testing.assert_allclose(x, y, atol=1e-4 * max(1.0, float(np.abs(y).max())), rtol=0)
-  a = json.loads((multi / "results.json").read_text())
-  b = json.loads((single / "results.json").read_text())
+  a, b = _results(multi), _results(single)
   assert a["num_processes"] == 2 and b["num_processes"] == 1
   assert a["evals"] == b["evals"] and a["confusion_matrix"] == b["confusion_matrix"]
   rows = lambda w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]  # noqa
@@ -273,12 +459,18 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
         np.testing.assert_allclose(ra[k], rb[k], atol=1e-5, err_msg=k)
 
 
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
   """Files for the bad-input matrix: another architecture's weights, an empty manual dir, a
   custom domain tree with a truncated JPEG."""
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("bad_inputs")
   torch.save(torchvision.models.resnet18().state_dict(), root / "resnet18.pth")
   (root / "empty").mkdir()
@@ -286,81 +478,123 @@ def bad_inputs(tmp_path_factory):
   victim = next(e for e in entries if e.path.endswith(".jpg"))
   data = open(victim.path, "rb").read()
   with open(victim.path, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   return {"root": str(root), "victim": victim.path}
 
 
-_OFFICE = ["--config.data.dataset=office31", "--config.data.source=amazon",
-           "--config.data.target=webcam"]
+_OFFICE = [
+  "--config.data.dataset=office31",
+  "--config.data.source=amazon",
+  "--config.data.target=webcam",
+]
+BAD_INPUTS = [  # (id, overrides, devices, the error line holds)
+  (
+    "unknown_domain",
+    ["--config.data.target=mnist"],
+    1,
+    "unknown domain 'mnist' for dataset digits; valid:",
+  ),
+  (
+    "missing_weights",
+    ["--config.model.backbone=resnet50", "--config.model.pretrained_path=/nope/r50.pth"],
+    1,
+    "weights file '/nope/r50.pth' (config field model.pretrained_path) not found",
+  ),
+  (
+    "other_architecture_weights",
+    ["--config.model.backbone=resnet50", "--config.model.pretrained_path={root}/resnet18.pth"],
+    1,
+    "not a torchvision ResNet-50 state_dict",
+  ),
+  ("method_typo", ["--config.method=alda_dsnb"], 1, "alda_dsnb"),
+  (
+    "config_field_typo",
+    ["--config.optim.lr=0.1"],
+    1,
+    "unknown config field 'lr' Did you mean \"lr0\"",
+  ),
+  ("config_value_type", ["--config.optim.lr0=abc"], 1, "could not convert string to float: 'abc'"),
+  (
+    "missing_manual_dir",
+    _OFFICE + ["--config.data.manual_dir={root}/missing"],
+    1,
+    "{root}/missing",
+  ),
+  ("empty_manual_dir", _OFFICE + ["--config.data.manual_dir={root}/empty"], 1, "{root}/empty"),
+  (
+    "truncated_jpeg",
+    [
+      "--config.data.dataset=custom",
+      "--config.data.manual_dir={root}/tree",
+      "--config.data.source=a",
+      "--config.data.target=b",
+    ],
+    1,
+    "{victim}",
+  ),
+  ("batch_not_divisible", [], 3, "config.batch_size=8 cannot be split over 3 devices"),
+]
 
 
-@pytest.mark.parametrize("overrides, devices, expected", [
-    (["--config.data.target=mnist"], 1, "unknown domain 'mnist' for dataset digits; valid:"),
-    (["--config.model.backbone=resnet50", "--config.model.pretrained_path=/nope/r50.pth"], 1,
-     "weights file '/nope/r50.pth' (config field model.pretrained_path) not found"),
-    (["--config.model.backbone=resnet50", "--config.model.pretrained_path={root}/resnet18.pth"],
-     1, "not a torchvision ResNet-50 state_dict"),
-    (["--config.method=alda_dsnb"], 1, "alda_dsnb"),
-    (["--config.optim.lr=0.1"], 1, "unknown config field 'lr' Did you mean \"lr0\""),
-    (["--config.optim.lr0=abc"], 1, "could not convert string to float: 'abc'"),
-    (_OFFICE + ["--config.data.manual_dir={root}/missing"], 1, "{root}/missing"),
-    (_OFFICE + ["--config.data.manual_dir={root}/empty"], 1, "{root}/empty"),
-    (["--config.data.dataset=custom", "--config.data.manual_dir={root}/tree",
-      "--config.data.source=a", "--config.data.target=b"], 1, "{victim}"),
-    ([], 3, "config.batch_size=8 cannot be split over 3 devices"),
-], ids=["unknown_domain", "missing_weights", "other_architecture_weights", "method_typo",
-        "config_field_typo", "config_value_type", "missing_manual_dir", "empty_manual_dir",
-        "truncated_jpeg", "batch_not_divisible"])
+BAD_COMMAND = (["--config.optim.lr=0.1"], "unknown config field 'lr' Did you mean \"lr0\"")
+
+
+def _snapshot(root) -> dict:
+  """Relative path -> bytes of every file under ``root``."""
+  return {
+    os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+    for d, _, files in os.walk(root)
+    for f in files
+  }
+
+
+def _assert_one_line_error(proc, expected: str) -> None:
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, last
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "overrides, devices, expected",
+  [case[1:] for case in BAD_INPUTS],
+  ids=[case[0] for case in BAD_INPUTS],
+)
 def test_bad_inputs_are_one_line_errors_and_leave_the_workdir_intact(
-    reference_run, bad_inputs, tmp_path, data_dir, overrides, devices, expected):
+  reference_run, bad_inputs, tmp_path, digits_data_dir, overrides, devices, expected
+):
   """Each bad input, run on (a copy of) a finished workdir: one line, exit 2, no file changed."""
   workdir = tmp_path / "run"
   shutil.copytree(reference_run[0], workdir)
   before = _snapshot(workdir)
   overrides = [o.format(**bad_inputs) for o in overrides]
-  proc = _main(workdir, data_dir, *overrides, devices=devices, check=False)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and expected.format(**bad_inputs) in last, last
-  assert "Traceback" not in proc.stderr
+  proc = _main(workdir, digits_data_dir, *overrides, devices=devices, check=False)
+  _assert_one_line_error(proc, expected.format(**bad_inputs))
   assert _snapshot(workdir) == before
   fresh = tmp_path / "fresh"  # and no run is started in a new workdir
-  proc = _main(fresh, data_dir, *overrides, devices=devices, check=False)
-  assert proc.returncode == 2 and not (fresh / "results.json").exists()
+  proc = _main(fresh, digits_data_dir, *overrides, devices=devices, check=False)
+  _assert_one_line_error(proc, expected.format(**bad_inputs))
+  assert not fresh.exists()
 
 
-def _snapshot(root) -> dict:
-  """Relative path -> bytes of every file under ``root``."""
-  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-          for d, _, files in os.walk(root) for f in files}
+def test_a_bad_input_typed_as_a_command_is_one_line_and_exit_2(background):
+  """The matrix above runs in this process; here one case as the real command (a new process,
+  through absl's app.run): what a user sees, start-up included, is one line and exit status 2,
+  and no workdir is created."""
+  proc = _job(background, "bad_input")
+  _assert_one_line_error(proc, BAD_COMMAND[1])
+  assert not any(line.startswith("error:") for line in proc.stdout.splitlines())
+  workdir = [a for a in proc.args if a.startswith("--workdir=")][0].split("=", 1)[1]
+  assert not os.path.exists(workdir)
 
 
-def test_same_seed_twice_gives_identical_results(reference_run, tmp_path, data_dir):
-  workdir = tmp_path / "again"
-  _main(workdir, data_dir)
-  _assert_same_state(_params(workdir), _params(reference_run[0]))
-  res = json.loads((workdir / "results.json").read_text())
-  ref = json.loads((reference_run[0] / "results.json").read_text())
-  for key in ("evals", "confusion_matrix", "per_class_accuracy"):
-    assert res[key] == ref[key], key
-  rows, ref_rows = (_train_rows(w) for w in (workdir, reference_run[0]))
-  assert rows == ref_rows
-
-
-def _train_rows(workdir) -> list:
-  """metrics.jsonl train rows without the timing field."""
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows
-          if "train/loss" in r]
-
-
-def test_a_run_without_any_confident_target_stays_finite(tmp_path, data_dir):
+def test_a_run_without_any_confident_target_stays_finite(tmp_path, digits_data_dir):
   """δ = 1: no target passes the strict threshold in any step; L_T is empty, losses stay finite."""
   workdir = tmp_path / "run"
-  _main(workdir, data_dir, "--config.loss.threshold=1.0")
+  _main(workdir, digits_data_dir, "--config.loss.threshold=1.0")
   rows = _train_rows(workdir)
   assert len(rows) == 6 and all(r["train/confident_frac"] == 0.0 for r in rows)
   assert all(np.isfinite(v) for r in rows for v in r.values())
   state = _params(workdir)[1]
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
-  assert json.loads((workdir / "results.json").read_text())["steps"] == 6
+  assert _results(workdir)["steps"] == 6

@@ -77,8 +77,7 @@ def test_dev_weights_the_source_points_that_look_like_the_target():
   near, far = rng.normal(3, 0.3, (50, 1)), rng.normal(-3, 0.3, (50, 1))
   target = rng.normal(3, 0.3, (100, 1))
   losses = np.concatenate([np.ones(50), np.zeros(50)])
-  risk = validators.dev_risk(validators.density_ratio(np.concatenate([near, far]), target),
-                             losses)
+  risk = validators.dev_risk(validators.density_ratio(np.concatenate([near, far]), target), losses)
   assert 0.9 < risk < 1.1
 
 
@@ -102,8 +101,12 @@ def test_scores_computes_source_validators_only_with_the_source_split():
 
 
 def test_select_takes_the_largest_score_first_on_ties():
-  evals = [{'step': 1, 'validators': {'entropy': -1.0}}, {'step': 2, 'validators': {'entropy': -0.5}},
-           {'step': 3, 'validators': {'entropy': -0.5}}, {'step': 4}]
+  evals = [
+    {'step': 1, 'validators': {'entropy': -1.0}},
+    {'step': 2, 'validators': {'entropy': -0.5}},
+    {'step': 3, 'validators': {'entropy': -0.5}},
+    {'step': 4},
+  ]
   assert validators.select(evals, 'entropy')['step'] == 2
   assert validators.select(evals, 'snd') is None
 
@@ -112,6 +115,7 @@ def test_rank_correlation():
   assert validators.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
   assert validators.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
   assert validators.rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
-      np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1])
+    np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1]
+  )
   assert validators.rank_correlation([1, 2], [1, 2]) is None
   assert validators.rank_correlation([1, 1, 1], [1, 2, 3]) is None

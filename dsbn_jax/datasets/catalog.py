@@ -1,4 +1,4 @@
-"""From a data config (configs/data.py) to prepared TFDS builders, splits and class names."""
+"""From a data config (``config_defaults.get_data_config``) to prepared TFDS builders, classes."""
 
 from __future__ import annotations
 
@@ -6,22 +6,21 @@ import dataclasses
 import os
 import sys
 
-from absl import logging
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from dsbn_jax.datasets import digits as digits_lib
-from dsbn_jax.datasets import folder
-from dsbn_jax.datasets import office
+from dsbn_jax.datasets import folder, office
 from dsbn_jax.errors import UserError
 
 DATASETS = ('digits', 'office31', 'office_home', 'custom')
 # Short names used in the papers' task tables (A->W, Ar->Cl, ...), accepted as domain names.
 _ABBREVIATIONS = {
-    'office31': {'a': 'amazon', 'd': 'dslr', 'w': 'webcam'},
-    'office_home': {'ar': 'Art', 'cl': 'Clipart', 'pr': 'Product', 'rw': 'Real_World'},
-    'digits': {'d': 'digits', 'dm': 'digits_m'},
+  'office31': {'a': 'amazon', 'd': 'dslr', 'w': 'webcam'},
+  'office_home': {'ar': 'Art', 'cl': 'Clipart', 'pr': 'Product', 'rw': 'Real_World'},
+  'digits': {'d': 'digits', 'dm': 'digits_m'},
 }
 
 
@@ -37,9 +36,12 @@ def hide_accelerators_from_tf() -> None:
       tf.config.set_visible_devices([], kind)
     except (RuntimeError, ValueError):  # TF already initialised, or no such device type
       if tf.config.get_visible_devices(kind):
-        logging.warning('TensorFlow was initialised with a visible %s before the input pipeline was'
-                        ' built; call dsbn_jax.datasets.catalog.hide_accelerators_from_tf() '
-                        'earlier', kind)
+        logging.warning(
+          'TensorFlow was initialised with a visible %s before the input pipeline was'
+          ' built; call dsbn_jax.datasets.catalog.hide_accelerators_from_tf() '
+          'earlier',
+          kind,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,9 @@ class DataInfo:
 
 def _check_dataset(data: ml_collections.ConfigDict) -> str:
   if data.dataset not in DATASETS:
-    raise UserError(f'unknown dataset {data.dataset!r} (config field data.dataset); '
-                    f'valid: {list(DATASETS)}')
+    raise UserError(
+      f'unknown dataset {data.dataset!r} (config field data.dataset); valid: {list(DATASETS)}'
+    )
   return data.dataset
 
 
@@ -106,8 +109,10 @@ def canonical_domain(data: ml_collections.ConfigDict, name: str) -> str:
   key = exact.lower()
   matches = [v for v in valid if v.lower() == key]
   if len(matches) > 1:
-    raise UserError(f'domain {name!r} is ambiguous for dataset {data.dataset}: it matches '
-                    f'{matches}, which differ only by case; give the exact name')
+    raise UserError(
+      f'domain {name!r} is ambiguous for dataset {data.dataset}: it matches '
+      f'{matches}, which differ only by case; give the exact name'
+    )
   if matches:
     return matches[0]
   abbreviations = _ABBREVIATIONS.get(data.dataset, {})
@@ -124,8 +129,9 @@ def _custom_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
   return folder.DomainFolder(config=config, data_dir=_path(data.data_dir))
 
 
-def get_builder(data: ml_collections.ConfigDict, domain: str, *, prepare: bool = True
-                ) -> tfds.core.DatasetBuilder:
+def get_builder(
+  data: ml_collections.ConfigDict, domain: str, *, prepare: bool = True
+) -> tfds.core.DatasetBuilder:
   """The TFDS builder holding `domain`, prepared first (download_and_prepare) if `prepare`."""
   hide_accelerators_from_tf()
   kind = _check_dataset(data)
@@ -133,22 +139,34 @@ def get_builder(data: ml_collections.ConfigDict, domain: str, *, prepare: bool =
     builder = _custom_builder(data)
     change = builder.source_change() if prepare else None
     if change:  # never train or evaluate on records of another (or an older) tree
-      logging.warning('custom dataset %s was prepared from a different or changed tree (%s); '
-                      'rebuilding %s', builder.builder_config.name, change, builder.data_dir)
+      logging.warning(
+        'custom dataset %s was prepared from a different or changed tree (%s); rebuilding %s',
+        builder.builder_config.name,
+        change,
+        builder.data_dir,
+      )
       builder.delete_prepared()
       builder = _custom_builder(data)
   else:
     name = canonical_domain(data, domain) if kind == 'digits' else kind
-    config = digits_lib.DigitsConfig(name=f'seed{data.digits_seed}', seed=data.digits_seed) if (
-        kind == 'digits' and data.digits_seed) else None
+    config = (
+      digits_lib.DigitsConfig(name=f'seed{data.digits_seed}', seed=data.digits_seed)
+      if (kind == 'digits' and data.digits_seed)
+      else None
+    )
     builder = tfds.builder(name, config=config, data_dir=_path(data.data_dir))
   if prepare and not builder.is_prepared():
     if not sys.stderr.isatty():  # in a log file TFDS's bars print a line per archive member
       tfds.disable_progress_bar()
-    print(f'preparing the {builder.name} dataset in {builder.data_dir} (once; a full Office set '
-          'takes minutes)', file=sys.stderr, flush=True)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=_path(data.manual_dir)))
+    print(
+      f'preparing the {builder.name} dataset in {builder.data_dir} (once; a full Office set '
+      'takes minutes)',
+      file=sys.stderr,
+      flush=True,
+    )
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=_path(data.manual_dir))
+    )
   return builder
 
 
@@ -160,11 +178,19 @@ def resolve_domain(data: ml_collections.ConfigDict, domain: str) -> DomainInfo:
   splits = builder.info.splits
   if data.get('eval_split'):
     if data.eval_split not in splits:
-      raise UserError(f'data.eval_split={data.eval_split!r} is not a split of {name!r}; valid: '
-                      f"{sorted(splits)} or '' (the protocol's split)")
+      raise UserError(
+        f'data.eval_split={data.eval_split!r} is not a split of {name!r}; valid: '
+        f"{sorted(splits)} or '' (the protocol's split)"
+      )
     test = data.eval_split
-  return DomainInfo(name=name, builder=builder, train_split=train, eval_split=test,
-                    num_train=splits[train].num_examples, num_eval=splits[test].num_examples)
+  return DomainInfo(
+    name=name,
+    builder=builder,
+    train_split=train,
+    eval_split=test,
+    num_train=splits[train].num_examples,
+    num_eval=splits[test].num_examples,
+  )
 
 
 def get_data_info(data: ml_collections.ConfigDict) -> DataInfo:
@@ -172,6 +198,8 @@ def get_data_info(data: ml_collections.ConfigDict) -> DataInfo:
   source, target = resolve_domain(data, data.source), resolve_domain(data, data.target)
   names = [tuple(d.builder.info.features['label'].names) for d in (source, target)]
   if names[0] != names[1]:
-    raise UserError(f'source {source.name} and target {target.name} have different classes: '
-                    f'{sorted(set(names[0]) ^ set(names[1]))}')
+    raise UserError(
+      f'source {source.name} and target {target.name} have different classes: '
+      f'{sorted(set(names[0]) ^ set(names[1]))}'
+    )
   return DataInfo(class_names=names[0], source=source, target=target)

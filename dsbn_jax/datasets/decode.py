@@ -22,13 +22,19 @@ import PIL.Image
 # (PIL format, PIL mode) pairs whose bytes TF decodes to exactly PIL's .convert('RGB') pixels
 # (JPEG: with dct_method='INTEGER_ACCURATE', see input_pipeline.decode_image).
 KEEP_AS_IS = {
-    'JPEG': frozenset({'L', 'RGB'}),
-    'PNG': frozenset({'1', 'L', 'LA', 'P', 'RGB', 'RGBA'}),
+  'JPEG': frozenset({'L', 'RGB'}),
+  'PNG': frozenset({'1', 'L', 'LA', 'P', 'RGB', 'RGBA'}),
 }
 # What PIL raises for a file it cannot read: not an image, truncated, damaged, or over the
 # decompression-bomb limit (PIL.UnidentifiedImageError is an OSError).
-READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
-               PIL.Image.DecompressionBombError)
+READ_ERRORS = (
+  OSError,
+  SyntaxError,
+  ValueError,
+  EOFError,
+  struct.error,
+  PIL.Image.DecompressionBombError,
+)
 
 
 def pipeline_bytes(data: bytes) -> tuple[bytes, bool]:

@@ -41,14 +41,23 @@ from dsbn_jax.errors import UserError
 IMAGE_SIZE = 32  # px, both domains
 TEST_FRACTION = 0.15  # per class, for each domain's test split
 # Colour photographs shipped inside scikit-image's package data (no pooch download needed).
-PHOTOS = ('astronaut.png', 'chelsea.png', 'coffee.png', 'hubble_deep_field.jpg', 'ihc.png',
-          'motorcycle_left.png', 'retina.jpg', 'rocket.jpg')
+PHOTOS = (
+  'astronaut.png',
+  'chelsea.png',
+  'coffee.png',
+  'hubble_deep_field.jpg',
+  'ihc.png',
+  'motorcycle_left.png',
+  'retina.jpg',
+  'rocket.jpg',
+)
 SPLITS = ('digits/train', 'digits/test', 'digits_m/train', 'digits_m/test')
 
 
 def partition(seed: int) -> dict[str, np.ndarray]:
   """Disjoint sorted index sets into sklearn's digits for the four splits, stratified per class."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
   labels = load_digits().target
   rng = np.random.default_rng([seed, 0])
   parts = {k: [] for k in SPLITS}
@@ -66,6 +75,7 @@ def partition(seed: int) -> dict[str, np.ndarray]:
 def digit_images(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(uint8[n,32,32] gray digits, int labels) for sklearn digit `indices`."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
   data = load_digits()
   small = np.round(data.images[indices] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
   size = (IMAGE_SIZE, IMAGE_SIZE)
@@ -76,11 +86,14 @@ def digit_images(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def load_photos() -> list[np.ndarray]:
   """The bundled colour photographs as uint8 RGB arrays (those present in this skimage install)."""
   import skimage.data  # pylint: disable=g-import-not-at-top
+
   paths = [os.path.join(skimage.data.data_dir, p) for p in PHOTOS]
   photos = [np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths if os.path.exists(p)]
   if not photos:
-    raise UserError(f'none of the scikit-image photographs {PHOTOS} is installed in '
-                    f'{skimage.data.data_dir}; reinstall scikit-image (bash run.sh installs it)')
+    raise UserError(
+      f'none of the scikit-image photographs {PHOTOS} is installed in '
+      f'{skimage.data.data_dir}; reinstall scikit-image (bash run.sh installs it)'
+    )
   return photos
 
 
@@ -93,7 +106,7 @@ def blend_with_photos(digits: np.ndarray, seed: int, stream: int = 0) -> np.ndar
     photo = photos[rng.integers(len(photos))]
     y = rng.integers(photo.shape[0] - IMAGE_SIZE + 1)
     x = rng.integers(photo.shape[1] - IMAGE_SIZE + 1)
-    patch = photo[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE].astype(np.int16)
+    patch = photo[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE].astype(np.int16)
     out[n] = np.abs(patch - digit[..., None].astype(np.int16)).astype(np.uint8)
   return out
 
@@ -122,15 +135,17 @@ class _DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-            # "sklearn_digits/<index>": the source digit, so disjointness can be checked.
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+          # "sklearn_digits/<index>": the source digit, so disjointness can be checked.
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
     )
 
   def _make_images(self, indices: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +159,10 @@ class _DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, indices: np.ndarray, split: str) -> Iterator[tuple[int, dict]]:
     images, labels = self._make_images(indices, split)
     for i, image, label in zip(indices, images, labels):
-      yield int(i), {'image': png_bytes(image), 'label': int(label),
-                     'file_name': f'sklearn_digits/{i:04d}'}
+      yield (
+        int(i),
+        {'image': png_bytes(image), 'label': int(label), 'file_name': f'sklearn_digits/{i:04d}'},
+      )
 
 
 class Digits(_DigitsBuilder):

@@ -30,9 +30,9 @@ import time
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 
+import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
-import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import extractor as tfds_extractor
 
 from dsbn_jax.datasets import decode  # the normalisation predict applies too
@@ -75,8 +75,9 @@ def _entries(path: str) -> list[os.DirEntry]:
     with os.scandir(path) as it:
       return sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
   except OSError as e:
-    raise UserError(f'cannot list the folder {path} ({e.strerror or e}); check that it exists and '
-                    'is readable') from e
+    raise UserError(
+      f'cannot list the folder {path} ({e.strerror or e}); check that it exists and is readable'
+    ) from e
 
 
 def _link_loop_error(path: str, e: OSError) -> UserError:
@@ -94,8 +95,10 @@ def _is_dir(entry: os.DirEntry) -> bool:
     target = os.path.realpath(entry.path)
     holder = os.path.realpath(os.path.dirname(entry.path))
     if holder == target or holder.startswith(target.rstrip(os.sep) + os.sep):
-      raise UserError(f'{entry.path} is a symbolic link to {target}, a folder that holds it (a '
-                      'loop); remove the link, or replace it by the folder it should be')
+      raise UserError(
+        f'{entry.path} is a symbolic link to {target}, a folder that holds it (a '
+        'loop); remove the link, or replace it by the folder it should be'
+      )
   return is_dir
 
 
@@ -117,9 +120,11 @@ def list_images(class_dir: str) -> tuple[list[str], list[str]]:
         if not is_file and entry.is_symlink():
           os.stat(entry.path)  # raises for a broken or looping link
       except OSError as e:
-        raise UserError(f'image {entry.path} is a broken symbolic link (to '
-                        f'{_readlink(entry.path)}: {e.strerror or e}); fix or delete the link and '
-                        'run again') from e
+        raise UserError(
+          f'image {entry.path} is a broken symbolic link (to '
+          f'{_readlink(entry.path)}: {e.strerror or e}); fix or delete the link and '
+          'run again'
+        ) from e
       if is_file:
         images.append(entry.name)
         continue
@@ -150,21 +155,30 @@ def tree_fingerprint(root: str) -> dict:
         st = os.stat(os.path.join(class_dir, name))
         digest.update(f'{os.path.join(d, c, name)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
         count += 1
-  return {'root': root, 'domains': domains, 'classes': sorted(classes), 'images': count,
-          'digest': digest.hexdigest()}
+  return {
+    'root': root,
+    'domains': domains,
+    'classes': sorted(classes),
+    'images': count,
+    'digest': digest.hexdigest(),
+  }
 
 
 def fingerprint_change(stored: Mapping, now: Mapping) -> str | None:
   """What differs between two `tree_fingerprint`s, in a few words; None if nothing."""
   if stored.get('root') != now['root']:
-    return (f"prepared from {stored.get('root')}, now {now['root']}; trees with the same folder name"
-            ' share one prepared copy: set data.custom_name to keep one per tree')
+    return (
+      f"prepared from {stored.get('root')}, now {now['root']}; trees with the same folder name"
+      ' share one prepared copy: set data.custom_name to keep one per tree'
+    )
   changes = []
   for key in ('domains', 'classes'):
     old, new = set(stored.get(key) or ()), set(now[key])
     if old != new:
-      changes.append(f'{key} ' + ', '.join(
-          [f'+{x}' for x in sorted(new - old)] + [f'-{x}' for x in sorted(old - new)]))
+      changes.append(
+        f'{key} '
+        + ', '.join([f'+{x}' for x in sorted(new - old)] + [f'-{x}' for x in sorted(old - new)])
+      )
   if stored.get('images') != now['images']:
     changes.append(f"images {stored.get('images')} -> {now['images']}")
   if not changes and stored.get('digest') != now['digest']:
@@ -183,8 +197,12 @@ def read_image_bytes(path: str, *, custom: bool = False) -> tuple[bytes, bool]:
   try:
     return decode.pipeline_bytes(data)
   except decode.READ_ERRORS as e:
-    advice = ('fix or delete the file and run again' if custom else 'replace it with the file from '
-              'the original archive (or delete it) and build the dataset again')
+    advice = (
+      'fix or delete the file and run again'
+      if custom
+      else 'replace it with the file from '
+      'the original archive (or delete it) and build the dataset again'
+    )
     raise UserError(f'cannot read image {path} ({decode.describe(e)}); {advice}') from e
 
 
@@ -201,8 +219,11 @@ def find_root(base: str, domain_folders: Sequence[str]) -> str | None:
 
 def find_archives(base: str) -> list[str]:
   """Archives (zip/tar[.gz]) directly in `base`: the dataset as downloaded, not yet extracted."""
-  return sorted(os.path.join(base, n) for n in os.listdir(base)
-                if not is_hidden(n) and n.lower().endswith(ARCHIVE_SUFFIXES))
+  return sorted(
+    os.path.join(base, n)
+    for n in os.listdir(base)
+    if not is_hidden(n) and n.lower().endswith(ARCHIVE_SUFFIXES)
+  )
 
 
 def extract_or_raise(dl_manager: tfds.download.DownloadManager, archive: str) -> str:
@@ -212,16 +233,23 @@ def extract_or_raise(dl_manager: tfds.download.DownloadManager, archive: str) ->
   before = set(os.listdir(extract_dir)) if extract_dir and os.path.isdir(extract_dir) else set()
   try:
     return os.fspath(dl_manager.extract(archive))
-  except (tfds_extractor.ExtractError, OSError, EOFError, zipfile.BadZipFile,
-          tarfile.TarError) as e:
+  except (
+    tfds_extractor.ExtractError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    tarfile.TarError,
+  ) as e:
     if extract_dir and os.path.isdir(extract_dir):
       for name in set(os.listdir(extract_dir)) - before:
         if name.startswith('incomplete.'):  # TFDS's temporary folder, renamed only on success
           _remove_tree(os.path.join(extract_dir, name))
     cause = e.__cause__ or e
     reason = ' '.join(f'{type(cause).__name__}: {cause}'.split())
-    raise UserError(f'cannot extract the archive {archive}: it is damaged or incomplete ({reason});'
-                    ' download it again, replace it and run again') from e
+    raise UserError(
+      f'cannot extract the archive {archive}: it is damaged or incomplete ({reason});'
+      ' download it again, replace it and run again'
+    ) from e
 
 
 def _remove_tree(path: str) -> None:
@@ -245,8 +273,10 @@ def manual_dir_or_raise(dl_manager: tfds.download.DownloadManager, instructions:
 
 def missing_manual_dir_error(where: str, instructions: str) -> UserError:
   """The one-line error for a missing or empty manual directory, with the download instructions."""
-  return UserError(f'the manual directory {where} is missing or empty: '
-                   f'{" ".join(instructions.split())} (config field data.manual_dir)')
+  return UserError(
+    f'the manual directory {where} is missing or empty: '
+    f'{" ".join(instructions.split())} (config field data.manual_dir)'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,39 +298,59 @@ def collect_domain(domain_dir: str, split: str, class_names: Sequence[str] | Non
   classes = _visible_subdirs(domain_dir)
   loose = list_images(domain_dir)[0]
   if loose:  # one class per sub-folder: an image beside them has no label and would be left out
-    raise UserError(f'{len(loose)} image(s) directly in the domain folder {domain_dir} (e.g. '
-                    f'{loose[0]}) belong to no class; move each into its <class>/ sub-folder (or '
-                    'out of the tree) and build the dataset again')
+    raise UserError(
+      f'{len(loose)} image(s) directly in the domain folder {domain_dir} (e.g. '
+      f'{loose[0]}) belong to no class; move each into its <class>/ sub-folder (or '
+      'out of the tree) and build the dataset again'
+    )
   if class_names is not None:
     unknown = sorted(set(classes) - set(class_names))
     if unknown:
-      raise UserError(f'unexpected class folder(s) {unknown} in {domain_dir}; valid classes are '
-                      f'{list(class_names)}. Remove them, or use data.dataset=custom')
+      raise UserError(
+        f'unexpected class folder(s) {unknown} in {domain_dir}; valid classes are '
+        f'{list(class_names)}. Remove them, or use data.dataset=custom'
+      )
   items, skipped = [], []
   for c in classes:
     images, other = list_images(os.path.join(domain_dir, c))
     items += [(c, os.path.join(domain_dir, c, n)) for n in images]
     skipped += [os.path.join(c, n) for n in other]
   if skipped:
-    logging.warning('%s: skipped %d non-image entries (e.g. %s)', domain_dir, len(skipped),
-                    skipped[:3])
+    logging.warning(
+      '%s: skipped %d non-image entries (e.g. %s)', domain_dir, len(skipped), skipped[:3]
+    )
   if not items:
     raise UserError(f'no .jpg/.png images under {domain_dir}/<class>/; check the folder layout')
   return DomainFiles(split=split, folder=domain_dir, items=tuple(items))
 
 
-def warn_if_counts_differ(dataset: str, files: DomainFiles, published: int | None,
-                          num_classes: int) -> None:
+def warn_if_counts_differ(
+  dataset: str, files: DomainFiles, published: int | None, num_classes: int
+) -> None:
   """Logs a clear warning when a domain's image count is not the published one (a test tree)."""
   n, k = len(files.items), len(files.class_counts())
   if published is not None and n != published:
-    logging.warning('%s/%s: found %d images in %d of %d classes under %s, but the published '
-                    'dataset has %d; results will not be comparable to the paper unless this is '
-                    'intended',
-                    dataset, files.split, n, k, num_classes, files.folder, published)
+    logging.warning(
+      '%s/%s: found %d images in %d of %d classes under %s, but the published '
+      'dataset has %d; results will not be comparable to the paper unless this is '
+      'intended',
+      dataset,
+      files.split,
+      n,
+      k,
+      num_classes,
+      files.folder,
+      published,
+    )
   elif k != num_classes:
-    logging.warning('%s/%s: only %d of %d classes have images under %s',
-                    dataset, files.split, k, num_classes, files.folder)
+    logging.warning(
+      '%s/%s: only %d of %d classes have images under %s',
+      dataset,
+      files.split,
+      k,
+      num_classes,
+      files.folder,
+    )
 
 
 class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -325,19 +375,21 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION or self.__doc__,
-        homepage=self.HOMEPAGE,
-        citation=self.CITATION,
-        features=tfds.features.FeaturesDict({
-            # Original encoded bytes (JPEG or PNG); decoded to RGB by the input pipeline.
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            # Class order = sorted folder names (see the builder's docstring).
-            'label': tfds.features.ClassLabel(names=self._class_names()),
-            # Path relative to the domain folder, e.g. "Drill/00014.jpg".
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=self.DESCRIPTION or self.__doc__,
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
+      features=tfds.features.FeaturesDict(
+        {
+          # Original encoded bytes (JPEG or PNG); decoded to RGB by the input pipeline.
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          # Class order = sorted folder names (see the builder's docstring).
+          'label': tfds.features.ClassLabel(names=self._class_names()),
+          # Path relative to the domain folder, e.g. "Drill/00014.jpg".
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
     )
 
   def _locate_root(self, dl_manager: tfds.download.DownloadManager) -> str:
@@ -351,9 +403,11 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       self.__dict__.setdefault('_extracted', []).append(extracted)
       root = root or find_root(extracted, folders)
     if root is None:
-      raise UserError(f'no folder holding {folders} found in {base} (searched {_ROOT_SEARCH_DEPTH} '
-                      f'levels deep and archives {[os.path.basename(a) for a in archives]}): '
-                      f'{" ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
+      raise UserError(
+        f'no folder holding {folders} found in {base} (searched {_ROOT_SEARCH_DEPTH} '
+        f'levels deep and archives {[os.path.basename(a) for a in archives]}): '
+        f'{" ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}'
+      )
     return root
 
   def download_and_prepare(self, **kwargs) -> None:  # pylint: disable=arguments-differ
@@ -379,8 +433,9 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     splits = {}
     for split, folder in self._domains().items():
       files = collect_domain(self._domain_dir(root, folder), split, names)
-      warn_if_counts_differ(self.name, files, self.PUBLISHED_COUNTS.get(split),
-                            len(self._class_names()))
+      warn_if_counts_differ(
+        self.name, files, self.PUBLISHED_COUNTS.get(split), len(self._class_names())
+      )
       splits[split] = self._generate_examples(files)
     return splits
 
@@ -392,8 +447,12 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       rel = os.path.relpath(path, files.folder)
       yield rel, {'image': data, 'label': class_name, 'file_name': rel}
     if converted:
-      logging.info('%s/%s: %d images converted to RGB PNG (CMYK, 16-bit or non-JPEG/PNG)',
-                   self.name, files.split, converted)
+      logging.info(
+        '%s/%s: %d images converted to RGB PNG (CMYK, 16-bit or non-JPEG/PNG)',
+        self.name,
+        files.split,
+        converted,
+      )
 
 
 @dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is a plain (non-frozen) dataclass
@@ -421,15 +480,19 @@ class DomainFolder(DomainFolderBuilder):
   def _root(self) -> str:
     root = getattr(self.builder_config, 'root', '')
     if not root:
-      raise UserError('the custom dataset needs its folder: set data.manual_dir to a '
-                      'root/<domain>/<class>/ image tree')
+      raise UserError(
+        'the custom dataset needs its folder: set data.manual_dir to a '
+        'root/<domain>/<class>/ image tree'
+      )
     return root
 
   def _domains(self) -> dict[str, str]:
     root = self._root()
     if not os.path.isdir(root) or not _visible_subdirs(root):
-      raise UserError(f'custom dataset folder {root} is missing or empty; expected '
-                      'root/<domain>/<class>/*.jpg|png (config field data.manual_dir)')
+      raise UserError(
+        f'custom dataset folder {root} is missing or empty; expected '
+        'root/<domain>/<class>/*.jpg|png (config field data.manual_dir)'
+      )
     domains = {split_name(d): d for d in _visible_subdirs(root)}
     if len(domains) != len(_visible_subdirs(root)):
       raise UserError(f'domain folder names in {root} clash once non-word characters become "_"')
@@ -483,8 +546,10 @@ class DomainFolder(DomainFolderBuilder):
     try:
       shutil.rmtree(path)
     except OSError as e:
-      raise UserError(f'cannot delete the outdated prepared dataset {path} ({e.strerror or e}); '
-                      'delete it by hand and run again') from e
+      raise UserError(
+        f'cannot delete the outdated prepared dataset {path} ({e.strerror or e}); '
+        'delete it by hand and run again'
+      ) from e
 
 
 def _stored_label_names(data_dir: str) -> list[str] | None:

@@ -17,22 +17,111 @@ OFFICE31_COUNTS = {'amazon': 2817, 'dslr': 498, 'webcam': 795}
 OFFICE_HOME_COUNTS = {'Art': 2427, 'Clipart': 4365, 'Product': 4439, 'Real_World': 4357}
 
 OFFICE31_CLASSES = (
-    'back_pack', 'bike', 'bike_helmet', 'bookcase', 'bottle', 'calculator', 'desk_chair',
-    'desk_lamp', 'desktop_computer', 'file_cabinet', 'headphones', 'keyboard', 'laptop_computer',
-    'letter_tray', 'mobile_phone', 'monitor', 'mouse', 'mug', 'paper_notebook', 'pen', 'phone',
-    'printer', 'projector', 'punchers', 'ring_binder', 'ruler', 'scissors', 'speaker', 'stapler',
-    'tape_dispenser', 'trash_can')
+  'back_pack',
+  'bike',
+  'bike_helmet',
+  'bookcase',
+  'bottle',
+  'calculator',
+  'desk_chair',
+  'desk_lamp',
+  'desktop_computer',
+  'file_cabinet',
+  'headphones',
+  'keyboard',
+  'laptop_computer',
+  'letter_tray',
+  'mobile_phone',
+  'monitor',
+  'mouse',
+  'mug',
+  'paper_notebook',
+  'pen',
+  'phone',
+  'printer',
+  'projector',
+  'punchers',
+  'ring_binder',
+  'ruler',
+  'scissors',
+  'speaker',
+  'stapler',
+  'tape_dispenser',
+  'trash_can',
+)
 
 # The 65 Office-Home class folders (the ALDA list's names, docs/reference.md §6), sorted.
-OFFICE_HOME_CLASSES = tuple(sorted((
-    'Drill', 'Exit_Sign', 'Bottle', 'Glasses', 'Computer', 'File_Cabinet', 'Shelf', 'Toys', 'Sink',
-    'Laptop', 'Kettle', 'Folder', 'Keyboard', 'Flipflops', 'Pencil', 'Bed', 'Hammer', 'ToothBrush',
-    'Couch', 'Bike', 'Postit_Notes', 'Mug', 'Webcam', 'Desk_Lamp', 'Telephone', 'Helmet', 'Mouse',
-    'Pen', 'Monitor', 'Mop', 'Sneakers', 'Notebook', 'Backpack', 'Alarm_Clock', 'Push_Pin',
-    'Paper_Clip', 'Batteries', 'Radio', 'Fan', 'Ruler', 'Pan', 'Screwdriver', 'Trash_Can',
-    'Printer', 'Speaker', 'Eraser', 'Bucket', 'Chair', 'Calendar', 'Calculator', 'Flowers',
-    'Lamp_Shade', 'Spoon', 'Candles', 'Clipboards', 'Scissors', 'TV', 'Curtains', 'Fork', 'Soda',
-    'Table', 'Knives', 'Oven', 'Refrigerator', 'Marker')))
+OFFICE_HOME_CLASSES = tuple(
+  sorted(
+    (
+      'Drill',
+      'Exit_Sign',
+      'Bottle',
+      'Glasses',
+      'Computer',
+      'File_Cabinet',
+      'Shelf',
+      'Toys',
+      'Sink',
+      'Laptop',
+      'Kettle',
+      'Folder',
+      'Keyboard',
+      'Flipflops',
+      'Pencil',
+      'Bed',
+      'Hammer',
+      'ToothBrush',
+      'Couch',
+      'Bike',
+      'Postit_Notes',
+      'Mug',
+      'Webcam',
+      'Desk_Lamp',
+      'Telephone',
+      'Helmet',
+      'Mouse',
+      'Pen',
+      'Monitor',
+      'Mop',
+      'Sneakers',
+      'Notebook',
+      'Backpack',
+      'Alarm_Clock',
+      'Push_Pin',
+      'Paper_Clip',
+      'Batteries',
+      'Radio',
+      'Fan',
+      'Ruler',
+      'Pan',
+      'Screwdriver',
+      'Trash_Can',
+      'Printer',
+      'Speaker',
+      'Eraser',
+      'Bucket',
+      'Chair',
+      'Calendar',
+      'Calculator',
+      'Flowers',
+      'Lamp_Shade',
+      'Spoon',
+      'Candles',
+      'Clipboards',
+      'Scissors',
+      'TV',
+      'Curtains',
+      'Fork',
+      'Soda',
+      'Table',
+      'Knives',
+      'Oven',
+      'Refrigerator',
+      'Marker',
+    )
+  )
+)
 
 
 class Office31(folder.DomainFolderBuilder):
@@ -44,9 +133,11 @@ class Office31(folder.DomainFolderBuilder):
   CLASS_NAMES = OFFICE31_CLASSES
   PUBLISHED_COUNTS = OFFICE31_COUNTS
   HOMEPAGE = 'https://faculty.cc.gatech.edu/~judy/domainadapt/'
-  CITATION = ('@inproceedings{saenko2010adapting, title={Adapting visual category models to new '
-              'domains}, author={Saenko, Kate and Kulis, Brian and Fritz, Mario and Darrell, '
-              'Trevor}, booktitle={ECCV}, year={2010}}')
+  CITATION = (
+    '@inproceedings{saenko2010adapting, title={Adapting visual category models to new '
+    'domains}, author={Saenko, Kate and Kulis, Brian and Fritz, Mario and Darrell, '
+    'Trevor}, booktitle={ECCV}, year={2010}}'
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Office-31's domain_adaptation_images.tar.gz (linked from
   https://faculty.cc.gatech.edu/~judy/domainadapt/) and put the archive, or the folder it extracts
@@ -65,9 +156,11 @@ class OfficeHome(folder.DomainFolderBuilder):
   CLASS_NAMES = OFFICE_HOME_CLASSES
   PUBLISHED_COUNTS = OFFICE_HOME_COUNTS
   HOMEPAGE = 'https://www.hemanthdv.org/officeHomeDataset.html'
-  CITATION = ('@inproceedings{venkateswara2017deep, title={Deep hashing network for unsupervised '
-              'domain adaptation}, author={Venkateswara, Hemanth and Eusebio, Jose and '
-              'Chakraborty, Shayok and Panchanathan, Sethuraman}, booktitle={CVPR}, year={2017}}')
+  CITATION = (
+    '@inproceedings{venkateswara2017deep, title={Deep hashing network for unsupervised '
+    'domain adaptation}, author={Venkateswara, Hemanth and Eusebio, Jose and '
+    'Chakraborty, Shayok and Panchanathan, Sethuraman}, booktitle={CVPR}, year={2017}}'
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download OfficeHomeDataset_10072016.zip from https://www.hemanthdv.org/officeHomeDataset.html and
   put the zip, or the folder it extracts to (Art/, Clipart/, Product/, "Real World"/, each with

@@ -47,8 +47,13 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 def conv_xla(x_NHWC, kernel_HWIO, stride: int):
   """The plain convolution, torchvision padding ``k // 2`` on every side."""
   pad = kernel_HWIO.shape[0] // 2
-  return lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), ((pad, pad), (pad, pad)),
-                                  dimension_numbers=_DIMENSION_NUMBERS)
+  return lax.conv_general_dilated(
+    x_NHWC,
+    kernel_HWIO,
+    (stride, stride),
+    ((pad, pad), (pad, pad)),
+    dimension_numbers=_DIMENSION_NUMBERS,
+  )
 
 
 def conv_1x1_matmul(x_NHWC, kernel_HWIO, stride: int):
@@ -66,8 +71,9 @@ def conv_1x1_matmul(x_NHWC, kernel_HWIO, stride: int):
 def uses_matmul(kernel_size: int, impl: str, backend: str | None = None) -> bool:
   """Whether a ``kernel_size`` convolution runs as a matmul under ``impl`` on ``backend``."""
   if impl not in IMPLS:
-    raise UserError(f"unknown conv impl {impl!r} (config field model.conv_impl); valid: "
-                    f"{', '.join(IMPLS)}")
+    raise UserError(
+      f"unknown conv impl {impl!r} (config field model.conv_impl); valid: {', '.join(IMPLS)}"
+    )
   if kernel_size != 1 or impl == "xla":
     return False
   return impl == "matmul" or (backend or jax.default_backend()) == "cpu"
@@ -96,7 +102,8 @@ class Conv(nn.Module):
     if x_NHWC.ndim != 4:
       raise ValueError(f"Conv expects NHWC input, got shape {x_NHWC.shape}")
     k = self.kernel_size
-    kernel_HWIO = self.param("kernel", self.kernel_init, (k, k, x_NHWC.shape[-1], self.features),
-                             self.param_dtype)
+    kernel_HWIO = self.param(
+      "kernel", self.kernel_init, (k, k, x_NHWC.shape[-1], self.features), self.param_dtype
+    )
     x_NHWC, kernel_HWIO = dtypes.promote_dtype(x_NHWC, kernel_HWIO, dtype=self.dtype)
     return conv2d(x_NHWC, kernel_HWIO, self.stride, self.impl)

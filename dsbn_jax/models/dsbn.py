@@ -29,7 +29,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-
 Domain = int | Sequence[int]  # one branch, or one per interleaved group of a fused batch
 
 
@@ -88,9 +87,11 @@ class DomainSpecificBatchNorm(nn.Module):
         m = self.momentum
         for i, d in enumerate(domains):  # in group order: G sequential calls' updates
           mean_DxC.value = mean_DxC.value.at[d].set(
-              (1.0 - m) * mean_DxC.value[d] + m * group(mean, i))
+            (1.0 - m) * mean_DxC.value[d] + m * group(mean, i)
+          )
           var_DxC.value = var_DxC.value.at[d].set(
-              (1.0 - m) * var_DxC.value[d] + m * group(unbiased, i))
+            (1.0 - m) * var_DxC.value[d] + m * group(unbiased, i)
+          )
     else:
       mean, var = rows(mean_DxC.value), rows(var_DxC.value)
 

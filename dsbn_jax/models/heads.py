@@ -1,5 +1,8 @@
 """The heads on top of the backbone, the discriminator, and the full model assembled from a config.
 
+What each method needs (its discriminator, its BN branches) is ``methods.METHODS``; the pretrained
+backbone is loaded by ``torchvision_port.load_pretrained_backbone``.
+
 Reference (official ALDA ``network.py``; docs/reference.md §4):
 - ``ResNetFc``: backbone -> bottleneck ``Linear(2048, 512)`` (no BN, no ReLU, no dropout) ->
   classifier ``Linear(512, K)``. The bottleneck output is what both the classifier and D see.
@@ -14,55 +17,31 @@ The gradient reversal layer that the reference puts inside D's forward lives in 
 (its coefficient depends on the step), so ``Discriminator`` is a plain MLP.
 """
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dsbn_jax import methods
 from dsbn_jax.errors import UserError
-from dsbn_jax.models import resnet, torchvision_port
+from dsbn_jax.models import resnet
 from dsbn_jax.models.dsbn import Domain
 
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-  """What a method needs from the model: its adversary and whether BN is domain-specific."""
-
-  adversary: str  # 'none' | 'dann' (1-logit D, domain BCE) | 'alda' (K-logit D, ALDA losses)
-  dsbn: bool  # True: source uses BN branch 0, target branch 1; False: one shared branch
-
-  @property
-  def num_domains(self) -> int:
-    return 2 if self.dsbn else 1
-
-
-METHODS = {
-    "source_only": MethodSpec("none", dsbn=False),
-    "dann": MethodSpec("dann", dsbn=False),
-    "alda": MethodSpec("alda", dsbn=False),
-    "alda_dsbn": MethodSpec("alda", dsbn=True),  # the paper's method
-    "dann_dsbn": MethodSpec("dann", dsbn=True),
-}
-
 
 BACKBONES = ("resnet50", "resnet", "small_cnn")  # model.backbone
 DTYPES = ("float32", "bfloat16")  # model.dtype: compute dtype (params and BN stats stay float32)
 
 
-def method_spec(method: str) -> MethodSpec:
-  """The ``MethodSpec`` of a config's ``method`` name; a clear error for an unknown one."""
-  if method not in METHODS:
-    raise UserError(f"unknown method {method!r} (config field method); valid: "
-                    f"{', '.join(METHODS)}")
-  return METHODS[method]
-
-
 def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
-  return nn.Dense(features, kernel_init=xavier_normal, bias_init=nn.initializers.zeros,
-                  dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Dense(
+    features,
+    kernel_init=xavier_normal,
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 class Discriminator(nn.Module):
@@ -104,8 +83,9 @@ class AdaptationNet(nn.Module):
       self.bottleneck = _dense(self.bottleneck_dim, "bottleneck", self.dtype)
     self.classifier = _dense(self.num_classes, "classifier", self.dtype)
     if self.disc_outputs:
-      self.disc = Discriminator(self.disc_outputs, self.disc_hidden_dim, self.dropout_rate,
-                                self.dtype)
+      self.disc = Discriminator(
+        self.disc_outputs, self.disc_hidden_dim, self.dropout_rate, self.dtype
+      )
 
   def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     feat = self.backbone(x_NHWC, domain=domain, train=train)
@@ -131,39 +111,32 @@ def _backbone(model_cfg, num_domains: int, dtype: Any) -> nn.Module:
   if name == "resnet50":
     return resnet.ResNet50(num_domains=num_domains, dtype=dtype, conv_impl=conv_impl)
   if name == "resnet":
-    return resnet.ResNet(stage_sizes=tuple(model_cfg.stage_sizes), num_domains=num_domains,
-                         num_filters=model_cfg.num_filters, dtype=dtype, conv_impl=conv_impl)
+    return resnet.ResNet(
+      stage_sizes=tuple(model_cfg.stage_sizes),
+      num_domains=num_domains,
+      num_filters=model_cfg.num_filters,
+      dtype=dtype,
+      conv_impl=conv_impl,
+    )
   if name == "small_cnn":
-    return resnet.SmallCNN(num_domains=num_domains, feature_dim=model_cfg.feature_dim,
-                           dtype=dtype)
-  raise UserError(f"unknown backbone {name!r} (config field model.backbone); valid: "
-                  f"{', '.join(BACKBONES)}")
+    return resnet.SmallCNN(num_domains=num_domains, feature_dim=model_cfg.feature_dim, dtype=dtype)
+  raise UserError(
+    f"unknown backbone {name!r} (config field model.backbone); valid: {', '.join(BACKBONES)}"
+  )
 
 
 def create_model(config) -> AdaptationNet:
-  """The full model for ``config.method`` and ``config.model`` (see ``configs/default.py``)."""
-  spec = method_spec(config.method)
+  """The full model for ``config.method`` and ``config.model`` (``config_defaults.py``)."""
+  spec = methods.method_spec(config.method)
   m = config.model
   dtype = jnp.dtype(m.dtype)
   disc_outputs = {"none": 0, "dann": 1, "alda": m.num_classes}[spec.adversary]
-  return AdaptationNet(backbone=_backbone(m, spec.num_domains, dtype), num_classes=m.num_classes,
-                       bottleneck_dim=m.bottleneck_dim, disc_outputs=disc_outputs,
-                       disc_hidden_dim=m.disc_hidden_dim, dropout_rate=m.dropout_rate,
-                       dtype=dtype)
-
-
-def load_pretrained_backbone(config) -> dict | None:
-  """Host ``{'params', 'batch_stats'}`` of the torchvision ResNet-50 at ``model.pretrained_path``.
-
-  None when the path is empty (random init). Only ``resnet50`` has pretrained weights; every BN
-  is copied into each DSBN branch, as the DSBN code does.
-  """
-  path = config.model.pretrained_path
-  if not path:
-    return None
-  if config.model.backbone != "resnet50":
-    raise UserError(f"model.pretrained_path is set but model.backbone is "
-                    f"{config.model.backbone!r}; pretrained weights exist only for resnet50")
-  num_domains = method_spec(config.method).num_domains
-  return torchvision_port.load_resnet50(path, num_domains=num_domains)
-
+  return AdaptationNet(
+    backbone=_backbone(m, spec.num_domains, dtype),
+    num_classes=m.num_classes,
+    bottleneck_dim=m.bottleneck_dim,
+    disc_outputs=disc_outputs,
+    disc_hidden_dim=m.disc_hidden_dim,
+    dropout_rate=m.dropout_rate,
+    dtype=dtype,
+  )

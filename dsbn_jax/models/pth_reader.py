@@ -27,10 +27,16 @@ from dsbn_jax.errors import UserError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 
@@ -47,20 +53,23 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
     raise pickle.UnpicklingError("a tensor without a storage")
   offset = int(offset)
   size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
-  if (len(size) != len(stride) or offset < 0 or any(n < 0 for n in size)
-      or any(s < 0 for s in stride)):
+  if (
+    len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride)
+  ):
     raise pickle.UnpicklingError("a tensor with a malformed size/stride")
   if 0 in size:
     return np.zeros(size, storage.dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.size:  # a crafted view must not read past its storage
     raise pickle.UnpicklingError(
-        f"a tensor view reaches element {last} of a storage of {storage.size}")
+      f"a tensor view reaches element {last} of a storage of {storage.size}"
+    )
   if not size:
     return np.array(storage[offset])
   itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride))
+    storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
+  )
   return np.array(view)
 
 
@@ -69,10 +78,10 @@ def _rebuild_parameter(data, *unused):
 
 
 _GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
 }
 
 
@@ -93,16 +102,19 @@ class _Unpickler(pickle.Unpickler):
     if (module, name) in _GLOBALS:
       return _GLOBALS[(module, name)]
     raise pickle.UnpicklingError(
-        f"it names {module}.{name}, which a weights file never holds; refused, nothing was run")
+      f"it names {module}.{name}, which a weights file never holds; refused, nothing was run"
+    )
 
   def persistent_load(self, pid):
     kind, storage_type, key, _location, numel, *view = pid
-    if kind != "storage" or self._load_storage is None or not isinstance(storage_type, _StorageType):
+    if (
+      kind != "storage" or self._load_storage is None or not isinstance(storage_type, _StorageType)
+    ):
       raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
     storage = self._load_storage(storage_type.dtype, str(key), numel)
     if view and view[0] is not None:  # legacy storage view: (view_key, offset, size)
       _, offset, size = view[0]
-      storage = storage[offset:offset + size]
+      storage = storage[offset : offset + size]
     return storage
 
 
@@ -166,7 +178,9 @@ def read_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
   except UserError:
     raise
   except OSError as e:
-    raise UserError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from e
+    raise UserError(
+      f"{path}: cannot read ({e.strerror or e}); check the path and permissions"
+    ) from e
   except Exception as e:  # pylint: disable=broad-except -- any malformed pickle is the user's file
     raise UserError(f"{path}: cannot read as a PyTorch state_dict ({e})") from e
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

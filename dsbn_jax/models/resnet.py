@@ -25,11 +25,20 @@ from dsbn_jax.models.dsbn import Domain, DomainSpecificBatchNorm
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any,
-          impl: str = "auto") -> Conv:
+def _conv(
+  features: int, kernel: int, stride: int, name: str, dtype: Any, impl: str = "auto"
+) -> Conv:
   # No bias, padding kernel // 2 on both sides, HWIO float32 kernel; impl: see models/conv.py.
-  return Conv(features, kernel, stride, kernel_init=conv_init, dtype=dtype,
-              param_dtype=jnp.float32, impl=impl, name=name)
+  return Conv(
+    features,
+    kernel,
+    stride,
+    kernel_init=conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    impl=impl,
+    name=name,
+  )
 
 
 class Bottleneck(nn.Module):
@@ -43,7 +52,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, domain: Domain, train: bool):
-    norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
+    norm = functools.partial(
+      DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype
+    )
     out_features = self.width * 4
     y = _conv(self.width, 1, 1, "conv1", self.dtype, self.conv_impl)(x)
     y = nn.relu(norm(name="bn1")(y, domain=domain, train=train))
@@ -52,8 +63,7 @@ class Bottleneck(nn.Module):
     y = _conv(out_features, 1, 1, "conv3", self.dtype, self.conv_impl)(y)
     y = norm(name="bn3")(y, domain=domain, train=train)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype,
-                self.conv_impl)(x)
+      x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype, self.conv_impl)(x)
       x = norm(name="downsample_bn")(x, domain=domain, train=train)
     return nn.relu(y + x)
 
@@ -72,15 +82,22 @@ class ResNet(nn.Module):
     x = x_NHWC.astype(self.dtype)
     x = _conv(self.num_filters, 7, 2, "conv1", self.dtype, self.conv_impl)(x)
     x = DomainSpecificBatchNorm(self.num_domains, dtype=self.dtype, name="bn1")(
-        x, domain=domain, train=train)
+      x, domain=domain, train=train
+    )
     x = nn.relu(x)
     # torchvision MaxPool2d(3, 2, padding=1) pads with -inf, on both sides.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = Bottleneck(self.num_filters * 2**i, stride, self.num_domains, self.dtype,
-                       self.conv_impl, name=f"layer{i + 1}_{j}")(x, domain=domain, train=train)
+        x = Bottleneck(
+          self.num_filters * 2**i,
+          stride,
+          self.num_domains,
+          self.dtype,
+          self.conv_impl,
+          name=f"layer{i + 1}_{j}",
+        )(x, domain=domain, train=train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # adaptive avg-pool to 1x1, flattened
 
 
@@ -103,7 +120,9 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x_NHWC, *, domain: Domain, train: bool):
-    norm = functools.partial(DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype)
+    norm = functools.partial(
+      DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype
+    )
     x = x_NHWC.astype(self.dtype)
     for i, w in enumerate(self.widths):
       x = nn.Conv(w, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)

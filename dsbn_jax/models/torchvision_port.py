@@ -6,6 +6,9 @@ branch. ``fc.*`` is dropped (the classifier is a new head), ``num_batches_tracke
 matters for torch's momentum=None mode). Everything else is strict: a missing, unexpected or
 mis-shaped key raises an error naming it. Reading the file needs no torch (``pth_reader``).
 
+``load_pretrained_backbone(config)`` is what training calls: the weights of
+``model.pretrained_path`` for the config's backbone and method (one BN copy per DSBN branch).
+
 Weights to use for parity with ALDA: torchvision's ImageNet V1 file ``resnet50-19c8e357.pth`` (or its
 zip re-save ``resnet50-0676ba61.pth``); docs/reference.md §4.
 """
@@ -18,15 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dsbn_jax import methods
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import resnet
 from dsbn_jax.models.pth_reader import read_state_dict
 
-WEIGHTS_HINT = ("torchvision's ImageNet V1 ResNet-50 weights, resnet50-19c8e357.pth "
-                "(https://download.pytorch.org/models/resnet50-19c8e357.pth)")
+WEIGHTS_HINT = (
+  "torchvision's ImageNet V1 ResNet-50 weights, resnet50-19c8e357.pth "
+  "(https://download.pytorch.org/models/resnet50-19c8e357.pth)"
+)
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|\.num_batches_tracked$")
-_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_FIELDS = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def _flax_path(torch_key: str):
@@ -53,9 +63,13 @@ def expected_shapes(num_domains: int = 2):
   """Flat ``{(collection, path): shape}`` of ``ResNet50(num_domains)``, from ``jax.eval_shape``."""
   model = resnet.ResNet50(num_domains=num_domains)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), domain=0, train=False))
-  return {(col, path): v.shape for col in shapes
-          for path, v in traverse_util.flatten_dict(shapes[col]).items()}
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), domain=0, train=False)
+  )
+  return {
+    (col, path): v.shape
+    for col in shapes
+    for path, v in traverse_util.flatten_dict(shapes[col]).items()
+  }
 
 
 def convert_state_dict(state_dict, num_domains: int = 2, source: str = "state_dict"):
@@ -83,8 +97,9 @@ def convert_state_dict(state_dict, num_domains: int = 2, source: str = "state_di
   errors += [f"missing key for {col}/{'/'.join(p)}" for col, p in sorted(set(want) - seen)]
   if errors:
     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-    raise UserError(f"{source} is not a torchvision ResNet-50 state_dict: "
-                    f"{'; '.join(errors[:5])}{more}")
+    raise UserError(
+      f"{source} is not a torchvision ResNet-50 state_dict: {'; '.join(errors[:5])}{more}"
+    )
   out = {"params": {}, "batch_stats": {}}
   for (col, path), v in flat.items():
     out[col][path] = jnp.asarray(v)
@@ -95,8 +110,10 @@ def check_weights_file(path, config_field: str = "model.pretrained_path") -> str
   """``path`` as a string if it is a file, else a one-line UserError saying what to download."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise UserError(f"weights file {path!r} (config field {config_field}) not found: download "
-                    f"{WEIGHTS_HINT} and put it there, or set --config.{config_field}=/path/to/it")
+    raise UserError(
+      f"weights file {path!r} (config field {config_field}) not found: download "
+      f"{WEIGHTS_HINT} and put it there, or set --config.{config_field}=/path/to/it"
+    )
   return path
 
 
@@ -112,3 +129,21 @@ def load_resnet50(path, num_domains: int = 2, config_field: str = "model.pretrai
   """
   path = check_weights_file(path, config_field)
   return convert_state_dict(read_state_dict(path), num_domains, source=path)
+
+
+def load_pretrained_backbone(config) -> dict | None:
+  """Host ``{'params', 'batch_stats'}`` of the torchvision ResNet-50 at ``model.pretrained_path``.
+
+  None when the path is empty (random init). Only ``resnet50`` has pretrained weights; every BN
+  is copied into each DSBN branch, as the DSBN code does.
+  """
+  path = config.model.pretrained_path
+  if not path:
+    return None
+  if config.model.backbone != "resnet50":
+    raise UserError(
+      f"model.pretrained_path is set but model.backbone is "
+      f"{config.model.backbone!r}; pretrained weights exist only for resnet50"
+    )
+  num_domains = methods.method_spec(config.method).num_domains
+  return load_resnet50(path, num_domains=num_domains)

@@ -1,0 +1,193 @@
+"""Every config field, with its default, meaning and unit: what the files in ``configs/`` start from.
+
+``get_config(dataset)`` is a whole config for ``dataset``: the ALDA + DSBN recipe on ResNet-50 with
+the official ALDA Office hyper-parameters for 'office31', 'office_home' and 'custom', our SmallCNN
+recipe for 'digits' (the embedded Digits -> Digits-M default). ``get_data_config(dataset)`` is its
+``data`` section alone. The experiment configs (``configs/officehome.py``, ...: the files
+``--config=`` names) import this module and override a few fields:
+
+  from dsbn_jax import config_defaults
+
+  def get_config():
+    config = config_defaults.get_config("office_home")
+    config.total_steps = 10000
+    ...
+
+The Office values follow the official ALDA code (``train.py`` ``__main__``, ``train.sh``,
+``pre_process.py``; docs/reference.md §1-§6) unless a comment says otherwise.
+"""
+
+import ml_collections
+
+DATASETS = ("digits", "office31", "office_home", "custom")  # = datasets.catalog.DATASETS
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision Normalize mean, the reference's image_train
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DOMAINS = {  # default (source, target) per dataset
+  "digits": ("digits", "digits_m"),
+  "office31": ("amazon", "webcam"),
+  "office_home": ("Art", "Clipart"),
+  "custom": ("", ""),
+}
+
+
+def _check(dataset: str) -> None:
+  if dataset not in _DOMAINS:
+    raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
+  """Every field, with its meaning and unit, for ``dataset`` (see the module docstring)."""
+  _check(dataset)
+  config = ml_collections.ConfigDict()
+  # Training method: 'source_only' (CE on source, shared BN), 'dann' (DANN domain loss, 1-logit D,
+  # GRL, shared BN), 'alda' (ALDA, shared BN), 'alda_dsbn' (ALDA with domain-specific BN: the
+  # paper's method), 'dann_dsbn' (DANN with domain-specific BN). (dsbn_jax/methods.py)
+  config.method = "alda_dsbn"
+  config.seed = 0  # PRNG seed for init and dropout (int)
+  # Images per domain per step, global over all devices: 36 source + 36 target (reference). With a
+  # multi-device mesh it must divide by the device count (the reference used 32 per GPU there).
+  config.batch_size = 36
+
+  config.model = m = ml_collections.ConfigDict()
+  m.backbone = "resnet50"  # 'resnet50' | 'resnet' (generic bottleneck ResNet below) | 'small_cnn'
+  m.stage_sizes = (3, 4, 6, 3)  # 'resnet' only: bottleneck blocks per stage
+  m.num_filters = 64  # 'resnet' only: stem/first-stage width (channels); x2 per stage, x4 output
+  m.feature_dim = 500  # 'small_cnn' only: width of its last fc layer (features)
+  m.num_classes = 65  # K: output classes (read from the dataset at run time)
+  m.bottleneck_dim = 512  # bottleneck Linear width (features); 0 = no bottleneck layer
+  m.disc_hidden_dim = 1024  # discriminator hidden width (units), both hidden layers
+  m.dropout_rate = 0.5  # discriminator dropout probability; 0 disables dropout
+  m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params and BN stats stay float32)
+  # float32 matmul/conv precision: 'default' (the hardware's fast passes where it has them: TF32 on
+  # NVIDIA Ampere and later, bf16 passes on TPU; exact float32 on CPU) | 'high' | 'highest' (strict
+  # float32 everywhere: parity work). Only float32 compute is affected (model.dtype='float32').
+  m.matmul_precision = "default"
+  # True: one backbone pass over the source and target batches together (each domain still
+  # normalised with its own batch statistics and branch: the same maths as the reference's two
+  # calls, tested to 1e-5). Off by default: on CPU it measured 0.83-0.98x the speed of two calls
+  # (BENCHMARKS.md); on GPUs it halves the kernel launches of a step (not measured yet).
+  m.fused_pass = False
+  # How the ResNet convolutions are computed (same params, same values; models/conv.py): 'auto'
+  # (1x1 convs as channel matmuls when JAX's default backend is CPU, where that is ~2x faster than
+  # XLA's conv; the plain conv on GPU/TPU) | 'xla' (always lax.conv_general_dilated) | 'matmul'
+  # (1x1 convs as matmuls on every backend).
+  m.conv_impl = "auto"
+  # torchvision ImageNet V1 ResNet-50 weights (resnet50-19c8e357.pth); '' = random init.
+  m.pretrained_path = ""
+
+  config.optim = o = ml_collections.ConfigDict()
+  o.name = "sgd"  # 'sgd' (reference Office: SGD + Nesterov) | 'adam' (torch Adam update rule)
+  o.lr0 = 0.001  # base learning rate (backbone) of every task without an entry below
+  # Per-task base learning rates: {'source->target': lr0}, domains in any spelling the dataset
+  # accepts ('A->D'); e.g. Office-31's A->D and D->W (configs/office31.py). A run resolves its rate
+  # once: the config.json it writes holds it in lr0, and this table empty.
+  o.lr0_per_task = {}
+  o.momentum = 0.9  # SGD momentum
+  o.nesterov = True  # Nesterov momentum (torch.optim.SGD nesterov=True)
+  o.adam_b1, o.adam_b2, o.adam_eps = 0.9, 0.999, 1e-8  # 'adam' only: torch.optim.Adam defaults
+  o.weight_decay = 0.001  # coupled L2 on every param incl. BN and biases (0.0005 x decay_mult 2)
+  o.lr_mult_backbone = 1.0  # lr multiplier of the backbone (incl. its BN affine params)
+  o.lr_mult_head = 10.0  # lr multiplier of the bottleneck and the classifier
+  o.lr_mult_disc = 10.0  # lr multiplier of the discriminator
+  o.lr_gamma = 0.001  # 'inv' schedule: lr_i = lr0 * (1 + lr_gamma * i) ** -lr_power, i = step
+  o.lr_power = 0.75
+
+  config.loss = lo = ml_collections.ConfigDict()
+  lo.threshold = 0.9  # δ: a target row counts where its max softmax prob > threshold (strict)
+  lo.trade_off = 1.0  # high end of the L_T weight ramp (λ_T -> trade_off)
+  lo.adv_weight = 1.0  # weight of L_adv and of λ_T·L_T (DANN: of its domain loss)
+  # Ramp 2/(1 + exp(-alpha·i/max_steps)) - 1 for the GRL coefficient (at i + 1) and λ_T (at i).
+  lo.ramp_alpha = 10.0
+  lo.ramp_max_steps = 10000  # steps (the reference's max_iter; not the training length)
+
+  # --- the loop (dsbn_jax/train.py) ---------------------------------------------------------------
+  config.total_steps = 10000  # SGD steps (Office-Home 10k, Office-31 20k in the reference)
+  config.eval_every_steps = 500  # steps between target evaluations (reference: 500)
+  config.checkpoint_every_steps = 1000  # steps between orbax checkpoints (and at the end)
+  config.keep_checkpoints = 3  # checkpoints kept in <workdir>/checkpoints (the newest ones)
+  config.log_every_steps = 50  # steps between metric rows (metrics.jsonl, TensorBoard, progress)
+
+  # --- data (get_data_config) and sweeps (dsbn_jax/sweep.py) --------------------------------------
+  config.data = data = get_data_config(dataset)
+  config.sweep = sw = ml_collections.ConfigDict()
+  sw.tasks = (f"{data.source}->{data.target}",) if data.source else ()  # 'source->target' pairs
+  sw.methods = ("alda_dsbn",)  # methods, run in this order
+  sw.seeds = (0,)  # seeds per task and method
+  if dataset == "digits":
+    _digits_recipe(config)
+  return config
+
+
+def _digits_recipe(config: ml_collections.ConfigDict) -> None:
+  """Digits -> Digits-M: our SmallCNN (with DSBN; 32x32 inputs, no crop) with the Office SGD recipe
+  scaled to a short run, lr0 0.01 and every group at lr x1 (no x10 for the heads and D); from
+  ALDA's digits code the threshold δ = 0.6 (README of the official code), D's hidden width 500 and
+  the absence of a bottleneck. Not ALDA's digits setting (USPS/MNIST/SVHN with 256-d or 128-d
+  nets, Adam, step decay; docs/reference.md §9): the numbers are not comparable with its table."""
+  m = config.model
+  m.backbone = "small_cnn"
+  m.feature_dim = 500  # features (ours; ALDA's digits nets have 256-d or 128-d features)
+  m.bottleneck_dim = 0  # features go straight to C and D, as the ALDA digits nets
+  m.disc_hidden_dim = 500  # ALDA's digits discriminator width
+  config.optim.lr0 = 0.01
+  config.optim.lr_mult_head = 1.0
+  config.optim.lr_mult_disc = 1.0
+  config.loss.threshold = 0.6  # ALDA's digits δ
+  config.loss.ramp_max_steps = 1000  # steps; the ramps reach ~1 by the end of a 1000-step run
+
+
+def get_data_config(dataset: str = "digits") -> ml_collections.ConfigDict:
+  """The ``data`` section for ``dataset`` ('digits' | 'office31' | 'office_home' | 'custom').
+
+  Which dataset and domains, and how images are preprocessed. The Office values mirror the ALDA
+  reference pipeline (docs/reference.md §6, ``pre_process.py``); Digits use 32x32 images and no
+  crop. Override a few fields on the command line (``--config.data.source=Art``).
+  """
+  _check(dataset)
+  office = dataset != "digits"
+  data = ml_collections.ConfigDict()
+  # --- what to read --------------------------------------------------------------------------
+  data.dataset = dataset  # digits (builders digits, digits_m) | office31 | office_home | custom
+  data.data_dir = "./data/tfds"  # where TFDS stores prepared datasets (None: ~/tensorflow_datasets)
+  # Manual-download input: the archive or its extracted folder (office31, office_home), or the
+  # root/<domain>/<class>/*.{jpg,png} tree itself (custom). Unused by digits (generated).
+  data.manual_dir = {
+    "office31": "./data/manual/office31",
+    "office_home": "./data/manual/office_home",
+  }.get(dataset, "")
+  data.custom_name = ""  # custom: TFDS config name ('': the tree's folder name); new name = rebuild
+  data.digits_seed = 0  # digits only: seed of the split partition and the Digits-M photo patches
+  data.source = _DOMAINS[dataset][0]  # source domain (labelled): split name, any case, or "Ar"/"A"
+  data.target = _DOMAINS[dataset][1]  # target domain (unlabelled in training, evaluated)
+  # --- preprocessing (pixels) ------------------------------------------------------------------
+  # px; first a square resize to this HxW, aspect distorted as the reference's ResizeImage (skipped
+  # when the image already has this size)
+  data.resize_size = 256 if office else 32
+  data.crop_size = 224 if office else 0  # px; train RandomResizedCrop / eval crop size; 0 = no crop
+  # Filter of the square resize: the reference calls PIL img.resize((256, 256)) without a filter,
+  # i.e. BICUBIC with Pillow >= 7 (NEAREST with its pinned Pillow 5.3); TF resizes with antialias.
+  data.resize_method = "bicubic"  # bicubic | bilinear | nearest | area | lanczos3 | lanczos5 | ...
+  data.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction range (torchvision default)
+  data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop aspect-ratio (w/h) range
+  data.random_flip = office  # train: horizontal flip with probability 0.5 (never for digits)
+  data.mean = IMAGENET_MEAN if office else (0.5, 0.5, 0.5)  # per RGB channel, on [0, 1] pixels
+  data.std = IMAGENET_STD if office else (0.5, 0.5, 0.5)  # per RGB channel, on [0, 1] pixels
+  # --- evaluation ------------------------------------------------------------------------------
+  data.eval_mode = "10crop" if office else "center"  # 10crop (reference default) | center
+  # Target split evaluated on: '' = the protocol's (digits: the held-out 'test' digits; Office: the
+  # whole target domain, transductive as the reference). 'train' (digits) evaluates on the target
+  # images adapted on, by their labels: for choosing hyper-parameters without the test split.
+  data.eval_split = ""
+  data.eval_batch_size = 32  # images per eval step over all processes (10 crops count as one)
+  # --- throughput --------------------------------------------------------------------------------
+  data.num_parallel_calls = -1  # decode/augment threads per process; -1 = tf.data AUTOTUNE
+  data.prefetch_batches = 2  # batches prepared ahead of the train/eval loop
+  # Keep every training image decoded and square-resized in memory (uint8, S*S*3 bytes each: 0.9 GB
+  # for Office-Home Product at 256 px), computed once when the stream starts: the same pixels, about
+  # 4x fewer CPU cycles per image afterwards (the resize dominates).
+  data.cache_resized = True
+  data.train_sharding = "global"  # global: every process keeps the domain's encoded bytes and takes
+  #   its rows of one global, process-count independent stream | process: each process keeps and
+  #   shuffles only its 1/process_count shard (less memory, stream depends on process count)
+  return data

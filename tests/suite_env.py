@@ -1,0 +1,77 @@
+"""What the suite shares without importing JAX: the compilation cache and subprocess environments.
+
+The persistent JAX compilation cache: every compiled program (the smoke train and eval steps,
+ResNet-50, ...) is written to ``CACHE_DIR`` the first time and loaded from there by every later
+test, test process and ``python -m dsbn_jax.*`` subprocess the suite starts (the key holds the
+program, the compile options, the devices and the jax/jaxlib version, so a stale entry is never
+used). ``CACHE_DIR`` is ``<repo>/.pytest_cache/jax_compilation_cache`` (git-ignored), kept across
+runs and pruned to its newest entries past ``CACHE_MAX_BYTES`` (``prune_cache``);
+``JAX_COMPILATION_CACHE_DIR`` set in the environment takes its place, and
+``DSBN_JAX_TEST_COMPILATION_CACHE=0`` turns the cache off. ``rm -rf .pytest_cache`` empties it.
+"""
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+  ROOT, ".pytest_cache", "jax_compilation_cache"
+)
+CACHE_ENABLED = os.environ.get("DSBN_JAX_TEST_COMPILATION_CACHE", "1") != "0"
+# Every program, however fast it compiles and however small: the suite compiles many small ones.
+CACHE_ENV = (
+  {
+    "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+  }
+  if CACHE_ENABLED
+  else {}
+)
+# JAX's own size cap (jax_compilation_cache_max_size) needs the filelock package and locks every
+# access; the suite prunes once per session instead.
+CACHE_MAX_BYTES = 2 << 30
+
+
+def prune_cache(max_bytes: int = CACHE_MAX_BYTES) -> None:
+  """Deletes the oldest cache entries until the cache holds at most half of ``max_bytes``, when it
+  holds more than ``max_bytes`` (entries of older code and jax versions are never read again)."""
+  if not CACHE_ENABLED or not os.path.isdir(CACHE_DIR):
+    return
+  entries = []
+  for entry in os.scandir(CACHE_DIR):
+    try:
+      if entry.is_file():
+        st = entry.stat()
+        entries.append((st.st_mtime, st.st_size, entry.path))
+    except OSError:  # removed meanwhile by another process
+      pass
+  total = sum(size for _, size, _ in entries)
+  if total <= max_bytes:
+    return
+  for _, size, path in sorted(entries):
+    if total <= max_bytes // 2:
+      break
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+    total -= size
+
+
+def subprocess_env(devices: int, base=None, **extra) -> dict:
+  """The environment of a ``python -m dsbn_jax.*`` subprocess on ``devices`` emulated CPU devices.
+
+  ``base`` (default: this process's environment now) without its ``JAX_*`` and ``DSBN_JAX_*``
+  variables (a test sets the ones it means, in ``extra``), plus the compilation cache's.
+  """
+  base = os.environ if base is None else base
+  env = {k: v for k, v in base.items() if not k.startswith(("JAX_", "DSBN_JAX_"))}
+  env.update(CACHE_ENV)
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
+  env.update(extra)
+  return env
