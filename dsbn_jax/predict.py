@@ -31,7 +31,6 @@ undone exactly: remove one leading ``'`` from any cell that has one to get the o
 import collections
 import csv
 import io
-import json
 import os
 import re
 import sys
@@ -117,23 +116,16 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
 
 def _read_json(path: str, kind: type):
   """A run's JSON file of the given top-level type; one line naming it when it is damaged."""
+  from dsbn_jax import reporting
   from dsbn_jax.errors import UserError
 
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError: truncated or not JSON
+    return reporting.read_json(path, kind)
+  except ValueError as e:  # JSONDecodeError (truncated, not JSON), not UTF-8, another type
     raise UserError(
-      f"{path} is damaged ({type(e).__name__}: {e}); it is not the file training "
-      "wrote, so this workdir cannot be used for predictions"
+      f"{path} is damaged ({e}); it is not the file training wrote, so this workdir cannot be "
+      "used for predictions"
     ) from None
-  if not isinstance(value, kind):
-    raise UserError(
-      f"{path} is damaged (a JSON {type(value).__name__}, not a "
-      f"{'object' if kind is dict else 'list'}); this workdir cannot be used for "
-      "predictions"
-    )
-  return value
 
 
 def _model_variables(config):

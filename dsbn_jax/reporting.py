@@ -39,6 +39,17 @@ def write_atomic(path: str, text: str) -> None:
     raise _name_file(e, path)
 
 
+def read_json(path: str, kind: type = dict, errors: str = "strict"):
+  """The JSON value in ``path``, whose top level must be a ``kind`` (dict or list): what the run
+  files (``config.json``, ``classes.json``, ``results.json``) hold. A ``ValueError`` says why not:
+  truncated or not JSON (``json.JSONDecodeError``, not UTF-8), or another type at the top."""
+  with open(path, encoding="utf-8", errors=errors) as f:
+    value = json.load(f)
+  if not isinstance(value, kind):
+    raise ValueError(f"not a JSON {'object' if kind is dict else 'list'}")
+  return value
+
+
 class MetricWriter:
   """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
 

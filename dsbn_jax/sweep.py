@@ -69,10 +69,7 @@ def _read_results(path: str):
   if not os.path.exists(path):
     return None, None
   try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      results = json.load(f)
-    if not isinstance(results, dict):
-      raise TypeError("not a JSON object")
+    results = reporting.read_json(path, errors="replace")
     missing = [
       k
       for k in RESULT_KEYS

@@ -160,10 +160,7 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
       )
     return
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError("not a JSON object")
+    saved = reporting.read_json(path)
   except ValueError as e:  # JSONDecodeError too
     raise UserError(
       f"workdir {workdir} holds a config.json that is not a run's ({e}); choose a "

@@ -400,7 +400,7 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     archives = find_archives(base) if root is None else []
     for archive in archives:  # the archive as downloaded: extracted once (TFDS caches it)
       extracted = extract_or_raise(dl_manager, archive)
-      self.__dict__.setdefault('_extracted', []).append(extracted)
+      self._extracted.append(extracted)
       root = root or find_root(extracted, folders)
     if root is None:
       raise UserError(
