@@ -265,6 +265,7 @@ def _check_data_train(c: _Checker) -> None:
   c.boolean("data.random_flip")
   c.boolean("data.cache_resized")
   c.integer("data.eval_batch_size", 1)
+  c.number("data.source_val_fraction", 0.0, 1.0, hi_open=True)
   c.integer("data.digits_seed", 0, SEED_MAX)
   num_calls = c.get("data.num_parallel_calls")
   if num_calls != -1:

@@ -180,6 +180,12 @@ def get_data_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   # images adapted on, by their labels: for choosing hyper-parameters without the test split.
   data.eval_split = ""
   data.eval_batch_size = 32  # images per eval step over all processes (10 crops count as one)
+  # Fraction of the source's training images held out of training as a labelled source validation
+  # split (chosen by a hash of the file name: about this fraction of every class, the same images
+  # on every run and process count). It feeds the source-accuracy and DEV validators (label-free
+  # model selection, dsbn_jax/validators.py); 0 = none, the reference protocol (every source image
+  # trains). The target-only validators (entropy, info_max, snd, bnm) need no split.
+  data.source_val_fraction = 0.0
   # --- throughput --------------------------------------------------------------------------------
   data.num_parallel_calls = -1  # decode/augment threads per process; -1 = tf.data AUTOTUNE
   data.prefetch_batches = 2  # batches prepared ahead of the train/eval loop

@@ -39,28 +39,32 @@ def eval_state(apply_fn, params, batch_stats, mesh) -> EvalState:
   return sharding.replicate(EvalState(apply_fn, params, batch_stats), mesh)
 
 
-def eval_step(state, batch, *, cfg) -> dict:
-  """Target-domain predictions with BN in eval mode; the target branch for DSBN methods.
+def eval_step(state, batch, *, cfg, domain: int | None = None) -> dict:
+  """Predictions with BN in eval mode through BN branch ``domain`` (None: the target's branch).
 
   ``batch``: ``{'image': f32[B,H,W,3] or f32[B,C,H,W,3] (C crops), 'label': i32[B],
   'mask': bool[B]}``. With crops, the prediction is the argmax of the mean softmax over the C crops
-  (``image_classification_test``). Returns per-example 'probs' f32[B,K], 'pred'/'label' i32[B],
-  'mask' bool[B], and the masked counts 'num_correct'/'num_valid' (i32 scalars).
+  (``image_classification_test``) and the features are the mean over the crops. Returns per-example
+  'probs' f32[B,K], 'features' f32[B,D] (what the classifier reads: the bottleneck's output),
+  'pred'/'label' i32[B], 'mask' bool[B], and the masked counts 'num_correct'/'num_valid' (i32).
   """
-  domain = methods.method_spec(cfg.method).target_branch
+  if domain is None:
+    domain = methods.method_spec(cfg.method).target_branch
   images = batch["image"]
   b = images.shape[0]
   if images.ndim == 5:  # fold the crop axis into the batch: eval-mode BN makes rows independent
     images = images.reshape((-1, *images.shape[2:]))
-  _, logits = state.apply_fn(
+  features, logits = state.apply_fn(
     {"params": state.params, "batch_stats": state.batch_stats}, images, domain=domain, train=False
   )
   probs_BxCxK = jax.nn.softmax(logits, axis=-1).reshape((b, -1, logits.shape[-1]))
   probs_BxK = jnp.mean(probs_BxCxK, axis=1)
+  features_BxD = jnp.mean(features.reshape((b, -1, features.shape[-1])), axis=1)
   pred_B = jnp.argmax(probs_BxK, axis=-1).astype(jnp.int32)
   mask_B = batch["mask"].astype(jnp.bool_)
   return {
     "probs": probs_BxK,
+    "features": features_BxD.astype(jnp.float32),
     "pred": pred_B,
     "label": batch["label"],
     "mask": mask_B,
@@ -69,11 +73,12 @@ def eval_step(state, batch, *, cfg) -> dict:
   }
 
 
-def jit_eval_step(mesh, cfg):
-  """``eval(state, global_batch) -> outputs``; outputs replicated so every host can read them."""
+def jit_eval_step(mesh, cfg, domain: int | None = None):
+  """``eval(state, global_batch) -> outputs`` through BN branch ``domain`` (None: the target's);
+  outputs replicated so every host can read them."""
   rep = sharding.replicated(mesh)
   return jax.jit(
-    functools.partial(eval_step, cfg=cfg),
+    functools.partial(eval_step, cfg=cfg, domain=domain),
     in_shardings=(rep, sharding.data_sharding(mesh)),
     out_shardings=rep,
   )
@@ -107,7 +112,9 @@ def summarize(confusion) -> dict:
 
 
 def evaluate(eval_fn, state, eval_data, mesh, num_classes: int, say=None) -> dict:
-  """Accuracy (%) over every image of ``eval_data`` exactly once (``summarize``).
+  """Accuracy (%) over every image of ``eval_data`` exactly once (``summarize``), and the outputs
+  the validators read: 'probs' f32[N,K], 'features' f32[N,D] and 'labels' i32[N] of the N real
+  images, in evaluation order.
 
   ``eval_data``: ``input_pipeline.make_eval_data``'s (batches with a 'mask' for the padding, its
   ``len`` and ``num_examples``). ``say``: where an evaluation that lasts more than a minute reports
@@ -115,11 +122,14 @@ def evaluate(eval_fn, state, eval_data, mesh, num_classes: int, say=None) -> dic
   Office domain on a CPU.
   """
   confusion = np.zeros((num_classes, num_classes), np.int64)
+  kept = {"probs": [], "features": [], "label": []}
   t0 = t_said = time.perf_counter()
   n = len(eval_data)
   for i, out in enumerate(predict_batches(eval_fn, state, eval_data, mesh)):
     mask = np.asarray(out["mask"], bool)
     np.add.at(confusion, (np.asarray(out["label"])[mask], np.asarray(out["pred"])[mask]), 1)
+    for k, rows in kept.items():
+      rows.append(np.asarray(out[k])[mask])
     now = time.perf_counter()
     if say is not None and now - t0 > 60 and now - t_said > 30 and i + 1 < n:
       t_said, rate = now, (i + 1) / (now - t0)
@@ -132,4 +142,7 @@ def evaluate(eval_fn, state, eval_data, mesh, num_classes: int, say=None) -> dic
     raise RuntimeError(
       f"evaluated {result['num_images']} images, expected {eval_data.num_examples}"
     )
+  result["probs"], result["features"], result["labels"] = (
+    np.concatenate(kept[k]) for k in ("probs", "features", "label")
+  )
   return result

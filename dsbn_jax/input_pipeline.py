@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -251,13 +252,17 @@ def _rows_per_process(global_batch_size: int, process_count: int, what: str) -> 
   return global_batch_size // process_count
 
 
+def _slice_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
+  """(start, size) of contiguous slice `index` of `count` (larger slices first)."""
+  base, extra = divmod(num_examples, count)
+  return index * base + min(index, extra), base + (index < extra)
+
+
 def _process_slice(
   split: str, num_examples: int, index: int, count: int
 ) -> tuple[tfds.core.ReadInstruction, int]:
   """Contiguous slice `index` of `count` (sizes differ by at most one, larger ones first)."""
-  base, extra = divmod(num_examples, count)
-  start = index * base + min(index, extra)
-  size = base + (index < extra)
+  start, size = _slice_bounds(num_examples, index, count)
   return tfds.core.ReadInstruction(split, from_=start, to=start + size, unit='abs'), size
 
 
@@ -268,38 +273,63 @@ def _read(builder: tfds.core.DatasetBuilder, split) -> tf.data.Dataset:
   )
 
 
+def source_val_mask(names: np.ndarray, fraction: float) -> np.ndarray:
+  """bool[N]: which of these file names belong to the held-out source validation split.
+
+  An image is held out when a hash of its file name falls below ``fraction`` (about that fraction
+  of every class): the same images whatever the process count, the train sharding or the storage
+  order, and the same on every run (data.source_val_fraction; 0 holds out nothing).
+  """
+  if fraction <= 0:
+    return np.zeros(len(names), bool)
+  cut = int(fraction * 2**64)
+  return np.array(
+    [
+      int.from_bytes(hashlib.blake2b(bytes(n), digest_size=8).digest(), 'little') < cut
+      for n in names
+    ],
+    bool,
+  )
+
+
 def _load_encoded(
-  builder: tfds.core.DatasetBuilder, split, size: int
+  builder: tfds.core.DatasetBuilder, split, size: int, val_fraction: float = 0.0, val: bool = False
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """All (bytes, label) of a split in memory in stored order, and the order sorting them by file name.
+  """All (bytes, label) of a split in memory in stored order, and the rows to read in file-name order.
 
   The stream reads row ``order[i]`` for example i (file-name order, independent of TFDS sharding),
   so the bytes are held once: sorting them with a gather would hold them twice (measured at full
-  Office-Home scale: 2.4 GB more resident for Product + Real_World).
+  Office-Home scale: 2.4 GB more resident for Product + Real_World). With ``val_fraction``,
+  ``order`` leaves out the held-out source validation rows (``source_val_mask``), or with ``val``
+  lists only them.
   """
   ds = _read(builder, split).map(lambda ex: (ex['file_name'], ex['image'], ex['label']))
   names, images, labels = ds.batch(size).get_single_element()
-  order = tf.constant(np.argsort(names.numpy(), kind='stable'), tf.int32)
-  return images, tf.cast(labels, tf.int32), order
+  names = names.numpy()
+  order = np.argsort(names, kind='stable')
+  held_out = source_val_mask(names[order], val_fraction)
+  order = order[held_out] if val else order[~held_out]
+  return images, tf.cast(labels, tf.int32), tf.constant(order, tf.int32)
 
 
 _CACHE_CHUNK = 64  # images decoded and resized per tf.data batch while filling the cache
 
 
-def _resize_all(encoded: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-  """uint8 [N, S, S, 3]: every image decoded and resized once (exact: resize outputs uint8 values).
+def _resize_all(encoded: tf.Tensor, rows: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """uint8 [N, S, S, 3]: image ``rows[i]`` of ``encoded`` decoded and resized once, at i (exact:
+  resize outputs uint8 values).
 
   The square resize is deterministic and the most expensive step (TF's antialiased bicubic), so
   caching it makes each later epoch cost only the crop. Memory: N * S * S * 3 bytes (196 kB per
   image at S=256; 0.9 GB for Office-Home Product), filled chunk by chunk into one array that the
   returned tensor shares (one ``batch(N)`` of the whole domain would hold it twice while copying).
   """
-  n, s = int(encoded.shape[0]), data.resize_size
+  n, s = int(rows.shape[0]), data.resize_size
   cache = np.empty((n, s, s, 3), np.uint8)
   ds = (
-    tf.data.Dataset.from_tensor_slices(encoded)
+    tf.data.Dataset.from_tensor_slices(rows)
     .map(
-      lambda b: tf.cast(decode_and_resize(b, data), tf.uint8),
+      lambda r: tf.cast(decode_and_resize(tf.gather(encoded, r), data), tf.uint8),
       num_parallel_calls=data.num_parallel_calls,
       deterministic=True,
     )
@@ -335,29 +365,29 @@ class _Stream:
   key: tuple[int, ...]  # seed key of this stream
 
 
-def _train_stream_layout(
-  data,
-  domain: catalog.DomainInfo,
-  role: int,
-  seed: int,
-  global_batch_size: int,
-  index: int,
-  count: int,
-):
-  """(split to load, _Stream) for data.train_sharding 'global' or 'process'."""
+def _train_split(data, domain: catalog.DomainInfo, index: int, count: int):
+  """(split this process loads, its size) for data.train_sharding 'global' or 'process'."""
+  if data.train_sharding == 'global':
+    return domain.train_split, domain.num_train
+  return _process_slice(domain.train_split, domain.num_train, index, count)
+
+
+def _train_stream(
+  data, domain: catalog.DomainInfo, role: int, seed: int, global_batch_size: int, index, count, n
+) -> _Stream:
+  """Where this process's rows sit in a stream of ``n`` loaded training examples."""
   rows = _rows_per_process(global_batch_size, count, 'global_batch_size')
   if data.train_sharding == 'global':
-    split, n = domain.train_split, domain.num_train
     stream = _Stream(n, global_batch_size, index * rows, rows, (seed, role))
   else:
-    split, n = _process_slice(domain.train_split, domain.num_train, index, count)
     stream = _Stream(n, rows, 0, rows, (seed, role, index + 1))
   if stream.num_examples < stream.step_rows:
     raise UserError(
       f'domain {domain.name} has {stream.num_examples} training images per stream, '
       f'fewer than one batch ({stream.step_rows}); lower the batch size'
+      + (' or data.source_val_fraction' if role == 0 and data.source_val_fraction else '')
     )
-  return split, stream
+  return stream
 
 
 def _fold(key: tf.Tensor, value) -> tf.Tensor:
@@ -394,11 +424,16 @@ def _domain_train_dataset(
   count: int,
 ):
   """One domain's infinite, shuffled, augmented batches of this process's rows."""
-  split, stream = _train_stream_layout(data, domain, role, seed, global_batch_size, index, count)
-  images, labels, order = _load_encoded(domain.builder, split, stream.num_examples)
-  if data.cache_resized:
-    images = _resize_all(images, data)
+  split, size = _train_split(data, domain, index, count)
+  val_fraction = data.source_val_fraction if role == 0 else 0.0  # held out of the source only
+  images, labels, order = _load_encoded(domain.builder, split, size, val_fraction)
+  if data.cache_resized:  # cached in file-name order: example i is cache row i
+    images, labels = _resize_all(images, order, data), tf.gather(labels, order)
+    order = tf.range(tf.shape(order)[0], dtype=tf.int32)
     release_freed_memory()  # the encoded bytes, now dropped
+  stream = _train_stream(
+    data, domain, role, seed, global_batch_size, index, count, int(order.shape[0])
+  )
   indices, aug_key = _index_stream(stream, start_step)
 
   def load(i, position):
@@ -491,6 +526,33 @@ class EvalData:
     return self.num_batches
 
 
+def _eval_example(data, image_bytes, label) -> dict:
+  return {
+    'image': preprocess_eval(image_bytes, data),
+    'label': tf.cast(label, tf.int32),
+    'mask': tf.constant(True),
+  }
+
+
+def _padded_eval_data(
+  data, real: tf.data.Dataset | None, size: int, num_examples: int, rows, count
+):
+  """EvalData of this process's ``size`` real examples (None: none) padded with zero images (mask
+  False) to the batch count every process shares."""
+  num_batches = math.ceil(math.ceil(num_examples / count) / rows)
+  ds = tf.data.Dataset.from_tensors(
+    {
+      'image': tf.zeros(eval_image_shape(data), tf.float32),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(False),
+    }
+  ).repeat(num_batches * rows - size)  # padding, mask False
+  if real is not None:
+    ds = real.concatenate(ds)
+  ds = ds.batch(rows, drop_remainder=True).prefetch(data.prefetch_batches)
+  return EvalData(dataset=ds, num_examples=num_examples, num_batches=num_batches)
+
+
 def make_eval_data(
   data: ml_collections.ConfigDict,
   *,
@@ -511,24 +573,52 @@ def make_eval_data(
   info = catalog.resolve_domain(data, domain or data.target)
   rows = _rows_per_process(global_batch_size or data.eval_batch_size, count, 'eval batch size')
   split, size = _process_slice(info.eval_split, info.num_eval, index, count)
-  num_batches = math.ceil(math.ceil(info.num_eval / count) / rows)
-  ds = tf.data.Dataset.from_tensors(
-    {
-      'image': tf.zeros(eval_image_shape(data), tf.float32),
-      'label': tf.constant(0, tf.int32),
-      'mask': tf.constant(False),
-    }
-  ).repeat(num_batches * rows - size)  # padding, mask False
+  real = None
   if size:  # a process can be left without images when there are fewer images than processes
     real = _read(info.builder, split).map(
-      lambda ex: {
-        'image': preprocess_eval(ex['image'], data),
-        'label': tf.cast(ex['label'], tf.int32),
-        'mask': tf.constant(True),
-      },
+      lambda ex: _eval_example(data, ex['image'], ex['label']),
       num_parallel_calls=data.num_parallel_calls,
       deterministic=True,
     )
-    ds = real.concatenate(ds)
-  ds = ds.batch(rows, drop_remainder=True).prefetch(data.prefetch_batches)
-  return EvalData(dataset=ds, num_examples=info.num_eval, num_batches=num_batches)
+  return _padded_eval_data(data, real, size, info.num_eval, rows, count)
+
+
+def make_source_val_data(
+  data: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> EvalData:
+  """Eval batches (the eval transform) of the held-out source validation split for this process.
+
+  The split is the part of the source's training images that ``source_val_mask`` holds out of the
+  train stream (data.source_val_fraction > 0), in file-name order; its encoded bytes stay in memory
+  (a small part of the domain), process p evaluating the contiguous slice p of it.
+  """
+  catalog.hide_accelerators_from_tf()
+  _check_config(data)
+  index, count = _process_layout(process_index, process_count)
+  info = catalog.resolve_domain(data, data.source)
+  rows = _rows_per_process(global_batch_size or data.eval_batch_size, count, 'eval batch size')
+  images, labels, held_out = _load_encoded(
+    info.builder, info.train_split, info.num_train, data.source_val_fraction, val=True
+  )
+  num_examples = int(held_out.shape[0])
+  if not num_examples:
+    raise UserError(
+      f'data.source_val_fraction={data.source_val_fraction} holds out none of the '
+      f'{info.num_train} training images of source domain {info.name}; raise it'
+    )
+  start, size = _slice_bounds(num_examples, index, count)
+  mine = held_out[start : start + size]
+  images, labels = tf.gather(images, mine), tf.gather(labels, mine)  # only the held-out bytes kept
+  release_freed_memory()
+  real = None
+  if size:
+    real = tf.data.Dataset.from_tensor_slices((images, labels)).map(
+      lambda b, y: _eval_example(data, b, y),
+      num_parallel_calls=data.num_parallel_calls,
+      deterministic=True,
+    )
+  return _padded_eval_data(data, real, size, num_examples, rows, count)

@@ -200,20 +200,116 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
     lines.append("")
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
+  lines += _selection_tables(summary, tasks, methods)
   text = "\n".join(lines) + "\n"
   reporting.write_atomic(os.path.join(root, "results.md"), text)  # a full disk: one line (cli)
   reporting.write_atomic(
     os.path.join(root, "summary.json"),
     json.dumps(
-      {
-        m: {t: [{k: r[k] for k in RESULT_KEYS} for r in rs] for t, rs in v.items()}
-        for m, v in summary.items()
-      },
+      {m: {t: [_summary_row(r) for r in rs] for t, rs in v.items()} for m, v in summary.items()},
       indent=2,
     ),
   )
   _plot(summary, tasks, methods, os.path.join(root, "results.png"))
   return {"markdown": text, "runs": summary}
+
+
+def _summary_row(results: dict) -> dict:
+  """What summary.json keeps of a run: the seed, best and last, and each validator's choice."""
+  row = {k: results[k] for k in RESULT_KEYS}
+  selection = results.get("selection")
+  if isinstance(selection, dict) and selection:
+    row["selection"] = {
+      name: {k: v.get(k) for k in ("step", "accuracy", "rank_correlation")}
+      for name, v in selection.items()
+      if isinstance(v, dict)
+    }
+  return row
+
+
+def _selected(results: dict, name: str) -> dict | None:
+  """A run's choice by validator ``name``: its target accuracy, the gaps to the run's best and
+  last, and the rank correlation of the score with the target accuracy (None: not scored)."""
+  chosen = (results.get("selection") or {}).get(name)
+  if not isinstance(chosen, dict) or not isinstance(chosen.get("accuracy"), (int, float)):
+    return None
+  acc = chosen["accuracy"]
+  return {
+    "seed": results["seed"],
+    "accuracy": acc,
+    "gap_best": acc - results["best_accuracy"],
+    "gap_last": acc - results["last_accuracy"],
+    "rho": chosen.get("rank_correlation"),
+  }
+
+
+def _selection_tables(summary: dict, tasks, methods) -> list[str]:
+  """Markdown: per validator, the target accuracy (%) of the evaluation it selects (mean ± std over
+  seeds per task and method), its gap to best and to last, and the rank correlation of its score
+  with the target accuracy over a run's evaluations; then one line per validator over every run."""
+  from dsbn_jax import validators  # light: numpy only
+
+  chosen = {
+    name: {
+      m: {t: [c for r in summary[m][t] if (c := _selected(r, name)) is not None] for t in tasks}
+      for m in methods
+    }
+    for name in validators.NAMES
+  }
+  chosen = {n: c for n, c in chosen.items() if any(c[m][t] for m in methods for t in tasks)}
+  if not chosen:
+    return []
+  lines = [
+    "",
+    "### Label-free model selection: target accuracy (%) of the evaluation each validator selects",
+    "",
+    "No target label is read to select; the gaps (percentage points, mean ± std over runs) are "
+    "to `best` (selected with the target labels) and to `last`; ρ is Spearman's rank correlation "
+    "of the validator's score with the target accuracy over a run's evaluations (mean over runs).",
+  ]
+  overall = []
+  for name, by_method in chosen.items():
+    lines += [
+      "",
+      f"#### `{name}`",
+      "",
+      "| method | "
+      + " | ".join(t.replace("->", "→") for t in tasks)
+      + " | Avg | gap to best | gap to last | ρ |",
+      "|---" * (len(tasks) + 5) + "|",
+    ]
+    every = []
+    for m in methods:
+      runs = [c for t in tasks for c in by_method[m][t]]
+      every += runs
+      cells = [_cell(by_method[m][t], "accuracy") for t in tasks]
+      avgs = _seed_averages(by_method[m], tasks, "accuracy")
+      lines.append(
+        f"| {m} | "
+        + " | ".join(cells)
+        + f" | {reporting.mean_std(avgs)} | {_cell(runs, 'gap_best')} | {_cell(runs, 'gap_last')}"
+        + f" | {_mean(c['rho'] for c in runs)} |"
+      )
+    overall.append((name, every))
+  lines += [
+    "",
+    "#### Every validator over every run above",
+    "",
+    "| validator | runs | gap to best | gap to last | ρ | beats last in |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, runs in overall:
+    wins = sum(c["gap_last"] > 0 for c in runs)
+    lines.append(
+      f"| `{name}` | {len(runs)} | {_cell(runs, 'gap_best')} | {_cell(runs, 'gap_last')} | "
+      f"{_mean(c['rho'] for c in runs)} | {wins} of {len(runs)} runs |"
+    )
+  return lines
+
+
+def _mean(values) -> str:
+  values = [v for v in values if v is not None]
+  return f"{sum(values) / len(values):+.2f}" if values else "–"
 
 
 def _seed_averages(by_task: dict, tasks, key):

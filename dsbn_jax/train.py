@@ -12,6 +12,11 @@ every ``eval_every_steps`` and at the end. ``best`` is the maximum over evaluati
 the ALDA code logs and the papers report (model selection on the test set, docs/reference.md §7)
 -- and ``last`` is the final model's; both are recorded. The reference evaluates before iteration
 i for i % 500 == 499 (after 499, 999, ... updates); here it is after 500, 1000, ... updates.
+
+Label-free model selection (``validators.py``): every evaluation also scores the model with the
+validators, from the unlabelled target predictions and (with data.source_val_fraction > 0) the
+held-out labelled source split; ``results.json`` ``selection`` holds, per validator, its score at
+every evaluation, the step it selects and that step's target accuracy (docs/model_selection.md).
 """
 
 import json
@@ -34,6 +39,7 @@ from dsbn_jax import (
   reporting,
   run_control,
   sharding,
+  validators,
 )
 from dsbn_jax.datasets import catalog
 from dsbn_jax.errors import UserError
@@ -114,6 +120,7 @@ _ADDED_LATER = {
   "model.matmul_precision": "default",
   "model.fused_pass": False,
   "model.conv_impl": "auto",
+  "data.source_val_fraction": 0.0,
 }
 _NO = object()
 
@@ -271,6 +278,12 @@ class _Run:
     self.train_fn = sharding.jit_train_step(self.mesh, config)
     self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
     self.eval_data = input_pipeline.make_eval_data(config.data)
+    self.source_val = None  # (eval fn through the source branch, the held-out source split)
+    if config.data.source_val_fraction > 0:
+      self.source_val = (
+        evaluation.jit_eval_step(self.mesh, config, domain=0),
+        input_pipeline.make_source_val_data(config.data),
+      )
     self.writer = reporting.MetricWriter(
       workdir,
       enabled=self.is_main,
@@ -297,7 +310,24 @@ class _Run:
     result = evaluation.evaluate(
       self.eval_fn, self.state, self.eval_data, self.mesh, self.info.num_classes, self.say
     )
-    entry = {"step": step, "accuracy": result["accuracy"]}
+    source = None
+    if self.source_val is not None:  # labelled held-out source images, never target labels
+      fn, data = self.source_val
+      source = evaluation.evaluate(fn, self.state, data, self.mesh, self.info.num_classes)
+    scores = validators.scores(
+      target_probs=result["probs"],
+      target_features=result["features"],
+      **(
+        {}
+        if source is None
+        else {
+          "source_probs": source["probs"],
+          "source_labels": source["labels"],
+          "source_features": source["features"],
+        }
+      ),
+    )
+    entry = {"step": step, "accuracy": result["accuracy"], "validators": scores}
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
       evals.pop()
@@ -316,6 +346,7 @@ class _Run:
         "eval/accuracy": result["accuracy"],
         "eval/best_accuracy": self.meta["best"]["accuracy"],
         "eval/seconds": time.perf_counter() - t0,
+        **{f"validators/{k}": v for k, v in scores.items()},
       },
     )
     self.say(
@@ -510,6 +541,29 @@ def _train_loop(run: _Run) -> dict:
   return results
 
 
+def selection(evals: list[dict]) -> dict:
+  """What each label-free validator selects among a run's evaluations: its score at every
+  evaluation, the step it picks and that step's target accuracy, and the rank correlation of its
+  score with the target accuracy over the evaluations (an analysis that reads the target labels;
+  the choice itself never does). Validators missing from the evaluations (the source ones without
+  data.source_val_fraction, or a run from before validators) are left out."""
+  out = {}
+  for name in validators.NAMES:
+    chosen = validators.select(evals, name)
+    if chosen is None:
+      continue
+    scored = [e for e in evals if name in e.get("validators", {})]
+    out[name] = {
+      "step": chosen["step"],
+      "accuracy": chosen["accuracy"],
+      "scores": {str(e["step"]): e["validators"][name] for e in scored},
+      "rank_correlation": validators.rank_correlation(
+        [e["validators"][name] for e in scored], [e["accuracy"] for e in scored]
+      ),
+    }
+  return out
+
+
 def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) -> dict:
   config = run.config
   elapsed = time.perf_counter() - t
@@ -523,6 +577,7 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
     "best_step": run.meta["best"]["step"],
     "last_accuracy": last_eval["accuracy"],
     "evals": run.meta["evals"],
+    "selection": selection(run.meta["evals"]),
     "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
     "mean_class_accuracy": last_eval["mean_class_accuracy"],
     "confusion_matrix": last_eval["confusion"],

@@ -54,18 +54,32 @@ def info_max(target_probs: np.ndarray) -> float:
   return float(_entropies(p.mean(axis=0)) - np.mean(_entropies(p)))
 
 
-def snd(target_probs: np.ndarray) -> float:
-  """Soft neighbourhood density: mean entropy of each row's softmax similarity to the others."""
+SND_MAX_POINTS = 4096  # snd scores an evenly spaced subset of larger target sets (O(N^2) work)
+
+
+def snd(target_probs: np.ndarray, max_points: int = SND_MAX_POINTS) -> float:
+  """Soft neighbourhood density: mean entropy of each row's softmax similarity to the others.
+
+  Above ``max_points`` predictions, an evenly spaced subset of that many is scored (deterministic),
+  and the similarity rows are computed a block at a time, so memory stays near 256 x N floats.
+  """
   p = np.asarray(target_probs, np.float64)
+  if len(p) > max_points:
+    p = p[np.linspace(0, len(p) - 1, max_points).round().astype(int)]
   n = p.shape[0]
   if n < 2:
     raise ValueError('snd needs at least two target predictions')
   f = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), _EPS)
-  sim = (f @ f.T)[~np.eye(n, dtype=bool)].reshape(n, n - 1) / SND_TEMPERATURE
-  sim -= sim.max(axis=1, keepdims=True)
-  soft = np.exp(sim)
-  soft /= soft.sum(axis=1, keepdims=True)
-  return float(np.mean(_entropies(soft)))
+  total = 0.0
+  for start in range(0, n, 256):
+    sim = f[start : start + 256] @ f.T / SND_TEMPERATURE
+    rows = np.arange(len(sim))
+    sim[rows, start + rows] = -np.inf  # a prediction is not its own neighbour
+    sim -= sim.max(axis=1, keepdims=True)
+    soft = np.exp(sim)
+    soft /= soft.sum(axis=1, keepdims=True)
+    total += float(np.sum(_entropies(soft)))
+  return total / n
 
 
 def bnm(target_probs: np.ndarray) -> float:

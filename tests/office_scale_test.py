@@ -80,7 +80,13 @@ class _FakeEval:
 
   def __iter__(self):
     for _ in range(self.n):
-      yield {'label': np.array([0, 1]), 'pred': np.array([0, 1]), 'mask': np.array([True, True])}
+      yield {
+        'label': np.array([0, 1]),
+        'pred': np.array([0, 1]),
+        'mask': np.array([True, True]),
+        'probs': np.eye(2, dtype=np.float32),
+        'features': np.zeros((2, 3), np.float32),
+      }
 
 
 def test_a_long_evaluation_reports_its_progress(monkeypatch):

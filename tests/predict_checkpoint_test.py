@@ -136,7 +136,11 @@ def test_the_best_checkpoint_is_kept_apart_from_the_rolling_ones(run):
   assert os.listdir(workdir / checkpointing.BEST_DIR) == [str(results["best_step"])]
   step, _, meta = _best_state(workdir)
   assert step == results["best_step"]
-  assert meta["best"] == {"step": results["best_step"], "accuracy": results["best_accuracy"]}
+  assert {k: meta["best"][k] for k in ("step", "accuracy")} == {
+    "step": results["best_step"],
+    "accuracy": results["best_accuracy"],
+  }
+  assert meta["best"] == results["evals"][[e["step"] for e in results["evals"]].index(step)]
 
 
 def test_predict_best_and_last_give_their_evaluations_accuracies(
