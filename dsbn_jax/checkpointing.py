@@ -40,6 +40,8 @@ def _abstract(x):
 
 
 BEST_DIR = "checkpoints_best"  # the best-evaluated state, beside the rolling "checkpoints"
+# The evaluation the label-free validator config.select_with picks (no target labels used).
+SELECTED_DIR = "checkpoints_selected"
 DAMAGED_DIR = "checkpoints_damaged"  # where training moves the damaged checkpoints it skipped
 
 
@@ -274,18 +276,19 @@ def fallback_lines(directory: str, damaged, step: int) -> list[str]:
 
 
 def read_checkpoint(
-  workdir: str, step: int | None = None, *, best: bool = False, like=None
+  workdir: str, step: int | None = None, *, best: bool = False, apart: str = "", like=None
 ) -> tuple[int, dict, dict]:
   """``(step, state, meta)`` of a workdir's checkpoint, state as host numpy arrays.
 
   No model or sharding needed (inspection, prediction, tests). ``step=None`` reads the newest good
   checkpoint: a damaged newer one is skipped with a ``warning: ...`` line on stderr; a given
   ``step`` must be good. ``best=True`` reads the best-evaluated
-  checkpoint instead of the rolling ones. ``like`` (a subset of the state's leaves, e.g.
+  checkpoint instead of the rolling ones, ``apart=SELECTED_DIR`` the validator's pick. ``like`` (a subset of the state's leaves, e.g.
   ``{"params": ...}``) is checked for shapes and dtypes; every float is checked finite. Changes
   nothing on disk; ``DamagedCheckpointError`` when no checkpoint is good.
   """
-  directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best else "checkpoints"))
+  folder = apart or (BEST_DIR if best else "checkpoints")
+  directory = os.path.abspath(os.path.join(workdir, folder))
   if not os.path.isdir(directory):  # read-only: orbax would not create it, but fail obscurely
     raise FileNotFoundError(f"no checkpoint in {directory}")
   mngr = ocp.CheckpointManager(
@@ -339,11 +342,12 @@ def read_state_arrays(workdir: str, step: int | None = None) -> tuple[int, dict]
 
 class Checkpointer:
   """Save every ``every_steps`` and at the end, keep ``max_to_keep``, restore the latest; and
-  keep the best-evaluated state apart (``save_best``)."""
+  keep the best-evaluated state apart (``save_best``), and the validator's pick
+  (``save_best(..., apart=SELECTED_DIR)``)."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.best_directory = os.path.abspath(os.path.join(workdir, BEST_DIR))
+    self._workdir = workdir
     self._async = async_save
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
@@ -351,19 +355,21 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "meta")
     )
-    self._best_mngr = None  # opened by the first best_step/save_best (collective, as saves are)
+    self._apart = {}  # folder -> manager, opened by its first best_step/save_best (collective)
     self._closed = False
     _quiet_save_echoes()
 
-  def _best(self) -> ocp.CheckpointManager:
-    if self._best_mngr is None:
+  def _best(self, apart: str = BEST_DIR) -> ocp.CheckpointManager:
+    if apart not in self._apart:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=self._async
       )
-      self._best_mngr = ocp.CheckpointManager(
-        self.best_directory, options=options, item_names=("state", "meta")
+      self._apart[apart] = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(self._workdir, apart)),
+        options=options,
+        item_names=("state", "meta"),
       )
-    return self._best_mngr
+    return self._apart[apart]
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -371,23 +377,24 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     # The best checkpoint named by ``meta`` is on disk before this checkpoint starts: a run
     # resumed from it never lacks (or half-has) the best state its meta records.
-    if self._best_mngr is not None:
-      self._best_mngr.wait_until_finished()
+    for mngr in self._apart.values():
+      mngr.wait_until_finished()
     self._mngr.save(step, args=_save_args(state, meta), force=True)
 
-  def best_step(self) -> int | None:
-    """The step of the best checkpoint on disk (None: none yet)."""
-    return self._best().latest_step()
+  def best_step(self, apart: str = BEST_DIR) -> int | None:
+    """The step of the best checkpoint (or of ``apart``'s) on disk (None: none yet)."""
+    return self._best(apart).latest_step()
 
-  def save_best(self, step: int, state: Any, meta: dict) -> None:
-    """Makes ``step`` the best checkpoint, replacing the previous one (asynchronously).
+  def save_best(self, step: int, state: Any, meta: dict, apart: str = BEST_DIR) -> None:
+    """Makes ``step`` the best checkpoint (or ``apart``'s: ``SELECTED_DIR``), replacing the previous
+    one (asynchronously).
 
     Every process calls it at the same evaluations (their result is replicated), as orbax saves
     are collective. A best checkpoint at ``step`` or later was written by an attempt that crashed
     before its next regular checkpoint (this run resumed behind it and re-evaluates those steps):
     it is deleted first, so the best checkpoint always follows the resumed run's own evaluations.
     """
-    mngr = self._best()
+    mngr = self._best(apart)
     mngr.wait_until_finished()
     for old in mngr.all_steps():
       if old >= step:
@@ -443,8 +450,8 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until the pending async saves (if any, best checkpoint included) are on disk."""
     self._mngr.wait_until_finished()
-    if self._best_mngr is not None:
-      self._best_mngr.wait_until_finished()
+    for mngr in self._apart.values():
+      mngr.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the pending saves and closes (once; a second call does nothing)."""
@@ -455,8 +462,8 @@ class Checkpointer:
       self.wait()
     finally:
       self._mngr.close()
-      if self._best_mngr is not None:
-        self._best_mngr.close()
+      for mngr in self._apart.values():
+        mngr.close()
 
 
 def _save_args(state: Any, meta: dict) -> ocp.args.Composite:

@@ -204,6 +204,19 @@ def _check_loop(c: _Checker) -> None:
   c.integer("total_steps", 1)
   for path in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     c.integer(path, 1)
+  from dsbn_jax import validators  # pylint: disable=g-import-not-at-top  (numpy only)
+
+  select_with = c.get("select_with")
+  if select_with is not _MISSING:
+    if not isinstance(select_with, str) or select_with not in ("", *validators.NAMES):
+      c.fail("select_with", select_with, "'' (keep none), " + ", ".join(validators.NAMES))
+    fraction = c.get("data.source_val_fraction")
+    if select_with in validators.NEEDS_SOURCE and fraction in (_MISSING, 0, 0.0):
+      raise UserError(
+        f"config.select_with={select_with!r} needs a held-out source split: set "
+        "config.data.source_val_fraction (e.g. 0.2), or choose one of "
+        f"{', '.join(validators.TARGET_ONLY)}"
+      )
 
 
 def _check_optim(c: _Checker) -> None:

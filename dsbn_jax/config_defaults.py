@@ -106,6 +106,12 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   config.eval_every_steps = 500  # steps between target evaluations (reference: 500)
   config.checkpoint_every_steps = 1000  # steps between orbax checkpoints (and at the end)
   config.keep_checkpoints = 3  # checkpoints kept in <workdir>/checkpoints (the newest ones)
+  # A label-free validator (dsbn_jax/validators.py: source_accuracy, dev, entropy, info_max, snd,
+  # bnm) whose pick among the evaluations is kept in <workdir>/checkpoints_selected for
+  # `predict --checkpoint=selected`: a model chosen without target labels. '' = keep none (every
+  # validator's pick is still recorded in results.json). source_accuracy and dev need
+  # data.source_val_fraction > 0. (docs/model_selection.md)
+  config.select_with = ""
   config.log_every_steps = 50  # steps between metric rows (metrics.jsonl, TensorBoard, progress)
 
   # --- data (get_data_config) and sweeps (dsbn_jax/sweep.py) --------------------------------------

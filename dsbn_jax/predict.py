@@ -2,6 +2,7 @@
 
   python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --out=predictions.csv
   python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --checkpoint=best
+  python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --checkpoint=selected
 
 Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (hidden files skipped) is
 preprocessed exactly as the run's evaluation (``data.eval_mode``: 10-crop or center crop) and
@@ -9,7 +10,9 @@ classified through the same forward pass the training loop evaluates with
 (``evaluation.predict_batches`` over ``evaluation.eval_step``), with the model of
 ``--checkpoint``: ``last`` (default) the latest checkpoint, chosen without any label; ``best`` the
 best-evaluated one (``checkpoints_best/``, the model behind ``best_accuracy`` in results.json),
-which was selected with the target test labels -- the papers' protocol, not an unbiased estimate.
+which was selected with the target test labels -- the papers' protocol, not an unbiased estimate;
+``selected`` the evaluation the run's label-free validator picked (``checkpoints_selected/``, kept
+when the run was trained with ``config.select_with``; docs/model_selection.md).
 The CSV has one row per image: path, predicted class, its probability, the top-5 classes and an
 error cell (empty); stderr names the checkpoint and step used.
 
@@ -47,14 +50,15 @@ _IMAGES = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-CHECKPOINTS = ("last", "best")
+CHECKPOINTS = ("last", "best", "selected")
 _CHECKPOINT = flags.DEFINE_enum(
   "checkpoint",
   "last",
   list(CHECKPOINTS),
   "Which model: 'last' = the latest checkpoint (no labels used to choose it); 'best' = the "
   "best-evaluated state, selected with the target test labels (the papers' protocol, the "
-  "model behind results.json's best_accuracy).",
+  "model behind results.json's best_accuracy); 'selected' = the evaluation the run's label-free "
+  "validator picked (config.select_with; no target labels used).",
 )
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -97,14 +101,20 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
   config, class_names = ml_collections.ConfigDict(saved[0]), saved[1]
   config_check.validate(config, for_predict=True, where=paths[0])
   like = _model_variables(config)  # each checkpoint read must fit the model of config.json
-  other = "last" if checkpoint == "best" else "best"
+  other = "last" if checkpoint != "last" else "best"
+  apart = {"best": checkpointing.BEST_DIR, "selected": checkpointing.SELECTED_DIR}.get(checkpoint)
+  if checkpoint == "selected" and not config.get("select_with"):
+    raise UserError(
+      f"{workdir} kept no selected checkpoint: it was trained without config.select_with (its "
+      "validators' picks are in results.json 'selection'); use --checkpoint=last or best"
+    )
   try:
-    step, state, meta = checkpointing.read_checkpoint(workdir, best=checkpoint == "best", like=like)
+    step, state, meta = checkpointing.read_checkpoint(workdir, apart=apart or "", like=like)
   except FileNotFoundError as e:
-    if checkpoint == "best":
+    if apart:
       raise UserError(
-        f"{workdir} has no best checkpoint ({checkpointing.BEST_DIR}/; runs trained "
-        "before it existed keep none): use --checkpoint=last"
+        f"{workdir} has no {checkpoint} checkpoint ({apart}/; runs trained before it existed "
+        "keep none): use --checkpoint=last"
       ) from e
     raise UserError(f"{e}: train it first") from e
   except checkpointing.DamagedCheckpointError as e:
@@ -166,6 +176,11 @@ def load_run(workdir: str, checkpoint: str = "last"):
     used = (
       f"best checkpoint (step {step}, target accuracy {meta['best']['accuracy']:.2f}% at "
       "that evaluation, selected with the target labels)"
+    )
+  elif checkpoint == "selected":
+    used = (
+      f"selected checkpoint (step {step}, picked by validator {config.select_with} without "
+      f"target labels; its target accuracy was {meta['selected']['accuracy']:.2f}%)"
     )
   else:
     used = f"last checkpoint (step {step})"

@@ -5,7 +5,10 @@ methods and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A --metho
 --seeds=0,1,2``). Each run lives in ``<workdir>/<method>/<source>-<target>/seed<k>``; finished runs
 (``results.json`` present) are skipped, interrupted ones resume from their checkpoint. The summary is
 ``<workdir>/results.md`` (best and last target accuracy per task and on average, mean ± std over
-seeds), ``<workdir>/summary.json`` and ``<workdir>/results.png``.
+seeds; then, for runs with validator scores, one table per label-free validator: the target
+accuracy of the evaluation it selects, its gap to best and to last, and the rank correlation of its
+score with the target accuracy -- docs/model_selection.md), ``<workdir>/summary.json`` and
+``<workdir>/results.png``.
 """
 
 import json

@@ -16,7 +16,8 @@ i for i % 500 == 499 (after 499, 999, ... updates); here it is after 500, 1000, 
 Label-free model selection (``validators.py``): every evaluation also scores the model with the
 validators, from the unlabelled target predictions and (with data.source_val_fraction > 0) the
 held-out labelled source split; ``results.json`` ``selection`` holds, per validator, its score at
-every evaluation, the step it selects and that step's target accuracy (docs/model_selection.md).
+every evaluation, the step it selects and that step's target accuracy
+(docs/model_selection.md).
 """
 
 import json
@@ -121,6 +122,7 @@ _ADDED_LATER = {
   "model.fused_pass": False,
   "model.conv_impl": "auto",
   "data.source_val_fraction": 0.0,
+  "select_with": "",
 }
 _NO = object()
 
@@ -305,6 +307,19 @@ class _Run:
       e.filename = e.filename or os.path.join(self.ckpt.directory, str(step))
       raise
 
+  def _keep_apart(self, key: str, apart: str, entry: dict, score) -> None:
+    """``meta[key]`` becomes ``entry`` when its ``score`` is higher (the first of equal ones
+    stays), and the state is saved apart in ``<workdir>/<apart>`` on every change. A resumed run
+    re-evaluating the step its crashed attempt saved apart overwrites it; so does a finished run
+    from before that folder existed re-evaluating its final step."""
+    kept = self.meta.get(key)
+    improved = kept is None or score(entry) > score(kept)
+    if improved:
+      self.meta[key] = entry
+    step = entry["step"]
+    if improved or (self.meta[key]["step"] == step and self.ckpt.best_step(apart) != step):
+      self.ckpt.save_best(step, self.state, self.meta, apart)
+
   def run_eval(self, step: int) -> dict:
     t0 = time.perf_counter()
     result = evaluation.evaluate(
@@ -332,14 +347,12 @@ class _Run:
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
       evals.pop()
     evals.append(entry)
-    improved = self.meta["best"] is None or result["accuracy"] > self.meta["best"]["accuracy"]
-    if improved:
-      self.meta["best"] = entry
-    # The best state apart (predict --checkpoint=best), on every improvement; a resumed run
-    # re-evaluating the step of a best checkpoint its crashed attempt wrote overwrites it. Also
-    # when a finished run from before checkpoints_best re-evaluates its best (final) step.
-    if improved or (self.meta["best"]["step"] == step and self.ckpt.best_step() != step):
-      self.ckpt.save_best(step, self.state, self.meta)
+    self._keep_apart("best", checkpointing.BEST_DIR, entry, lambda e: e["accuracy"])
+    name = self.config.select_with
+    if name:  # the validator's pick, chosen without target labels (predict --checkpoint=selected)
+      self._keep_apart(
+        "selected", checkpointing.SELECTED_DIR, entry, lambda e: e["validators"][name]
+      )
     self.writer.write(
       step,
       {
@@ -578,6 +591,12 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
     "last_accuracy": last_eval["accuracy"],
     "evals": run.meta["evals"],
     "selection": selection(run.meta["evals"]),
+    # config.select_with's pick, kept in checkpoints_selected/ (predict --checkpoint=selected)
+    "selected": (
+      {k: run.meta["selected"][k] for k in ("step", "accuracy")} | {"validator": config.select_with}
+      if config.select_with
+      else None
+    ),
     "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
     "mean_class_accuracy": last_eval["mean_class_accuracy"],
     "confusion_matrix": last_eval["confusion"],

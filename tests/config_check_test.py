@@ -69,7 +69,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from configs import smoke  # noqa: E402
-from dsbn_jax import config_check, input_pipeline, methods, optim, sharding  # noqa: E402
+from dsbn_jax import config_check, input_pipeline, methods, optim, sharding, validators  # noqa: E402
 from dsbn_jax.config_defaults import get_config as default_config  # noqa: E402
 from dsbn_jax.datasets import catalog  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
@@ -92,6 +92,7 @@ ENUMS = [
   ("data.eval_split", "validation", ("train", "test")),
   ("data.source", "mnist", ("digits", "digits_m")),
   ("data.target", "svhn", ("digits", "digits_m")),
+  ("select_with", "snd2", validators.NAMES),
 ]
 BOOLS = ["model.fused_pass", "optim.nesterov", "data.random_flip", "data.cache_resized"]
 # (field, bad value, what the message says is valid)
@@ -113,6 +114,7 @@ RANGES = [
   ("loss.threshold", -0.1, "a number in [0, 1]"),
   ("model.dropout_rate", 1.0, "a number in [0, 1)"),
   ("loss.ramp_max_steps", 0, "a number > 0"),
+  ("data.source_val_fraction", 1.0, "a number in [0, 1)"),
 ]
 
 
@@ -160,6 +162,11 @@ def _main_cases(tmp: str) -> list:
       "batch_not_divisible",
       ["--config.batch_size=9"],
       [f"config.batch_size=9 cannot be split over {DEVICES} devices"],
+    ),
+    (
+      "select_with_needs_a_source_split",
+      ["--config.select_with=dev"],
+      ["config.select_with='dev' needs a held-out source split", "data.source_val_fraction"],
     ),
     (
       "missing_weights",

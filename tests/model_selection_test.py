@@ -231,3 +231,28 @@ def test_sweep_tables_per_validator(tmp_path):
 def test_sweep_of_runs_without_validators_has_no_selection_table(tmp_path):
   _fake(tmp_path, "m", "a->b", 0, [{"step": 1, "accuracy": 50.0}])
   assert "Label-free" not in sweep.write_summary(str(tmp_path), ["a->b"], ["m"], [0])["markdown"]
+
+
+def test_a_run_stopped_at_a_selected_step_is_that_evaluations_model(smoke_run, tmp_path):
+  """docs/model_selection.md: retraining with total_steps = the validator's step gives the model it
+  picked (the stream, schedule and ramps do not depend on total_steps): here the 6-step smoke
+  run's step-3 checkpoint, array for array, with the same evaluation."""
+  from dsbn_jax import checkpointing
+
+  workdir, _ = smoke_run
+  short = tmp_path / "short"
+  result = cli_driver.run_main(short, _data_dir_of(workdir), "--config.total_steps=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  step, want = checkpointing.read_state_arrays(str(workdir), 3)
+  got_step, got = checkpointing.read_state_arrays(str(short), None)
+  assert got_step == step == 3
+  want_leaves = dict(jax.tree_util.tree_leaves_with_path(want))
+  for path, x in jax.tree_util.tree_leaves_with_path(got):
+    np.testing.assert_array_equal(x, want_leaves[path], err_msg=str(path))
+  evals = json.loads((workdir / "results.json").read_text())["evals"]
+  short_evals = json.loads((short / "results.json").read_text())["evals"]
+  assert short_evals == [e for e in evals if e["step"] == 3]
+
+
+def _data_dir_of(workdir) -> str:
+  return json.loads((workdir / "config.json").read_text())["data"]["data_dir"]

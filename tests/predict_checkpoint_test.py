@@ -1,5 +1,5 @@
-"""``predict --checkpoint=best|last`` on a smoke run, the best checkpoint across resumes, and the
-panels of ``curves.png``.
+"""``predict --checkpoint=best|last|selected`` on a smoke run, the best and selected checkpoints
+across resumes, and the panels of ``curves.png``.
 
 Training runs are the command ``python -m dsbn_jax.main`` on one CPU device (the generated Digits
 data of conftest's ``digits_data_dir``), run in this process (tests/cli_driver.py), except the
@@ -27,8 +27,15 @@ ROOT = suite_env.ROOT
 # configs/smoke.py with an evaluation after every step, 5 steps and a larger lr0: the target
 # accuracy then goes 10.4, 11.2, 11.2, 9.3, 10.4 %, so the best evaluation (step 2) is not the last
 # (step 5), and the evaluations outpace the regular checkpoints (steps 3 and 5). With the plain
-# smoke run the accuracy only rises, and best and last would be the same step-6 model.
-OVERRIDES = ("--config.eval_every_steps=1", "--config.total_steps=5", "--config.optim.lr0=0.2")
+# smoke run the accuracy only rises, and best and last would be the same step-6 model. The
+# entropy validator's pick is kept too (select_with: it needs no source split, so training is the
+# same).
+OVERRIDES = (
+  "--config.eval_every_steps=1",
+  "--config.total_steps=5",
+  "--config.optim.lr0=0.2",
+  "--config.select_with=entropy",
+)
 LAST = 5
 
 
@@ -157,6 +164,21 @@ def test_predict_best_and_last_give_their_evaluations_accuracies(
   assert best > last
 
 
+def test_predict_selected_is_the_validators_pick_chosen_without_labels(
+  run, target_images, tmp_path, capsys
+):
+  workdir, results = run
+  chosen = results["selection"]["entropy"]
+  want = {"validator": "entropy", "step": chosen["step"], "accuracy": chosen["accuracy"]}
+  assert results["selected"] == want
+  assert os.listdir(workdir / checkpointing.SELECTED_DIR) == [str(chosen["step"])]
+  acc, err = _predict_accuracy(workdir, target_images, tmp_path / "sel.csv", "selected", capsys)
+  assert acc == chosen["accuracy"]
+  assert f"selected checkpoint (step {chosen['step']}, picked by validator entropy" in err
+  step, _, meta = checkpointing.read_checkpoint(str(workdir), apart=checkpointing.SELECTED_DIR)
+  assert step == chosen["step"] and meta["selected"]["step"] == step
+
+
 def test_predict_best_of_a_run_without_a_best_checkpoint_is_a_one_line_error(
   run, target_images, tmp_path
 ):
@@ -169,7 +191,7 @@ def test_predict_best_of_a_run_without_a_best_checkpoint_is_a_one_line_error(
   msg = str(e.value)
   assert "\n" not in msg and "has no best checkpoint" in msg and "--checkpoint=last" in msg
   assert not (tmp_path / "p.csv").exists()
-  with pytest.raises(UserError, match="invalid --checkpoint=first; valid: last, best"):
+  with pytest.raises(UserError, match="invalid --checkpoint=first; valid: last, best, selected"):
     predict.predict_folder(
       str(run[0]), str(target_images), str(tmp_path / "p.csv"), checkpoint="first"
     )
@@ -205,6 +227,8 @@ def test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint(
   assert step == ref_step and meta["best"] == ref_meta["best"]
   _assert_same(state, ref_state)
   assert os.listdir(workdir / checkpointing.BEST_DIR) == [str(ref_step)]
+  selected = [os.listdir(w / checkpointing.SELECTED_DIR) for w in (workdir, run[0])]
+  assert selected[0] == selected[1] == [str(run[1]["selected"]["step"])]
 
 
 _ALL_TERMS = (
