@@ -7,8 +7,9 @@ methods and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A --metho
 ``<workdir>/results.md`` (best and last target accuracy per task and on average, mean ± std over
 seeds; then, for runs with validator scores, one table per label-free validator: the target
 accuracy of the evaluation it selects, its gap to best and to last, and the rank correlation of its
-score with the target accuracy -- docs/model_selection.md), ``<workdir>/summary.json`` and
-``<workdir>/results.png``.
+score with the target accuracy -- docs/model_selection.md), ``<workdir>/summary.json``,
+``<workdir>/results.png`` and, with validator scores, ``<workdir>/selection.png`` (each validator's
+pick beside best and last).
 """
 
 import json
@@ -150,7 +151,8 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
   return write_summary(root, tasks, methods, seeds)
 
 
-SUMMARY_FILES = ("results.md", "summary.json", "results.png")  # what write_summary (re)writes
+# What write_summary (re)writes; selection.png only for runs with validator scores.
+SUMMARY_FILES = ("results.md", "summary.json", "results.png", "selection.png")
 
 
 def _check_root(root: str, methods) -> None:
@@ -203,7 +205,8 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
     lines.append("")
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
-  lines += _selection_tables(summary, tasks, methods)
+  chosen = _chosen(summary, tasks, methods)
+  lines += _selection_tables(chosen, tasks, methods)
   text = "\n".join(lines) + "\n"
   reporting.write_atomic(os.path.join(root, "results.md"), text)  # a full disk: one line (cli)
   reporting.write_atomic(
@@ -214,6 +217,8 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
     ),
   )
   _plot(summary, tasks, methods, os.path.join(root, "results.png"))
+  if chosen:
+    _plot_selection(summary, chosen, tasks, methods, os.path.join(root, "selection.png"))
   return {"markdown": text, "runs": summary}
 
 
@@ -246,10 +251,8 @@ def _selected(results: dict, name: str) -> dict | None:
   }
 
 
-def _selection_tables(summary: dict, tasks, methods) -> list[str]:
-  """Markdown: per validator, the target accuracy (%) of the evaluation it selects (mean ± std over
-  seeds per task and method), its gap to best and to last, and the rank correlation of its score
-  with the target accuracy over a run's evaluations; then one line per validator over every run."""
+def _chosen(summary: dict, tasks, methods) -> dict:
+  """``{validator: {method: {task: [_selected of each run]}}}`` for the validators some run has."""
   from dsbn_jax import validators  # light: numpy only
 
   chosen = {
@@ -259,7 +262,13 @@ def _selection_tables(summary: dict, tasks, methods) -> list[str]:
     }
     for name in validators.NAMES
   }
-  chosen = {n: c for n, c in chosen.items() if any(c[m][t] for m in methods for t in tasks)}
+  return {n: c for n, c in chosen.items() if any(c[m][t] for m in methods for t in tasks)}
+
+
+def _selection_tables(chosen: dict, tasks, methods) -> list[str]:
+  """Markdown: per validator, the target accuracy (%) of the evaluation it selects (mean ± std over
+  seeds per task and method), its gap to best and to last, and the rank correlation of its score
+  with the target accuracy over a run's evaluations; then one line per validator over every run."""
   if not chosen:
     return []
   lines = [
@@ -322,6 +331,42 @@ def _seed_averages(by_task: dict, tasks, key):
     for r in by_task[t]:
       per_seed.setdefault(r["seed"], {})[t] = r[key]
   return [sum(v.values()) / len(tasks) for v in per_seed.values() if len(v) == len(tasks)]
+
+
+def _plot_selection(summary, chosen, tasks, methods, path: str) -> None:
+  """Per method, bars of the mean target accuracy (over tasks and seeds) of best, last and each
+  validator's pick, ± the sample std over runs."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  bars = [("best (target labels)", "best_accuracy"), ("last", "last_accuracy")]
+  names = [b[0] for b in bars] + list(chosen)
+  width = 0.8 / len(names)
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * len(names) / 3 + 2), 4))
+  for i, name in enumerate(names):
+    values = []
+    for m in methods:
+      if i < len(bars):
+        v = [r[bars[i][1]] for t in tasks for r in summary[m][t]]
+      else:
+        v = [c["accuracy"] for t in tasks for c in chosen[name][m][t]]
+      values.append((np.mean(v) if v else 0.0, np.std(v, ddof=1) if len(v) > 1 else 0.0))
+    means, stds = zip(*values)
+    ax.bar(np.arange(len(methods)) + i * width, means, width, yerr=stds, label=name, capsize=2)
+  ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
+  ax.set_xticklabels(methods)
+  ax.set(
+    ylabel="target accuracy (%)",
+    ylim=(0, 100),
+    title="model chosen by each validator (no target labels) vs best and last",
+  )
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _plot(summary, tasks, methods, path: str) -> None:

@@ -220,6 +220,7 @@ def test_sweep_tables_per_validator(tmp_path):
   assert "| m | 45.0 ± 7.1 | 45.0 ± 7.1 | -40.0 ± 14.1 | -27.5 ± 24.7 | -0.90 |" in bnm, bnm
   overall = md.split("Every validator over every run above")[1]
   assert "| `entropy` | 2 | -5.0 ± 7.1 | 7.5 ± 3.5 | +0.90 | 2 of 2 runs |" in overall
+  assert (tmp_path / "selection.png").read_bytes()[:4] == b"\x89PNG"
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["m"]["a->b"][0]["selection"]["entropy"] == {
     "step": 20,
@@ -231,6 +232,7 @@ def test_sweep_tables_per_validator(tmp_path):
 def test_sweep_of_runs_without_validators_has_no_selection_table(tmp_path):
   _fake(tmp_path, "m", "a->b", 0, [{"step": 1, "accuracy": 50.0}])
   assert "Label-free" not in sweep.write_summary(str(tmp_path), ["a->b"], ["m"], [0])["markdown"]
+  assert not (tmp_path / "selection.png").exists()
 
 
 def test_a_run_stopped_at_a_selected_step_is_that_evaluations_model(smoke_run, tmp_path):
