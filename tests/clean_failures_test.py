@@ -150,7 +150,9 @@ def test_read_only_workdir_or_parent_is_refused_before_anything_is_written(
   assert sorted(os.listdir(tmp_path)) == ["existing"] and os.listdir(existing) == []
 
 
-def test_unwritable_workdir_or_parent_is_refused_simulated(tmp_path, capsys, monkeypatch):
+def test_unwritable_workdir_or_parent_is_refused_simulated(
+  tmp_path, capsys, monkeypatch, digits_data_dir
+):
   """What ``os.access`` answers for a folder without write permission, for any user (root too)."""
   real_access = os.access
   monkeypatch.setattr(
@@ -169,7 +171,7 @@ def test_unwritable_workdir_or_parent_is_refused_simulated(tmp_path, capsys, mon
     (tmp_path / "new" / "run", f" (it would be created in {tmp_path})"),
   ]:
     rc, line, _ = _cli(
-      capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"), str(workdir)
+      capsys, train.train_and_evaluate, _smoke_config(digits_data_dir), str(workdir)
     )
     assert rc == 2 and line == (
       f"error: --workdir={workdir} is not writable{where}: Permission denied; choose a "
@@ -208,14 +210,14 @@ class _HalfWriteThenFull(io.TextIOBase):
 
 
 def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(
-  tmp_path, capsys, monkeypatch
+  tmp_path, capsys, monkeypatch, digits_data_dir
 ):
   """One workdir through: disk full in its first checkpoint (step 3), in metrics.jsonl at step 5
   (leaving half a row), in results.json; then a truncated results.json; then it finishes. On one
   of the suite's 8 emulated devices: the five starts compile far less."""
   make_mesh = sharding.make_mesh
   monkeypatch.setattr(sharding, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
-  config, workdir = _smoke_config(tmp_path / "tfds"), tmp_path / "run"
+  config, workdir = _smoke_config(digits_data_dir), tmp_path / "run"
   metrics, results = workdir / "metrics.jsonl", workdir / "results.json"
   resume = "free some space, then run the same command to resume from checkpoint step"
 
@@ -288,7 +290,9 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes_to_the_end(
   assert rc == 2 and line.startswith(f"error: {metrics} line 2 is damaged ("), line
 
 
-def test_a_run_that_fails_while_starting_releases_its_workdir_lock(tmp_path, monkeypatch):
+def test_a_run_that_fails_while_starting_releases_its_workdir_lock(
+  tmp_path, monkeypatch, digits_data_dir
+):
   """Once the lock is taken, a failure before training (here building the model) gives it back:
   a sweep or a test in the same process can start that workdir again."""
   from dsbn_jax.models import heads  # pylint: disable=g-import-not-at-top
@@ -299,7 +303,7 @@ def test_a_run_that_fails_while_starting_releases_its_workdir_lock(tmp_path, mon
   monkeypatch.setattr(heads, "create_model", full)
   workdir = tmp_path / "run"
   with pytest.raises(UserError) as failed:
-    train.train_and_evaluate(_smoke_config(tmp_path / "tfds"), str(workdir))
+    train.train_and_evaluate(_smoke_config(digits_data_dir), str(workdir))
   assert str(failed.value) == (
     f"disk full (No space left on device) while writing in {workdir}; free some space, then run "
     "the same command again (no checkpoint was written: it starts from step 0)"
@@ -308,7 +312,9 @@ def test_a_run_that_fails_while_starting_releases_its_workdir_lock(tmp_path, mon
   assert (workdir / "config.json").exists() and _lock_is_free(workdir)
 
 
-def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(
+  tmp_path, capsys, monkeypatch, digits_data_dir
+):
   real_open = open
 
   def full_config(path, *args, **kwargs):
@@ -319,9 +325,7 @@ def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(tmp_path, caps
 
   monkeypatch.setattr(reporting, "open", full_config, raising=False)
   workdir = tmp_path / "run"
-  rc, line, _ = _cli(
-    capsys, train.train_and_evaluate, _smoke_config(tmp_path / "tfds"), str(workdir)
-  )
+  rc, line, _ = _cli(capsys, train.train_and_evaluate, _smoke_config(digits_data_dir), str(workdir))
   assert rc == 2 and line == (
     f"error: disk full (Disk quota exceeded) while writing "
     f"{workdir / 'config.json'}; free some space, then run the same "
@@ -394,7 +398,7 @@ def _fake_run(root, method, task, seed, text=None):
 
 
 def test_truncated_results_json_is_named_in_the_summary_and_rerun_by_the_sweep(
-  tmp_path, capsys, monkeypatch
+  tmp_path, capsys, monkeypatch, digits_data_dir
 ):
   root = tmp_path / "sweep"
   for text, why in [
@@ -416,7 +420,7 @@ def test_truncated_results_json_is_named_in_the_summary_and_rerun_by_the_sweep(
 
   # run_sweep: the run with a damaged results.json is not finished; it is run (resumed) again
   workdir = _fake_run(root, "source_only", "digits->digits_m", 0, '{"seed": 0, "best_acc')
-  config = _smoke_config(tmp_path / "tfds")
+  config = _smoke_config(digits_data_dir)
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.method = "source_only"
