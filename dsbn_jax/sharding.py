@@ -107,6 +107,23 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
+def from_process_0(values: dict) -> dict:
+  """Process 0's ``{name: float}`` on every process, bit for bit (float64 travels as int32 pairs).
+
+  For host-side numbers that decide collective actions, such as which evaluation a validator
+  picks (its checkpoint save is collective): each process computes them from the same replicated
+  outputs, but a BLAS with another thread count may round them differently.
+  """
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  names = list(values)
+  bits = np.array([values[k] for k in names], np.float64).view(np.int32)
+  bits = np.asarray(multihost_utils.broadcast_one_to_all(bits), np.int32)
+  return dict(zip(names, (float(v) for v in bits.view(np.float64))))
+
+
 def check_batch_sizes(config, mesh: Mesh) -> None:
   """Fails fast (before a run writes anything) when a global batch does not split over the mesh."""
   n = mesh.devices.size

@@ -342,6 +342,7 @@ class _Run:
         }
       ),
     )
+    scores = sharding.from_process_0(scores)  # every process then picks the same checkpoints
     entry = {"step": step, "accuracy": result["accuracy"], "validators": scores}
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry

@@ -111,12 +111,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {})):
+def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {}), overrides=()):
   """The smoke run as 2 processes x 2 CPU devices (gloo); returns the return codes and outputs."""
   port = _free_port()
   procs = [
     subprocess.Popen(
-      _command(workdir, data_dir),
+      _command(workdir, data_dir, *overrides),
       cwd=ROOT,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
@@ -136,6 +136,9 @@ def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {})):
   return [p.returncode for p in procs], outs
 
 
+PLAIN_OVERRIDES = ("--config.select_with=bnm",)
+
+
 def _multi_host_runs(root, data_dir, base_env) -> dict:
   """Both multi-host scenarios, one after the other (each holds two processes)."""
   out = {}
@@ -147,7 +150,8 @@ def _multi_host_runs(root, data_dir, base_env) -> dict:
   out["signalled_checkpoints"] = sorted(os.listdir(multi / "checkpoints"))
   out["signalled_resumed"] = _two_processes(multi, data_dir, base_env)
   plain = root / "plain"
-  out["plain"] = plain, _two_processes(plain, data_dir, base_env)
+  # (keeping a validator's pick too: a collective save that every process must decide alike)
+  out["plain"] = plain, _two_processes(plain, data_dir, base_env, overrides=PLAIN_OVERRIDES)
   return out
 
 
@@ -429,7 +433,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_
 def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path, digits_data_dir):
   """Real multi-host: 2 processes x 2 CPU devices (gloo) == 1 process x 4 devices."""
   single = tmp_path / "single"
-  _main(single, digits_data_dir, devices=4)
+  _main(single, digits_data_dir, *PLAIN_OVERRIDES, devices=4)
   multi, (codes, outs) = multi_host["plain"]
   for code, (_, err) in zip(codes, outs):
     assert code == 0, err[-3000:]
@@ -456,7 +460,17 @@ def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path,
     np.testing.assert_allclose(x, y, atol=1e-4 * max(1.0, float(np.abs(y).max())), rtol=0)
   a, b = _results(multi), _results(single)
   assert a["num_processes"] == 2 and b["num_processes"] == 1
-  assert a["evals"] == b["evals"] and a["confusion_matrix"] == b["confusion_matrix"]
+  assert a["confusion_matrix"] == b["confusion_matrix"]
+  assert [(e["step"], e["accuracy"]) for e in a["evals"]] == [
+    (e["step"], e["accuracy"]) for e in b["evals"]
+  ]
+  for ea, eb in zip(a["evals"], b["evals"]):  # from the probabilities: float rounding apart
+    assert ea["validators"].keys() == eb["validators"].keys()
+    for k, v in ea["validators"].items():
+      np.testing.assert_allclose(v, eb["validators"][k], rtol=1e-4, atol=1e-6, err_msg=k)
+  picked = a["selected"]["step"]  # by process 0's scores, on both processes
+  assert picked == a["selection"]["bnm"]["step"]
+  assert os.listdir(multi / checkpointing.SELECTED_DIR) == [str(picked)]
   rows = lambda w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]  # noqa
   for ra, rb in zip(rows(multi), rows(single)):
     for k in ra:
