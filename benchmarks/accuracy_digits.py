@@ -13,8 +13,15 @@ The target-only oracle is ``source_only`` trained on the labelled target train s
 (``--config.data.source=<target>``) and evaluated on the same held-out target test split as the
 others; it is stored as method ``target_only`` under the adaptation task it bounds.
 
-Outputs in ``<workdir>``: ``results.md`` (best and last target accuracy, mean ± std over seeds),
-``summary.json``, ``results.png`` (bar plot), ``benchmark.json`` (the command, wall time, load).
+Outputs in ``<workdir>``: ``results.md`` (best and last target accuracy, mean ± std over seeds;
+then the label-free model-selection tables, one per validator: docs/model_selection.md),
+``summary.json``, ``results.png`` (bar plot), ``selection.png`` (each validator's pick beside best
+and last), ``benchmark.json`` (the command, wall time, load). The validator table of BENCHMARKS.md
+(a converged budget, evaluated every 50 steps, with a held-out source split):
+
+  python benchmarks/accuracy_digits.py --workdir runs/selection_digits --no_oracle \
+      --set total_steps=5000 --set eval_every_steps=50 --set checkpoint_every_steps=1000 \
+      --set data.source_val_fraction=0.2
 
 Hyper-parameters are those of ``configs/digits.py``. They were chosen without the target test
 split: ``--eval_split=train`` evaluates every run on the target images adapted on, by their labels
