@@ -335,7 +335,8 @@ def _seed_averages(by_task: dict, tasks, key):
 
 def _plot_selection(summary, chosen, tasks, methods, path: str) -> None:
   """Per method, bars of the mean target accuracy (over tasks and seeds) of best, last and each
-  validator's pick, ± the sample std over runs."""
+  validator's pick (no error bars: the spread across tasks would dwarf the differences; the
+  tables have the spread over seeds)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -353,15 +354,14 @@ def _plot_selection(summary, chosen, tasks, methods, path: str) -> None:
         v = [r[bars[i][1]] for t in tasks for r in summary[m][t]]
       else:
         v = [c["accuracy"] for t in tasks for c in chosen[name][m][t]]
-      values.append((np.mean(v) if v else 0.0, np.std(v, ddof=1) if len(v) > 1 else 0.0))
-    means, stds = zip(*values)
-    ax.bar(np.arange(len(methods)) + i * width, means, width, yerr=stds, label=name, capsize=2)
+      values.append(np.mean(v) if v else 0.0)
+    ax.bar(np.arange(len(methods)) + i * width, values, width, label=name)
   ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
   ax.set_xticklabels(methods)
   ax.set(
     ylabel="target accuracy (%)",
     ylim=(0, 100),
-    title="model chosen by each validator (no target labels) vs best and last",
+    title="model chosen by each validator (no target labels) vs best and last; mean over tasks and seeds",
   )
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
