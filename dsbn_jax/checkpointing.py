@@ -39,7 +39,8 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-BEST_DIR = "checkpoints_best"  # the best-evaluated state, beside the rolling "checkpoints"
+ROLLING_DIR = "checkpoints"  # the rolling checkpoints, resumed from
+BEST_DIR = "checkpoints_best"  # the best-evaluated state, beside the rolling ones
 # The evaluation the label-free validator config.select_with picks (no target labels used).
 SELECTED_DIR = "checkpoints_selected"
 DAMAGED_DIR = "checkpoints_damaged"  # where training moves the damaged checkpoints it skipped
@@ -276,18 +277,17 @@ def fallback_lines(directory: str, damaged, step: int) -> list[str]:
 
 
 def read_checkpoint(
-  workdir: str, step: int | None = None, *, best: bool = False, apart: str = "", like=None
+  workdir: str, step: int | None = None, *, folder: str = ROLLING_DIR, like=None
 ) -> tuple[int, dict, dict]:
   """``(step, state, meta)`` of a workdir's checkpoint, state as host numpy arrays.
 
   No model or sharding needed (inspection, prediction, tests). ``step=None`` reads the newest good
   checkpoint: a damaged newer one is skipped with a ``warning: ...`` line on stderr; a given
-  ``step`` must be good. ``best=True`` reads the best-evaluated
-  checkpoint instead of the rolling ones, ``apart=SELECTED_DIR`` the validator's pick. ``like`` (a subset of the state's leaves, e.g.
-  ``{"params": ...}``) is checked for shapes and dtypes; every float is checked finite. Changes
-  nothing on disk; ``DamagedCheckpointError`` when no checkpoint is good.
+  ``step`` must be good. ``folder``: the rolling checkpoints, or one kept apart (``BEST_DIR``: the
+  best-evaluated state; ``SELECTED_DIR``: the validator's pick). ``like`` (a subset of the state's
+  leaves, e.g. ``{"params": ...}``) is checked for shapes and dtypes; every float is checked
+  finite. Changes nothing on disk; ``DamagedCheckpointError`` when no checkpoint is good.
   """
-  folder = apart or (BEST_DIR if best else "checkpoints")
   directory = os.path.abspath(os.path.join(workdir, folder))
   if not os.path.isdir(directory):  # read-only: orbax would not create it, but fail obscurely
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -326,7 +326,7 @@ def saved_steps(workdir: str) -> list[int]:
   """The steps of ``<workdir>/checkpoints`` that orbax finished writing, sorted (a save in progress
   or interrupted, by a crash or a full disk, lives in a ``<step>.orbax-checkpoint-tmp-*`` folder
   until it is complete). Reads the folder only: for messages after a failure."""
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, ROLLING_DIR)
   try:
     names = os.listdir(directory)
   except OSError:
@@ -342,11 +342,11 @@ def read_state_arrays(workdir: str, step: int | None = None) -> tuple[int, dict]
 
 class Checkpointer:
   """Save every ``every_steps`` and at the end, keep ``max_to_keep``, restore the latest; and
-  keep the best-evaluated state apart (``save_best``), and the validator's pick
-  (``save_best(..., apart=SELECTED_DIR)``)."""
+  keep states apart, one per folder (``save_apart``): the best-evaluated one (``BEST_DIR``) and the
+  validator's pick (``SELECTED_DIR``)."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.abspath(os.path.join(workdir, ROLLING_DIR))
     self._workdir = workdir
     self._async = async_save
     options = ocp.CheckpointManagerOptions(
@@ -355,46 +355,46 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "meta")
     )
-    self._apart = {}  # folder -> manager, opened by its first best_step/save_best (collective)
+    self._apart = {}  # folder -> manager, opened by its first apart_step/save_apart (collective)
     self._closed = False
     _quiet_save_echoes()
 
-  def _best(self, apart: str = BEST_DIR) -> ocp.CheckpointManager:
-    if apart not in self._apart:
+  def _apart_manager(self, folder: str) -> ocp.CheckpointManager:
+    if folder not in self._apart:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=self._async
       )
-      self._apart[apart] = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(self._workdir, apart)),
+      self._apart[folder] = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(self._workdir, folder)),
         options=options,
         item_names=("state", "meta"),
       )
-    return self._apart[apart]
+    return self._apart[folder]
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    # The best checkpoint named by ``meta`` is on disk before this checkpoint starts: a run
-    # resumed from it never lacks (or half-has) the best state its meta records.
+    # The states kept apart that ``meta`` names are on disk before this checkpoint starts: a run
+    # resumed from it never lacks (or half-has) the best or selected state its meta records.
     for mngr in self._apart.values():
       mngr.wait_until_finished()
     self._mngr.save(step, args=_save_args(state, meta), force=True)
 
-  def best_step(self, apart: str = BEST_DIR) -> int | None:
-    """The step of the best checkpoint (or of ``apart``'s) on disk (None: none yet)."""
-    return self._best(apart).latest_step()
+  def apart_step(self, folder: str) -> int | None:
+    """The step of the state kept apart in ``folder`` on disk (None: none yet)."""
+    return self._apart_manager(folder).latest_step()
 
-  def save_best(self, step: int, state: Any, meta: dict, apart: str = BEST_DIR) -> None:
-    """Makes ``step`` the best checkpoint (or ``apart``'s: ``SELECTED_DIR``), replacing the previous
-    one (asynchronously).
+  def save_apart(self, folder: str, step: int, state: Any, meta: dict) -> None:
+    """Makes ``step`` the state kept apart in ``folder`` (``BEST_DIR``, ``SELECTED_DIR``),
+    replacing the previous one (asynchronously).
 
     Every process calls it at the same evaluations (their result is replicated), as orbax saves
-    are collective. A best checkpoint at ``step`` or later was written by an attempt that crashed
+    are collective. A state there at ``step`` or later was written by an attempt that crashed
     before its next regular checkpoint (this run resumed behind it and re-evaluates those steps):
-    it is deleted first, so the best checkpoint always follows the resumed run's own evaluations.
+    it is deleted first, so the folder always follows the resumed run's own evaluations.
     """
-    mngr = self._best(apart)
+    mngr = self._apart_manager(folder)
     mngr.wait_until_finished()
     for old in mngr.all_steps():
       if old >= step:
@@ -448,7 +448,7 @@ class Checkpointer:
     return out["state"], out["meta"]
 
   def wait(self) -> None:
-    """Blocks until the pending async saves (if any, best checkpoint included) are on disk."""
+    """Blocks until the pending async saves (if any, the states kept apart included) are on disk."""
     self._mngr.wait_until_finished()
     for mngr in self._apart.values():
       mngr.wait_until_finished()

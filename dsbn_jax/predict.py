@@ -103,13 +103,14 @@ def read_run_checkpoint(workdir: str, checkpoint: str = "last"):
   like = _model_variables(config)  # each checkpoint read must fit the model of config.json
   other = "last" if checkpoint != "last" else "best"
   apart = {"best": checkpointing.BEST_DIR, "selected": checkpointing.SELECTED_DIR}.get(checkpoint)
+  folder = apart or checkpointing.ROLLING_DIR
   if checkpoint == "selected" and not config.get("select_with"):
     raise UserError(
       f"{workdir} kept no selected checkpoint: it was trained without config.select_with (its "
       "validators' picks are in results.json 'selection'); use --checkpoint=last or best"
     )
   try:
-    step, state, meta = checkpointing.read_checkpoint(workdir, apart=apart or "", like=like)
+    step, state, meta = checkpointing.read_checkpoint(workdir, folder=folder, like=like)
   except FileNotFoundError as e:
     if apart:
       raise UserError(

@@ -317,8 +317,8 @@ class _Run:
     if improved:
       self.meta[key] = entry
     step = entry["step"]
-    if improved or (self.meta[key]["step"] == step and self.ckpt.best_step(apart) != step):
-      self.ckpt.save_best(step, self.state, self.meta, apart)
+    if improved or (self.meta[key]["step"] == step and self.ckpt.apart_step(apart) != step):
+      self.ckpt.save_apart(apart, step, self.state, self.meta)
 
   def run_eval(self, step: int) -> dict:
     t0 = time.perf_counter()

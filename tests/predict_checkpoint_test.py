@@ -125,7 +125,7 @@ def _predict_accuracy(workdir, folder, out_csv, checkpoint, capsys) -> tuple[flo
 
 
 def _best_state(workdir):
-  return checkpointing.read_checkpoint(str(workdir), best=True)
+  return checkpointing.read_checkpoint(str(workdir), folder=checkpointing.BEST_DIR)
 
 
 def _assert_same(a, b):
@@ -175,7 +175,7 @@ def test_predict_selected_is_the_validators_pick_chosen_without_labels(
   acc, err = _predict_accuracy(workdir, target_images, tmp_path / "sel.csv", "selected", capsys)
   assert acc == chosen["accuracy"]
   assert f"selected checkpoint (step {chosen['step']}, picked by validator entropy" in err
-  step, _, meta = checkpointing.read_checkpoint(str(workdir), apart=checkpointing.SELECTED_DIR)
+  step, _, meta = checkpointing.read_checkpoint(str(workdir), folder=checkpointing.SELECTED_DIR)
   assert step == chosen["step"] and meta["selected"]["step"] == step
 
 
