@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsbn_jax import cli
+from dsbn_jax import cli, sharding
 from dsbn_jax.errors import UserError
 
 
@@ -222,15 +222,6 @@ def _why(e: Exception) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _agree(ok: bool) -> bool:
-  """True only if every process found its copy good (all processes call it, in the same order)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
 def restore_newest_good(
   directory: str, steps, restore: Callable[[int], tuple[Any, dict]], like=None
 ) -> tuple[int, Any, dict, list[tuple[int, str]]]:
@@ -250,7 +241,7 @@ def restore_newest_good(
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore: any type)
       why = _why(e)
       _quiet_failed_reads()
-    if _agree(why is None):
+    if sharding.every_process(why is None):  # every process found its copy good
       return step, state, meta, damaged
     damaged.append((step, why or "damaged on another process"))
   (step, why), n = damaged[0], len(damaged)
@@ -349,24 +340,29 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, ROLLING_DIR))
     self._workdir = workdir
     self._async = async_save
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
-    )
     self._mngr = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "meta")
+      self.directory, options=self._options(ROLLING_DIR, max_to_keep), item_names=("state", "meta")
     )
     self._apart = {}  # folder -> manager, opened by its first apart_step/save_apart (collective)
     self._closed = False
     _quiet_save_echoes()
 
+  def _options(self, folder: str, max_to_keep: int) -> ocp.CheckpointManagerOptions:
+    # Each manager's multi-process barriers carry its folder's name: orbax names them after the
+    # step alone otherwise, so two managers saving one step at once (the best and the selected
+    # state at the same evaluation) would meet at one barrier name and time out.
+    return ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=self._async,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=folder),
+    )
+
   def _apart_manager(self, folder: str) -> ocp.CheckpointManager:
     if folder not in self._apart:
-      options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=self._async
-      )
       self._apart[folder] = ocp.CheckpointManager(
         os.path.abspath(os.path.join(self._workdir, folder)),
-        options=options,
+        options=self._options(folder, 1),
         item_names=("state", "meta"),
       )
     return self._apart[folder]

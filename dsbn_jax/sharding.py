@@ -124,6 +124,15 @@ def from_process_0(values: dict) -> dict:
   return dict(zip(names, (float(v) for v in bits.view(np.float64))))
 
 
+def every_process(ok: bool) -> bool:
+  """True only if ``ok`` on every process (all processes call it, in the same order)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def check_batch_sizes(config, mesh: Mesh) -> None:
   """Fails fast (before a run writes anything) when a global batch does not split over the mesh."""
   n = mesh.devices.size

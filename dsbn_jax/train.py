@@ -248,11 +248,22 @@ class _Run:
         f"warning: source and target are the same domain ({self.info.source.name}): this "
         "is no domain adaptation; check config.data.source and config.data.target"
       )
-    guard_workdir(workdir, config)
     self.lock = run_control.WorkdirLock(workdir)
+    refused = None
+    try:
+      guard_workdir(workdir, config)
+      if self.is_main:
+        os.makedirs(workdir, exist_ok=True)
+        self.lock.acquire()  # one live run per workdir; refused before this run writes anything
+    except UserError as e:
+      refused = e
+    # Every process has checked the workdir before process 0 writes to it (another would find
+    # process 0's config.json.tmp there), and all stop when one refuses it.
+    if not sharding.every_process(refused is None):
+      raise refused or UserError(
+        f"another process refused workdir {workdir} (its output says why); nothing was changed"
+      )
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
-      self.lock.acquire()  # one live run per workdir; refused before this run writes anything
       _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
       _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
     self.model = heads.create_model(config)

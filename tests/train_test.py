@@ -136,9 +136,7 @@ def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {}), overrid
   return [p.returncode for p in procs], outs
 
 
-# Not "--config.select_with=bnm": with it, 1 in 4 fresh-clone runs hung in orbax's
-# async_write_complete barrier (two processes, two states kept apart); open, see the issue note.
-PLAIN_OVERRIDES = ()
+PLAIN_OVERRIDES = ("--config.select_with=bnm",)
 
 
 def _multi_host_runs(root, data_dir, base_env) -> dict:
@@ -470,6 +468,9 @@ def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path,
     assert ea["validators"].keys() == eb["validators"].keys()
     for k, v in ea["validators"].items():
       np.testing.assert_allclose(v, eb["validators"][k], rtol=1e-4, atol=1e-6, err_msg=k)
+  picked = a["selected"]["step"]  # by process 0's scores, on both processes
+  assert picked == a["selection"]["bnm"]["step"]
+  assert os.listdir(multi / checkpointing.SELECTED_DIR) == [str(picked)]
   rows = lambda w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]  # noqa
   for ra, rb in zip(rows(multi), rows(single)):
     for k in ra:
