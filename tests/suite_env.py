@@ -4,18 +4,33 @@ The persistent JAX compilation cache: every compiled program (the smoke train an
 ResNet-50, ...) is written to ``CACHE_DIR`` the first time and loaded from there by every later
 test, test process and ``python -m dsbn_jax.*`` subprocess the suite starts (the key holds the
 program, the compile options, the devices and the jax/jaxlib version, so a stale entry is never
-used). ``CACHE_DIR`` is ``<repo>/.pytest_cache/jax_compilation_cache`` (git-ignored), kept across
-runs and pruned to its newest entries past ``CACHE_MAX_BYTES`` (``prune_cache``);
+used). ``CACHE_DIR`` is ``$XDG_CACHE_HOME/dsbn_jax/jax_compilation_cache`` (``~/.cache/...`` when
+that is unset), so that every clone and worktree on this machine shares it; ``<repo>/.pytest_cache/
+jax_compilation_cache`` (git-ignored) if that folder cannot be made. It is kept across runs and
+pruned to its newest entries past ``CACHE_MAX_BYTES`` (``prune_cache``);
 ``JAX_COMPILATION_CACHE_DIR`` set in the environment takes its place, and
-``DSBN_JAX_TEST_COMPILATION_CACHE=0`` turns the cache off. ``rm -rf .pytest_cache`` empties it.
+``DSBN_JAX_TEST_COMPILATION_CACHE=0`` turns the cache off. Deleting the folder empties it (the first
+run after that compiles everything: the time a fresh CI machine takes).
 """
 
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-  ROOT, ".pytest_cache", "jax_compilation_cache"
-)
+
+
+def _default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.path.join(base, "dsbn_jax", "jax_compilation_cache")
+  try:
+    os.makedirs(path, exist_ok=True)
+    if os.access(path, os.W_OK):
+      return path
+  except OSError:
+    pass
+  return os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")
+
+
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or _default_cache_dir()
 CACHE_ENABLED = os.environ.get("DSBN_JAX_TEST_COMPILATION_CACHE", "1") != "0"
 # Every program, however fast it compiles and however small: the suite compiles many small ones.
 CACHE_ENV = (

@@ -58,16 +58,18 @@ def test_eval_features_match_torchvision_for_every_branch(torch_model, variables
     )
 
 
-@pytest.mark.parametrize("domain", [0, 1])
-def test_train_mode_output_and_running_statistics_match_torch(domain):
+@pytest.mark.parametrize("num_domains,domain", [(2, 0), (2, 1), (1, 0)])
+def test_train_mode_output_and_running_statistics_match_torch(num_domains, domain):
+  """Train mode through one BN branch of the DSBN ResNet-50 (the other branch untouched), and
+  through the plain-BN ResNet-50 (``num_domains=1``: the source-only, DANN and ALDA baselines)."""
   torch_model = torch_utils.perturbed_resnet50(seed=3)
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   from dsbn_jax.models.torchvision_port import convert_state_dict
 
-  variables = convert_state_dict(sd, num_domains=2)
+  variables = convert_state_dict(sd, num_domains=num_domains)
   x = np.random.default_rng(1).normal(size=(4, 96, 96, 3)).astype(np.float32)
 
-  model = resnet.ResNet50(num_domains=2)
+  model = resnet.ResNet50(num_domains=num_domains)
   feats, updates = jax.jit(
     lambda v, x: model.apply(v, x, domain=domain, train=True, mutable=["batch_stats"])
   )(variables, x)
@@ -81,10 +83,12 @@ def test_train_mode_output_and_running_statistics_match_torch(domain):
   for path, bn in bns.items():
     for ours, theirs in (("mean", bn.running_mean), ("var", bn.running_var)):
       got = np.asarray(new[(*path, ours)])
+      assert got.shape[0] == num_domains
       np.testing.assert_allclose(
         got[domain], theirs.numpy(), atol=1e-5, rtol=0, err_msg=f"{path} {ours}"
       )
-      np.testing.assert_array_equal(got[1 - domain], np.asarray(old[(*path, ours)])[1 - domain])
+      for other in set(range(num_domains)) - {domain}:  # the other branch is untouched
+        np.testing.assert_array_equal(got[other], np.asarray(old[(*path, ours)])[other])
 
 
 _TORCH_FREE_LOAD = textwrap.dedent("""
