@@ -3,6 +3,7 @@ persistent compilation cache (tests/suite_env.py), the Digits data prepared and 
 trained once per session, and the subprocess runs some tests read started in the background when
 the session starts."""
 
+import gc
 import os
 
 from tests import suite_env
@@ -36,6 +37,11 @@ if suite_env.CACHE_ENABLED:
   jax.config.update("jax_compilation_cache_dir", suite_env.CACHE_DIR)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+# The objects of the imports above (torch, TensorFlow, JAX: about a million) live as long as the
+# session: kept out of the garbage collector's full passes, which would otherwise walk them all
+# each time (tracing a model allocates enough to trigger several).
+gc.freeze()
 
 
 @pytest.fixture(scope="session")
