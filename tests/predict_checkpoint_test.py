@@ -2,10 +2,9 @@
 across resumes, and the panels of ``curves.png``.
 
 Training runs are the command ``python -m dsbn_jax.main`` on one CPU device (the generated Digits
-data of conftest's ``digits_data_dir``): the finished run and the crash (a real process killed with
-``kill -9``, then resumed) as subprocesses started in the background when the test session starts
-(``background_jobs``, run by conftest's ``background_runs``), the resume of a finished run in this
-process (tests/cli_driver.py);
+data of conftest's ``digits_data_dir``), run in this process (tests/cli_driver.py), except the
+crash: a real subprocess killed with ``kill -9``, started in the background when the test session
+starts (``background_jobs``, run by conftest's ``background_runs``);
 predict is called in-process on the run's target test images, exported from the prepared dataset
 as their stored PNG bytes into ``<class>/<n>.png``.
 """
@@ -48,37 +47,23 @@ def _main(workdir, data_dir):
 
 
 def _main_subprocess(workdir, data_dir, env):
-  """The command as a new process (run in the background: see background_jobs)."""
+  """The command as a new process (the crash: only a process can be killed)."""
   cmd = train_test._command(workdir, data_dir, *OVERRIDES)
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def background_jobs(session, root, data_dir) -> dict:
-  """Started by conftest's ``background_runs`` when the session starts, when a test of this module
-  is selected: {"run": the uninterrupted run (``(workdir, CompletedProcess)``), "crash": a run
-  killed as its step 3 starts (kill -9 after 2 steps), a copy of its workdir as the crash left it,
-  then the same command again in that workdir (``(workdir, killed, left, resumed)``)}."""
-  mine = os.path.abspath(__file__)
-  names = {item.name for item in session.items if str(getattr(item, "path", "")) == mine}
-  if not names:
+  """{"crash": a run killed as its step 3 starts (kill -9 after 2 steps): ``(workdir,
+  CompletedProcess)``}, started by conftest's ``background_runs`` when the session starts."""
+  if not any(
+    str(getattr(item, "path", "")) == os.path.abspath(__file__)
+    and item.name == "test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint"
+    for item in session.items
+  ):
     return {}  # not selected
-  env = suite_env.subprocess_env(1)  # this process's environment now
-  finished = root / "run"
-  jobs = {"run": lambda: (finished, _main_subprocess(finished, data_dir, env))}
-  if "test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint" in names:
-    workdir, left = root / "crashed", root / "crashed_as_left"
-
-    def crash():
-      killed = _main_subprocess(workdir, data_dir, dict(env, DSBN_JAX_KILL_AT_STEP="2"))
-      shutil.copytree(workdir, left)
-      return workdir, killed, left, _main_subprocess(workdir, data_dir, env)
-
-    jobs["crash"] = crash
-  return jobs
-
-
-def _background(background_runs, name):
-  return background_runs[f"{__name__.rsplit('.', 1)[-1]}:{name}"].result(timeout=1800)
+  workdir = root / "crashed"
+  env = suite_env.subprocess_env(1, DSBN_JAX_KILL_AT_STEP="2")  # this process's environment now
+  return {"crash": lambda: (workdir, _main_subprocess(workdir, data_dir, env))}
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +73,15 @@ def data_dir(digits_data_dir):
 
 @pytest.fixture(scope="module")
 def crashed(background_runs):
-  """``background_jobs``' crash, once it has ended."""
-  return _background(background_runs, "crash")
+  """The future of ``background_jobs``' crash."""
+  return background_runs[f"{__name__.rsplit('.', 1)[-1]}:crash"]
 
 
 @pytest.fixture(scope="module")
-def run(background_runs):
-  """A finished smoke run (uninterrupted, ``background_jobs``) and its results.json."""
-  workdir, proc = _background(background_runs, "run")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def run(tmp_path_factory, data_dir):
+  """A finished smoke run (uninterrupted) and its results.json."""
+  workdir = tmp_path_factory.mktemp("run") / "run"
+  _main(workdir, data_dir)
   return workdir, json.loads((workdir / "results.json").read_text())
 
 
@@ -224,16 +209,18 @@ def test_resuming_the_finished_run_keeps_its_best_checkpoint(run, data_dir, tmp_
   _assert_same(state, ref_state)
 
 
-def test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint(run, crashed):
+def test_a_crash_after_the_best_evaluation_resumes_to_the_same_best_checkpoint(
+  run, data_dir, crashed
+):
   """Killed as step 3 starts, after the evaluations of steps 1 and 2 wrote best checkpoints but
   before the first regular checkpoint: the best checkpoint is ahead of the resume point (step 0).
   The resumed run re-trains and re-evaluates those steps bit for bit, replaces it, and ends with
   the uninterrupted run's best checkpoint."""
-  workdir, killed, left, resumed = crashed
-  assert killed.returncode == -9, killed.stderr[-2000:]
-  assert not os.listdir(left / "checkpoints")
-  assert os.listdir(left / checkpointing.BEST_DIR)  # step 1's at least (2's may be partial)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  workdir, proc = crashed.result(timeout=1800)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  assert not os.listdir(workdir / "checkpoints")
+  assert os.listdir(workdir / checkpointing.BEST_DIR)  # step 1's at least (2's may be partial)
+  resumed = _main(workdir, data_dir)
   assert "resumed from" not in resumed.stdout
   assert json.loads((workdir / "results.json").read_text())["evals"] == run[1]["evals"]
   (step, state, meta), (ref_step, ref_state, ref_meta) = _best_state(workdir), _best_state(run[0])

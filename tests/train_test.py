@@ -170,47 +170,33 @@ def _selected_jobs(session) -> set:
       jobs.add(params["sig"])
     elif name == "test_a_bad_input_typed_as_a_command_is_one_line_and_exit_2":
       jobs.add("bad_input")
-    elif name == "test_two_processes_match_one_process_with_four_devices":
-      jobs.add("four_devices")
   return jobs
 
 
 def background_jobs(session, root, data_dir) -> dict:
   """The subprocess runs the selected tests of this module read, as zero-argument callables by
-  name: "kill<k>" and each signal's name (``(workdir, interrupted, stopped, resumed)``: the
-  interrupted run, a copy of its workdir as it left it, then the same command again in that
-  workdir), "four_devices" (``(workdir, CompletedProcess)``: ``MULTI_OVERRIDES`` on one process
-  with 4 devices), "bad_input" (``BAD_COMMAND``'s CompletedProcess, its workdir
-  ``<root>/bad_input``). conftest's ``background_runs`` starts them when the session starts (the
-  in-process tests leave one core idle); the environment they get is this process's now (a test
-  may change it meanwhile)."""
+  name: "kill<k>" and each signal's name (``(workdir,
+  CompletedProcess)``), "bad_input" (``BAD_COMMAND``'s CompletedProcess, its workdir
+  ``<root>/bad_input``). conftest's ``background_runs`` starts them when the session starts; the
+  environment they get is this process's now (a test may change it meanwhile)."""
   wanted = _selected_jobs(session)
   base_env = dict(os.environ)
   jobs = {}
 
-  def interrupted_then_resumed(name, env_extra):
-    workdir, stopped = root / name, root / f"{name}_as_left"
-
-    def job():
-      first = _main_subprocess(workdir, data_dir, env_extra=env_extra, base_env=base_env)
-      shutil.copytree(workdir, stopped)
-      return workdir, first, stopped, _main_subprocess(workdir, data_dir, base_env=base_env)
-
-    return job
+  def one(name, env_extra):
+    workdir = root / name
+    return lambda: (
+      workdir,
+      _main_subprocess(workdir, data_dir, env_extra=env_extra, base_env=base_env),
+    )
 
   # "multi_host" is not started here: see the multi_host fixture.
   for sig in SIGNALS:
     if sig in wanted:
-      jobs[sig] = interrupted_then_resumed(sig, {"DSBN_JAX_SIGNAL_AT_STEP": f"4:{sig}"})
+      jobs[sig] = one(sig, {"DSBN_JAX_SIGNAL_AT_STEP": f"4:{sig}"})
   for k in KILL_AT:
     if f"kill{k}" in wanted:
-      jobs[f"kill{k}"] = interrupted_then_resumed(f"kill{k}", {"DSBN_JAX_KILL_AT_STEP": str(k)})
-  if "four_devices" in wanted:
-    single = root / "four_devices"
-    jobs["four_devices"] = lambda: (
-      single,
-      _main_subprocess(single, data_dir, *MULTI_OVERRIDES, devices=4, base_env=base_env),
-    )
+      jobs[f"kill{k}"] = one(f"kill{k}", {"DSBN_JAX_KILL_AT_STEP": str(k)})
   if "bad_input" in wanted:  # fails before any training: quick
     jobs["bad_input"] = lambda: _main_subprocess(
       root / "bad_input", data_dir, *BAD_COMMAND[0], base_env=base_env
@@ -291,7 +277,9 @@ def test_second_invocation_resumes_and_extends(tmp_path, digits_data_dir):
 
 
 @pytest.mark.parametrize("kill_at", KILL_AT)
-def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, background, kill_at):
+def test_killed_run_resumes_to_the_uninterrupted_result(
+  reference_run, background, digits_data_dir, kill_at
+):
   """``kill -9`` of the command as step ``kill_at`` starts (after ``kill_at`` steps; 2: before
   any checkpoint; 4 and 5: after checkpoint 3 was started, asynchronously); the same command again
   resumes from the newest checkpoint the crash left complete and ends bit-identical to the
@@ -302,14 +290,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, backgroun
   machine's load (a busy CPU delays orbax's writer thread): either is a valid crash, and an
   incomplete save must be ignored on resume (it lives in a ``3.orbax-checkpoint-tmp-*`` folder)."""
   ref = reference_run[0]
-  workdir, crashed, left, resumed = _job(background, f"kill{kill_at}")
+  workdir, crashed = _job(background, f"kill{kill_at}")
   assert crashed.returncode == -9, crashed.stderr[-2000:]
-  assert not (left / "results.json").exists()
-  saved = list(checkpointing.saved_steps(str(left)))
+  assert not (workdir / "results.json").exists()
+  saved = list(checkpointing.saved_steps(str(workdir)))
   assert saved in ([], [3]) if kill_at > 3 else saved == [], saved
   for step in saved:  # a subprocess computes what this process computes, bit for bit
-    _assert_same_state(_params(left, step), _params(ref, step))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_state(_params(workdir, step), _params(ref, step))
+  resumed = _main(workdir, digits_data_dir)
   if saved:
     assert f"resumed from {workdir}/checkpoints at step 3" in resumed.stdout
   else:
@@ -332,21 +320,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, backgroun
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_signal_stops_after_the_step_saves_it_and_resumes_bit_identical(
-  reference_run, background, sig
+  reference_run, background, digits_data_dir, sig
 ):
   """SIGTERM/SIGINT as step 4 starts: step 4 finishes, checkpoint 5 (none is due there) is
   written, exit 75; the same command resumes at step 5 and ends where the uninterrupted run did."""
   ref = reference_run[0]
-  workdir, stopped, left, resumed = _job(background, sig)
+  workdir, stopped = _job(background, sig)
   assert stopped.returncode == run_control.EXIT_STOPPED, stopped.stderr[-2000:]
   assert stopped.stdout.splitlines()[-1] == (
     f"stopped at step 5 ({sig}), checkpoint saved; run the same command to resume"
   )
   assert "Traceback" not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
-  assert sorted(os.listdir(left / "checkpoints")) == ["3", "5"]  # no step lost
-  assert not (left / "results.json").exists()
-  _assert_same_state(_params(left, 3), _params(ref, 3))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "5"]  # no step lost
+  assert not (workdir / "results.json").exists()
+  _assert_same_state(_params(workdir, 3), _params(ref, 3))
+  resumed = _main(workdir, digits_data_dir)
   assert "at step 5" in resumed.stdout
   _assert_same_state(_params(workdir), _params(ref))
   assert _train_rows(workdir) == _train_rows(ref)  # each step logged once, as ref
@@ -439,11 +427,11 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_
   )
 
 
-def test_two_processes_match_one_process_with_four_devices(multi_host, background):
+def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path, digits_data_dir):
   """Real multi-host: 2 processes x 2 CPU devices (gloo), stopped and resumed, == 1 process x 4
   devices, uninterrupted."""
-  single, proc = _job(background, "four_devices")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  single = tmp_path / "single"
+  _main(single, digits_data_dir, *MULTI_OVERRIDES, devices=4)
   multi, (_, outs) = multi_host["signalled"]
   assert (
     outs[0][0]
