@@ -135,6 +135,25 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
+def test_each_checkpoint_folder_has_its_own_multi_process_barriers(tmp_path):
+  """orbax names a multi-process save's barriers after the step directory alone unless a prefix
+  tells the managers apart: the best and the selected state saved at one evaluation then meet at
+  one barrier and time out (a 2-process run did, once in four). Each manager's prefix is its
+  folder. (Read from orbax's private attribute: the prefix acts only with several processes.)"""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    for folder in (checkpointing.BEST_DIR, checkpointing.SELECTED_DIR):
+      ckpt.apart_step(folder)  # opens that folder's manager
+    managers = {checkpointing.ROLLING_DIR: ckpt._mngr, **ckpt._apart}  # pylint: disable=protected-access
+    prefixes = {
+      folder: mngr._multiprocessing_options.barrier_sync_key_prefix  # pylint: disable=protected-access
+      for folder, mngr in managers.items()
+    }
+    assert prefixes == {folder: folder for folder in managers} and len(prefixes) == 3
+  finally:
+    ckpt.close()
+
+
 def test_the_best_checkpoint_is_kept_apart_from_the_rolling_ones(run):
   workdir, results = run
   assert [e["step"] for e in results["evals"]] == [1, 2, 3, 4, 5]
