@@ -267,6 +267,9 @@ def fallback_lines(directory: str, damaged, step: int) -> list[str]:
   ]
 
 
+_PRUNED_RETRIES = 5  # reads of the newest step after one was deleted by its run while read
+
+
 def read_checkpoint(
   workdir: str, step: int | None = None, *, folder: str = ROLLING_DIR, like=None
 ) -> tuple[int, dict, dict]:
@@ -305,9 +308,28 @@ def read_checkpoint(
     return jax.tree_util.tree_map(np.asarray, out["state"]), out["meta"]
 
   try:
-    step, state, meta, damaged = restore_newest_good(directory, steps, restore, like)
+    for tries_left in range(_PRUNED_RETRIES, -1, -1):
+      try:
+        found = restore_newest_good(directory, steps, restore, like)
+        break
+      except DamagedCheckpointError:
+        # A step folder gone since it was listed was deleted by its run (``keep_checkpoints``
+        # pruning it, a new best or selected state replacing it), not damaged: read the newest
+        # step there now. Damaged is a checkpoint whose folder is still there.
+        gone = [s for s in steps if not os.path.isdir(os.path.join(directory, str(s)))]
+        if not gone:
+          raise
+        mngr.reload()
+        steps = mngr.all_steps() if step is None else []
+        if not tries_left or not steps:
+          raise UserError(
+            f"checkpoint {os.path.join(directory, str(gone[0]))} was deleted by its run while "
+            "it was read (a run still training there replaces its checkpoints); run the "
+            "command again"
+          ) from None
   finally:
     mngr.close()
+  step, state, meta, damaged = found
   for line in fallback_lines(directory, damaged, step):
     print(line, file=sys.stderr, flush=True)
   return step, state, meta

@@ -24,15 +24,149 @@ def use_cpu_collectives() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def define_flag(define, name: str, *args, **kwargs):
+# The flags that name a file or folder (``define_flag(..., path=True)``): ``parse_flags`` expands
+# a leading ``~`` in their values, as a shell does in ``--workdir ~/x`` but not in ``--workdir=~/x``
+# (which would otherwise create a folder named ``~``).
+PATH_FLAGS = set()
+
+
+def define_config_flag():
+  """The ``--config`` flag of main and sweep: an ml_collections config file (``~`` expanded)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  return define_flag(
+    config_flags.DEFINE_config_file,
+    "config",
+    None,
+    "Experiment config file.",
+    lock_config=True,
+    path=True,
+  )
+
+
+def define_flag(define, name: str, *args, path: bool = False, **kwargs):
   """``define(name, *args, **kwargs)`` (an absl or ml_collections ``DEFINE_*``), or the holder of
   the flag ``name`` when another entry point imported in the same process (tests import main,
-  sweep and predict together) already defined it: absl refuses a second definition."""
+  sweep and predict together) already defined it: absl refuses a second definition. ``path``: the
+  flag names a file or folder (``~`` expanded, ``PATH_FLAGS``)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
+  if path:
+    PATH_FLAGS.add(name)
   if name in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return define(name, *args, **kwargs)
+
+
+def expand_paths(argv) -> list:
+  """``argv`` with a leading ``~`` of every ``PATH_FLAGS`` value expanded (``--name=value`` and
+  ``--name value``, one dash or two), as the config's path fields are."""
+  out, i = list(argv[:1]), 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":  # the rest are positional arguments
+      out += argv[i:]
+      break
+    m = re.fullmatch(r"(--?)([\w.-]+)(?:=(.*))?", arg, re.S)
+    if m and m.group(2) in PATH_FLAGS:
+      if m.group(3) is not None:
+        arg = f"{m.group(1)}{m.group(2)}={os.path.expanduser(m.group(3))}"
+      elif i + 1 < len(argv):
+        out.append(arg)
+        i += 1
+        arg = os.path.expanduser(argv[i])
+    out.append(arg)
+    i += 1
+  return out
+
+
+def _flag_value(argv, name: str) -> str | None:
+  """The last value ``argv`` gives the flag ``name`` (absl's rule), None if none."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    m = re.fullmatch(rf"--?{re.escape(name)}(?:=(.*))?", arg, re.S)
+    if m:
+      value = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _check_config_file(argv) -> str | None:
+  """The file ``--config`` names (its ``:argument`` removed), None without one; a UserError when
+  it is missing or not a regular file, checked before ml_collections runs it (a missing file would
+  only fail at the first use of the config, with a traceback; a named pipe would block)."""
+  value = _flag_value(argv, "config")
+  if value is None:
+    return None
+  path = value.split(":", 1)[0]
+  fix = "give a config file, e.g. --config=configs/digits.py"
+  if not path:
+    raise UserError(f"--config={value} names no file; {fix}")
+  if not os.path.exists(path):
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    raise UserError(f"--config={value}: no such file{where}; {fix}")
+  if os.path.isdir(path):
+    raise UserError(f"--config={value} is a folder, not a config file; {fix}")
+  if not os.path.isfile(path):
+    raise UserError(f"--config={value} is not a regular file; {fix}")
+  return path
+
+
+def _in_file(filename, path: str) -> bool:
+  return bool(filename) and os.path.abspath(filename) == os.path.abspath(path)
+
+
+def _config_file_error(e: BaseException, path: str) -> str | None:
+  """Python's own report of an error in the config file ``path`` itself (a syntax error, or an
+  exception its code raised), from its first frame in that file: none of ours, absl's or
+  ml_collections' frames. None when ``e`` (and what it was raised from) did not come from there."""
+  import traceback  # pylint: disable=g-import-not-at-top
+
+  for x in _chain(e):
+    if isinstance(x, SyntaxError) and _in_file(x.filename, path):
+      return "".join(traceback.format_exception_only(type(x), x)).rstrip()
+    tb = x.__traceback__
+    while tb is not None and not _in_file(tb.tb_frame.f_code.co_filename, path):
+      tb = tb.tb_next
+    if tb is not None:
+      return "".join(traceback.format_exception(type(x), x, tb, chain=False)).rstrip()
+  return None
+
+
+def _config_load_error(e: BaseException, value: str) -> str | None:
+  """One line for a config file that could not be read (an ``OSError`` while loading it), or
+  that defines no ``get_config``; None for another error."""
+  for x in _chain(e):
+    if isinstance(x, AttributeError) and getattr(x, "name", None) == "get_config":
+      return (
+        f"--config={value} defines no get_config(); a config file defines get_config() "
+        "returning the config (e.g. configs/digits.py)"
+      )
+    if isinstance(x, OSError) and x.errno is not None:
+      return (
+        f"--config={value} cannot be read ({x.strerror or x}); check the file and its permissions"
+      )
+  return None
+
+
+def _check_config_value(value: str) -> None:
+  """The config flag holds a ConfigDict: ml_collections keeps an ``OSError`` raised while loading
+  the file in a stand-in that raises it at the first use (a traceback in ``main``), and takes a
+  ``get_config()`` that returns something else."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  config = flags.FLAGS["config"].value
+  if isinstance(config, ml_collections.ConfigDict):
+    return
+  error = vars(config).get("_error") if hasattr(config, "__dict__") else None
+  if isinstance(error, BaseException):  # ml_collections' _ErrorConfig
+    raise error
+  raise UserError(
+    f"--config={value}: get_config() returned {type(config).__name__}, not a "
+    "ml_collections.ConfigDict; return the config (e.g. configs/digits.py)"
+  )
 
 
 def parse_flags(argv):
@@ -40,24 +174,51 @@ def parse_flags(argv):
 
   A typo in a config field (``--config.optim.lr=0.1``) raises AttributeError inside
   ml_collections' parser, which absl would print as a chained traceback; a bad value
-  (``--config.optim.lr0=abc``) would print absl's two-line "FATAL Flags parsing error".
+  (``--config.optim.lr0=abc``) would print absl's two-line "FATAL Flags parsing error". A
+  ``--config`` file that is missing or cannot be read is one line too; an error in the config
+  file's own code is Python's report of it from the file's first frame on (file, line, error).
+  The values of ``PATH_FLAGS`` have a leading ``~`` expanded (``expand_paths``).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
+  config_file = value = None
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a bad value or an unknown flag
-    msg = re.sub(
-      r": \('Non-boolean argument to boolean flag', .*\)$",
-      " is not a boolean; valid: true, false",
-      str(e),
-    )
-  except (AttributeError, KeyError) as e:  # ml_collections: no such config field
-    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
-      e = e.args[0]
-    msg = f"unknown config field {' '.join(str(e.args[0] if e.args else e).split())}"
-  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
-    msg = " ".join(str(e).split())
+    argv = expand_paths([argv[0], *flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)])
+    config_file = _check_config_file(argv) if "config" in flags.FLAGS else None
+    value = _flag_value(argv, "config")
+    parsed = flags.FLAGS(argv)
+    if config_file is not None:
+      _check_config_value(value)
+    return parsed
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except  (classified below, else raised)
+    if config_file is not None:
+      if (report := _config_file_error(e, config_file)) is not None:
+        print(
+          f"error: --config={value} failed; the error in it:\n{report}",
+          file=sys.stderr,
+          flush=True,
+        )
+        sys.exit(2)
+      if (line := _config_load_error(e, value)) is not None:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if isinstance(e, flags.Error):  # a bad value or an unknown flag
+      msg = re.sub(
+        r": \('Non-boolean argument to boolean flag', .*\)$",
+        " is not a boolean; valid: true, false",
+        str(e),
+      )
+    elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: no such config field
+      while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
+        e = e.args[0]
+      msg = f"unknown config field {' '.join(str(e.args[0] if e.args else e).split())}"
+    elif isinstance(e, (TypeError, ValueError)):  # ml_collections: a value of the wrong type
+      msg = " ".join(str(e).split())
+    else:
+      raise
   print(f"error: bad command line: {msg} (see --helpfull)", file=sys.stderr, flush=True)
   sys.exit(2)
 

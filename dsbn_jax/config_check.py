@@ -4,10 +4,11 @@
 every run's config before the first run starts, and ``dsbn_jax.predict`` runs on a workdir's
 ``config.json`` (``for_predict=True``: the model and evaluation fields only). It checks every
 enumerated field against its choices, the ranges (positive sizes and step counts, probabilities,
-seeds), the batch sizes against the device count, and what the disk can tell cheaply without
-preparing a dataset: domain names, a custom tree, an unprepared dataset's manual directory, the
-weights file. The first bad value raises ``UserError`` with one line naming the field, the value
-and what is valid (``invalid config.method='alda_dsnb'; valid: source_only, dann, ...``).
+seeds), the image size against the smallest the backbone takes, the batch sizes against the
+device count, and what the disk can tell cheaply without preparing a dataset: domain names, a
+custom tree, an unprepared dataset's manual directory, the weights file. The first bad value
+raises ``UserError`` with one line naming the field, the value and what is valid
+(``invalid config.method='alda_dsnb'; valid: source_only, dann, ...``).
 
 Choices live next to the code that consumes them (``methods.METHODS``, ``optim.OPTIMIZERS``,
 ``input_pipeline.EVAL_MODES``, ...); the two below are defined here because this module imports
@@ -138,6 +139,7 @@ def validate(config, *, for_predict: bool = False, where: str = "") -> None:
   c = _Checker(config, where)
   _check_model(c, for_predict)
   _check_preprocessing(c)
+  _check_input_size(c)
   if for_predict:
     c.integer("model.num_classes", 1)
     return
@@ -196,6 +198,30 @@ def _check_preprocessing(c: _Checker) -> None:
     c.integer("data.crop_size", 1, resize - 1, note=" (10crop: below data.resize_size)")
   else:
     c.integer("data.crop_size", 0, resize, note=" (0 = no crop; at most data.resize_size)")
+
+
+def _check_input_size(c: _Checker) -> None:
+  """The model's input -- data.crop_size, or data.resize_size without a crop, in training and in
+  evaluation -- is at least the smallest the backbone takes (``heads.min_input_size``, derived
+  from the layers): a smaller one fails in the model init, after the workdir is written."""
+  from dsbn_jax.models import heads  # pylint: disable=g-import-not-at-top  (flax: load lazily)
+
+  backbone, resize, crop = (
+    c.get(p) for p in ("model.backbone", "data.resize_size", "data.crop_size")
+  )
+  if backbone not in heads.BACKBONES or resize is _MISSING:
+    return
+  try:
+    least = heads.min_input_size(c.config.model)
+  except (AttributeError, KeyError):  # a field the backbone reads is missing: an older config
+    return
+  why = f"model.backbone={backbone!r} takes inputs of at least {least}x{least} px"
+  if c.get("data.eval_mode") == "10crop":  # its crop is below the resize
+    c.integer("data.resize_size", least + 1, note=f" ({why}; 10crop crops below it)")
+  else:
+    c.integer("data.resize_size", least, note=f" ({why})")
+  if crop is not _MISSING and crop != 0:
+    c.integer("data.crop_size", least, note=f" ({why})")
 
 
 def _check_loop(c: _Checker) -> None:

@@ -162,7 +162,11 @@ def get_data_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     "office31": "./data/manual/office31",
     "office_home": "./data/manual/office_home",
   }.get(dataset, "")
-  data.custom_name = ""  # custom: TFDS config name ('': the tree's folder name); new name = rebuild
+  data.custom_name = ""  # custom: name of its prepared copies ('': the tree's folder name)
+  # Derived, written by the run: the content digest of the custom tree it trains on (every image's
+  # bytes, path and class; datasets/tree.py). A workdir never resumes on other content ('' for the
+  # built-in datasets); a moved or copied tree has the same digest.
+  data.dataset_digest = ""
   data.digits_seed = 0  # digits only: seed of the split partition and the Digits-M photo patches
   data.source = _DOMAINS[dataset][0]  # source domain (labelled): split name, any case, or "Ar"/"A"
   data.target = _DOMAINS[dataset][1]  # target domain (unlabelled in training, evaluated)

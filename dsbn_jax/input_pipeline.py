@@ -381,13 +381,42 @@ def _train_stream(
     stream = _Stream(n, global_batch_size, index * rows, rows, (seed, role))
   else:
     stream = _Stream(n, rows, 0, rows, (seed, role, index + 1))
-  if stream.num_examples < stream.step_rows:
+  _check_stream_size(data, domain.name, role, stream.num_examples, stream.step_rows)
+  return stream
+
+
+def _check_stream_size(data, domain: str, role: int, num_examples: int, step_rows: int) -> None:
+  if num_examples < step_rows:
     raise UserError(
-      f'domain {domain.name} has {stream.num_examples} training images per stream, '
-      f'fewer than one batch ({stream.step_rows}); lower the batch size'
+      f'domain {domain} has {num_examples} training images per stream, fewer than one batch '
+      f'({step_rows}); lower the batch size'
       + (' or data.source_val_fraction' if role == 0 and data.source_val_fraction else '')
     )
-  return stream
+
+
+def check_train_batches(
+  data: ml_collections.ConfigDict,
+  info: catalog.DataInfo,
+  global_batch_size: int,
+  *,
+  source_held_out: int = 0,
+  process_count: int | None = None,
+) -> None:
+  """What the train streams refuse when they start (a domain with fewer training images per stream
+  than one batch), checked from the prepared datasets' sizes before a run writes anything.
+
+  ``source_held_out``: the source images held out as its validation split (``make_source_val_data``
+  counts them). Exact for data.train_sharding='global'; with 'process', the smallest process slice
+  is checked without the held-out images (the stream checks its own slice again when it starts).
+  """
+  count = process_count or _process_layout(None, None)[1]
+  rows = _rows_per_process(global_batch_size, count, 'global_batch_size')
+  for role, domain in enumerate((info.source, info.target)):
+    if data.train_sharding == 'global':
+      n, step_rows = domain.num_train - (source_held_out if role == 0 else 0), global_batch_size
+    else:
+      n, step_rows = _slice_bounds(domain.num_train, count - 1, count)[1], rows
+    _check_stream_size(data, domain.name, role, n, step_rows)
 
 
 def _fold(key: tf.Tensor, value) -> tf.Tensor:

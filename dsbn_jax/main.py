@@ -10,9 +10,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from dsbn_jax.cli import (
+  define_config_flag,
   define_flag,
   parse_flags,
   quiet_library_logs,
@@ -20,15 +20,14 @@ from dsbn_jax.cli import (
   use_cpu_collectives,
 )
 
-_CONFIG = define_flag(
-  config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True
-)
+_CONFIG = define_config_flag()
 _WORKDIR = define_flag(
   flags.DEFINE_string,
   "workdir",
   None,
   "Run directory (default: runs/<dataset>/<method>/<source>-<target>/"
   "seed<seed>); an existing run there is resumed.",
+  path=True,
 )
 
 

@@ -4,7 +4,9 @@
   python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --checkpoint=best
   python -m dsbn_jax.predict --workdir=runs/x --images=path/to/folder --checkpoint=selected
 
-Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (hidden files skipped) is
+Every ``.jpg/.jpeg/.png/.bmp/.gif/.webp`` file below ``--images`` (the files training reads as
+images: ``datasets.decode.IMAGE_SUFFIXES``; hidden files and folders skipped as training skips them;
+regular files only, a named pipe or a device named like an image is skipped with a warning) is
 preprocessed exactly as the run's evaluation (``data.eval_mode``: 10-crop or center crop) and
 classified through the same forward pass the training loop evaluates with
 (``evaluation.predict_batches`` over ``evaluation.eval_step``), with the model of
@@ -33,9 +35,11 @@ undone exactly: remove one leading ``'`` from any cell that has one to get the o
 
 import collections
 import csv
+import errno
 import io
 import os
 import re
+import stat
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,11 +48,17 @@ from absl import app, flags  # noqa: E402
 
 from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
-_WORKDIR = define_flag(flags.DEFINE_string, "workdir", None, "A training run's directory.")
-_IMAGES = flags.DEFINE_string(
-  "images", None, "Folder of images to classify (searched recursively)."
+_WORKDIR = define_flag(
+  flags.DEFINE_string, "workdir", None, "A training run's directory.", path=True
 )
-_OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
+_IMAGES = define_flag(
+  flags.DEFINE_string,
+  "images",
+  None,
+  "Folder of images to classify (searched recursively).",
+  path=True,
+)
+_OUT = define_flag(flags.DEFINE_string, "out", "predictions.csv", "CSV file to write.", path=True)
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 CHECKPOINTS = ("last", "best", "selected")
 _CHECKPOINT = flags.DEFINE_enum(
@@ -60,23 +70,53 @@ _CHECKPOINT = flags.DEFINE_enum(
   "model behind results.json's best_accuracy); 'selected' = the evaluation the run's label-free "
   "validator picked (config.select_with; no target labels used).",
 )
-_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def _not_regular(path: str) -> str:
+  """What ``path`` is when it is not a regular file (reading a named pipe or a device could block
+  forever or never end)."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return f"a broken symbolic link ({e.strerror or e})" if os.path.islink(path) else str(e)
+  kinds = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+  )
+  return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 def list_images(folder: str) -> list[str]:
+  """The image files below ``folder``, sorted: the names training reads as images
+  (``datasets.decode.IMAGE_SUFFIXES``), hidden files and folders skipped as training skips them
+  (``datasets.folder.is_hidden``: dotfiles, ``__MACOSX``, ``Thumbs.db``...), and regular files only
+  (a symbolic link to one included): anything else named like an image -- a named pipe, a
+  device, a broken link -- is skipped with a warning on stderr."""
+  from dsbn_jax.datasets import decode
+  from dsbn_jax.datasets import folder as tree
   from dsbn_jax.errors import UserError
 
   if not os.path.isdir(folder):
     raise UserError(f"--images={folder} is not a folder")
-  paths = sorted(
-    os.path.join(d, f)
-    for d, dirs, files in os.walk(folder)
-    for f in files
-    if not f.startswith(".") and f.lower().endswith(_EXTENSIONS)
-  )
+  paths = []
+  for d, dirs, files in os.walk(folder):
+    dirs[:] = [n for n in dirs if not tree.is_hidden(n)]  # not descended into
+    for f in files:
+      p = os.path.join(d, f)
+      if tree.is_hidden(f) or not f.lower().endswith(decode.IMAGE_SUFFIXES):
+        continue
+      if os.path.isfile(p):
+        paths.append(p)
+      else:
+        print(f"warning: skipped {p}: {_not_regular(p)}, not an image file", file=sys.stderr)
   if not paths:
-    raise UserError(f"no images ({', '.join(_EXTENSIONS)}) under {folder}")
-  return paths
+    raise UserError(
+      f"no images ({', '.join(decode.IMAGE_SUFFIXES)}, hidden files and folders skipped) "
+      f"under {folder}"
+    )
+  return sorted(paths)
 
 
 def read_run(workdir: str):
@@ -130,6 +170,11 @@ def _read_json(path: str, kind: type):
   from dsbn_jax import reporting
   from dsbn_jax.errors import UserError
 
+  if not os.path.isfile(path):  # a named pipe there would block the read forever
+    raise UserError(
+      f"{path} is {_not_regular(path)}, not the file training wrote, so this workdir cannot be "
+      "used for predictions"
+    )
   try:
     return reporting.read_json(path, kind)
   except ValueError as e:  # JSONDecodeError (truncated, not JSON), not UTF-8, another type
@@ -196,8 +241,18 @@ def read_image(path: str) -> bytes:
   """
   from dsbn_jax.datasets import decode
 
-  with open(path, "rb") as f:
-    return decode.pipeline_bytes(f.read())[0]
+  return decode.pipeline_bytes(_read_regular(path))[0]
+
+
+def _read_regular(path: str, size: int = -1) -> bytes:
+  """The bytes of the regular file ``path`` (at most ``size``); an ``OSError`` for anything else,
+  without blocking: opened non-blocking, so a named pipe put there since it was listed is refused
+  at once instead of waiting forever for a writer."""
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  with os.fdopen(fd, "rb") as f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise OSError(errno.EINVAL, f"{_not_regular(path)}, not a regular file", path)
+    return f.read(size)
 
 
 def predict_folder(
@@ -220,7 +275,7 @@ def predict_folder(
     raise UserError(f"invalid --batch_size={batch_size}; valid: an integer >= 1")
   _check_out(out_csv)
   catalog.hide_accelerators_from_tf()
-  config, class_names, classify = load_run(workdir, checkpoint)
+  config, class_names, classify = load_run(workdir, checkpoint)  # its config.json checked first
   paths = list_images(folder)
   rows = [None] * len(paths)  # in path order, filled as images are skipped or classified
   skipped = []  # (index, reason)
@@ -311,15 +366,31 @@ def spreadsheet_safe(cell: str) -> str:
 
 
 def _check_out(out_csv: str) -> None:
-  """``--out`` may replace a predictions CSV (a previous run's), never another file."""
+  """``--out`` may replace a predictions CSV (a previous run's), never another file, and its
+  folder can be written (``run_control.check_writable``: not under a file, not read-only, not a
+  virtual filesystem like /proc), checked before any image is classified."""
+  from dsbn_jax import run_control
   from dsbn_jax.errors import UserError
 
-  if os.path.isdir(out_csv):
+  if not out_csv:
+    raise UserError("--out= is empty; give the CSV file to write, e.g. --out=predictions.csv")
+  if os.path.isdir(out_csv) or out_csv.endswith((os.sep, "/")):
     raise UserError(f"--out={out_csv} is a folder; give the CSV file to write")
+  if os.path.lexists(out_csv) and not os.path.isfile(out_csv):  # never opened: it could block
+    raise UserError(
+      f"--out={out_csv} exists and is {_not_regular(out_csv)}, not a file; choose another --out "
+      "(it was left unchanged)"
+    )
+  run_control.check_writable(os.path.dirname(os.path.abspath(out_csv)), "--out", out_csv)
   if os.path.exists(out_csv):
-    with open(out_csv, encoding="utf-8", errors="replace") as f:
-      first = f.readline().strip()
-    if first not in {",".join(h) for h in (_HEADER, *_OLD_HEADERS)}:
+    # its first line only, whatever the file holds (a big file without a newline included)
+    try:
+      first = _read_regular(out_csv, 4096).decode("utf-8", "replace").splitlines()[:1]
+    except OSError as e:
+      raise UserError(
+        f"--out={out_csv} exists and cannot be read ({e.strerror or e}); choose another --out"
+      ) from None
+    if "".join(first).strip() not in {",".join(h) for h in (_HEADER, *_OLD_HEADERS)}:
       raise UserError(
         f"--out={out_csv} exists and is not a predictions CSV (its first line is "
         f"not {','.join(_HEADER)}); choose another --out (it was left unchanged)"

@@ -45,31 +45,34 @@ def _write_probe(folder: str) -> None:
   os.remove(name)
 
 
-def check_writable(folder: str, flag: str = "--workdir") -> None:
+def check_writable(folder: str, flag: str = "--workdir", value: str | None = None) -> None:
   """Refuses a ``folder`` a run cannot write, before anything is prepared or written (one line).
 
   ``folder`` may not exist yet: then its nearest existing parent must be a writable folder (where
   ``os.makedirs`` will create it). Refused: ``folder`` or a parent is a file; the folder is not
   writable by its permissions (``os.access``, which root passes: root may write anywhere), or
-  creating a file there fails (the probe: a read-only filesystem, a full disk, root squash).
+  creating a file there fails (the probe: a read-only filesystem, a full disk, root squash, a
+  virtual filesystem such as /proc). The messages name ``flag``: ``{flag}={folder}``, or
+  ``{flag}={value}`` when ``folder`` is the folder of the file the flag names (``predict --out``).
   """
+  name = flag.split()[-1]  # what to choose again: "sweep --workdir" -> --workdir
+  given = folder if value is None else value
   path = os.path.abspath(folder)
   existing = path
   while not os.path.exists(existing):
     if os.path.islink(existing):
       raise UserError(
-        f"{flag}={folder} cannot be created: {existing} is a broken symbolic link; "
-        "choose another --workdir"
+        f"{flag}={given} cannot be created: {existing} is a broken symbolic link; "
+        f"choose another {name}"
       )
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    if existing == path:
-      raise UserError(f"{flag}={folder} is a file, not a folder; choose a new --workdir")
+    if existing == path and value is None:
+      raise UserError(f"{flag}={given} is a file, not a folder; choose a new {name}")
     raise UserError(
-      f"{flag}={folder} cannot be created: {existing} is a file, not a folder; "
-      "choose a new --workdir"
+      f"{flag}={given} cannot be created: {existing} is a file, not a folder; choose a new {name}"
     )
-  where = "" if existing == path else f" (it would be created in {existing})"
+  where = "" if existing == path and value is None else f" (it would be created in {existing})"
   why = None
   if not os.access(existing, os.W_OK | os.X_OK):
     why = os.strerror(errno.EACCES)
@@ -79,14 +82,16 @@ def check_writable(folder: str, flag: str = "--workdir") -> None:
     except OSError as e:
       if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise UserError(
-          f"disk full ({os.strerror(e.errno)}) in {existing}: {flag}={folder} "
+          f"disk full ({os.strerror(e.errno)}) in {existing}: {flag}={given} "
           "cannot be written; free some space, then run the same command again "
           "(nothing was written)"
         ) from None
       why = e.strerror or str(e)
+      if e.errno == errno.ENOENT:  # the folder exists: a virtual filesystem such as /proc
+        why = f"no file can be created there ({why})"
   if why is not None:
     raise UserError(
-      f"{flag}={folder} is not writable{where}: {why}; choose a writable --workdir "
+      f"{flag}={given} is not writable{where}: {why}; choose a writable {name} "
       "or change the folder's permissions (nothing was written)"
     )
 
@@ -102,16 +107,36 @@ class Stopped(Exception):
 
 
 class WorkdirLock:
-  """Exclusive lock on a workdir for the lifetime of one run (``acquire`` / ``release``)."""
+  """Exclusive lock on a workdir for the lifetime of one run (``acquire`` / ``release``).
+
+  ``acquire`` creates the workdir when it does not exist; ``release(discard=True)`` -- a run that
+  failed before writing anything -- removes it again when this lock created it and it holds
+  nothing else, so a refused start leaves no folder behind. The lock file is unlinked while still
+  held: a process that opened it meanwhile finds it locked and refuses, one that comes later
+  creates a new one (``acquire`` retries when the folder vanished between its creation and the
+  open).
+  """
 
   FILE = ".lock"
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, self.FILE)
     self._f = None
+    self._created = False
+
+  def _open(self):
+    workdir = os.path.dirname(self.path) or "."
+    for _ in range(10):
+      created = not os.path.isdir(workdir)
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        return open(self.path, "a+", encoding="utf-8"), created  # pylint: disable=consider-using-with
+      except FileNotFoundError:  # removed by a failed start that had created it
+        continue
+    raise UserError(f"workdir {workdir} keeps disappearing; check what deletes it")
 
   def acquire(self) -> None:
-    f = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    f, created = self._open()
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -129,10 +154,23 @@ class WorkdirLock:
       f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     )
     f.flush()
-    self._f = f
+    self._f, self._created = f, created
 
-  def release(self) -> None:
-    if self._f is not None:
+  @property
+  def held(self) -> bool:
+    return self._f is not None
+
+  def release(self, discard: bool = False) -> None:
+    if self._f is None:
+      return
+    try:
+      if discard and self._created:
+        try:
+          os.remove(self.path)
+          os.rmdir(os.path.dirname(self.path) or ".")  # fails when anything else is there
+        except OSError:
+          pass
+    finally:
       self._f.close()  # closing the file drops the flock
       self._f = None
 

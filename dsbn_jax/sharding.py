@@ -108,7 +108,8 @@ def replicate(tree, mesh: Mesh):
 
 
 def from_process_0(values: dict) -> dict:
-  """Process 0's ``{name: float}`` on every process, bit for bit (float64 travels as int32 pairs).
+  """Process 0's ``{name: float | None}`` on every process, bit for bit (float64 travels as int32
+  pairs; ``None``, a validator that could not score, as NaN, so the values must not be NaN).
 
   For host-side numbers that decide collective actions, such as which evaluation a validator
   picks (its checkpoint save is collective): each process computes them from the same replicated
@@ -119,9 +120,11 @@ def from_process_0(values: dict) -> dict:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   names = list(values)
-  bits = np.array([values[k] for k in names], np.float64).view(np.int32)
+  sent = [np.nan if values[k] is None else values[k] for k in names]
+  bits = np.array(sent, np.float64).view(np.int32)
   bits = np.asarray(multihost_utils.broadcast_one_to_all(bits), np.int32)
-  return dict(zip(names, (float(v) for v in bits.view(np.float64))))
+  got = (None if np.isnan(v) else float(v) for v in bits.view(np.float64))
+  return dict(zip(names, got))
 
 
 def every_process(ok: bool) -> bool:

@@ -19,18 +19,19 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from dsbn_jax import reporting  # noqa: E402
-from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
+from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
 from dsbn_jax.methods import METHODS  # noqa: E402
 
-_CONFIG = define_flag(
-  config_flags.DEFINE_config_file, "config", None, "Experiment config file.", lock_config=True
-)
+_CONFIG = define_config_flag()
 _WORKDIR = define_flag(
-  flags.DEFINE_string, "workdir", None, "Sweep directory (default runs/sweep_<dataset>)."
+  flags.DEFINE_string,
+  "workdir",
+  None,
+  "Sweep directory (default runs/sweep_<dataset>).",
+  path=True,
 )
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks 'source->target' (default: config.sweep.tasks).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.methods).")
@@ -123,6 +124,7 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     raise UserError(
       f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: {', '.join(METHODS)}"
     )
+  _check_unique(config, tasks, methods, parse_seeds(seeds))
   runs = []
   for method, task, seed in [(m, t, s) for m in methods for t in tasks for s in parse_seeds(seeds)]:
     workdir = run_dir(root, method, task, seed)
@@ -149,6 +151,38 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
     train.train_and_evaluate(cfg, workdir)
   return write_summary(root, tasks, methods, seeds)
+
+
+def _check_unique(config, tasks, methods, seeds) -> None:
+  """Each seed, method and task once (tasks compared by their canonical domains: ``A->W`` and
+  ``amazon->webcam`` are one office31 task): a run listed twice would count twice in the tables'
+  mean ± std. One line naming every duplicate; nothing is written before."""
+  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
+
+  def task_key(task):
+    try:
+      return tuple(catalog.canonical_domain(config.data, d) for d in task_domains(task))
+    except UserError:  # an invalid task: refused below, with the run it belongs to
+      return task
+
+  found = []
+  for what, values, key in (
+    ("seeds", seeds, int),
+    ("methods", methods, str),
+    ("tasks", tasks, task_key),
+  ):
+    groups = {}
+    for v in values:
+      groups.setdefault(key(v), []).append(repr(v) if what == "tasks" else str(v))
+    for group in (g for g in groups.values() if len(g) > 1):
+      times = "twice" if len(group) == 2 else f"{len(group)} times"
+      named = group[0] if len(set(group)) == 1 else " = ".join(group)
+      found.append(f"{what[:-1]} {named} {times} (--{what} or config.sweep.{what})")
+  if found:
+    raise UserError(
+      f"the sweep lists a run more than once: {'; '.join(found)}; give each seed, method and "
+      "task once (a run counted twice would skew the mean ± std; nothing was run)"
+    )
 
 
 # What write_summary (re)writes; selection.png only for runs with validator scores.
@@ -206,7 +240,7 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
   chosen = _chosen(summary, tasks, methods)
-  lines += _selection_tables(chosen, tasks, methods)
+  lines += _selection_tables(chosen, tasks, methods, _unscored(summary, tasks, methods))
   text = "\n".join(lines) + "\n"
   reporting.write_atomic(os.path.join(root, "results.md"), text)  # a full disk: one line (cli)
   reporting.write_atomic(
@@ -237,7 +271,8 @@ def _summary_row(results: dict) -> dict:
 
 def _selected(results: dict, name: str) -> dict | None:
   """A run's choice by validator ``name``: its target accuracy, the gaps to the run's best and
-  last, and the rank correlation of the score with the target accuracy (None: not scored)."""
+  last, and the rank correlation of the score with the target accuracy (None: not computed, or it
+  could not score any evaluation of the run -- ``_unscored`` says why)."""
   chosen = (results.get("selection") or {}).get(name)
   if not isinstance(chosen, dict) or not isinstance(chosen.get("accuracy"), (int, float)):
     return None
@@ -265,11 +300,28 @@ def _chosen(summary: dict, tasks, methods) -> dict:
   return {n: c for n, c in chosen.items() if any(c[m][t] for m in methods for t in tasks)}
 
 
-def _selection_tables(chosen: dict, tasks, methods) -> list[str]:
+def _unscored(summary: dict, tasks, methods) -> dict:
+  """``{validator: ["<method> <task> seed <seed>: <reason>", ...]}``: the runs whose selection has
+  the validator but no pick (it could not score any evaluation), left out of its table."""
+  out = {}
+  for m in methods:
+    for t in tasks:
+      for r in summary[m][t]:
+        for name, v in (r.get("selection") or {}).items():
+          if isinstance(v, dict) and v.get("step") is None:
+            reasons = list((v.get("skipped") or {}).values())
+            why = reasons[-1] if reasons else "no score"
+            out.setdefault(name, []).append(f"{m} {t.replace('->', '→')} seed {r['seed']}: {why}")
+  return out
+
+
+def _selection_tables(chosen: dict, tasks, methods, unscored: dict | None = None) -> list[str]:
   """Markdown: per validator, the target accuracy (%) of the evaluation it selects (mean ± std over
   seeds per task and method), its gap to best and to last, and the rank correlation of its score
-  with the target accuracy over a run's evaluations; then one line per validator over every run."""
-  if not chosen:
+  with the target accuracy over a run's evaluations, and the runs it could not score
+  (``_unscored``, left out); then one line per validator over every run."""
+  unscored = unscored or {}
+  if not chosen and not unscored:
     return []
   lines = [
     "",
@@ -302,7 +354,13 @@ def _selection_tables(chosen: dict, tasks, methods) -> list[str]:
         + f" | {reporting.mean_std(avgs)} | {_cell(runs, 'gap_best')} | {_cell(runs, 'gap_last')}"
         + f" | {_mean(c['rho'] for c in runs)} |"
       )
+    if name in unscored:
+      lines += ["", f"Left out, not scored: {'; '.join(unscored[name])}."]
     overall.append((name, every))
+  for name in (n for n in unscored if n not in chosen):
+    lines += ["", f"#### `{name}`", "", f"No run scored: {'; '.join(unscored[name])}."]
+  if not overall:
+    return lines
   lines += [
     "",
     "#### Every validator over every run above",

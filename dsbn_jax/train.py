@@ -42,7 +42,7 @@ from dsbn_jax import (
   sharding,
   validators,
 )
-from dsbn_jax.datasets import catalog
+from dsbn_jax.datasets import catalog, prepared
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads, torchvision_port
 
@@ -86,11 +86,12 @@ def _resolve_lr0(config, source: str, target: str) -> None:
 
 
 def resolve_config(config: ml_collections.ConfigDict, info: catalog.DataInfo):
-  """A copy with the values derived from the data: the number of classes, and in ``optim.lr0``
-  the task's base learning rate (``task_lr0``; ``optim.lr0_per_task`` is emptied: the resolved
+  """A copy with the values derived from the data: the number of classes, the custom tree's
+  content digest (``data.dataset_digest``), and in ``optim.lr0`` the task's base learning rate (``task_lr0``; ``optim.lr0_per_task`` is emptied: the resolved
   config, which a run writes to config.json, holds the rate it trains with)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.num_classes = info.num_classes
+  config.data.dataset_digest = info.digest
   _resolve_lr0(config, info.source.name, info.target.name)
   return config
 
@@ -146,14 +147,36 @@ def _as_written_now(saved: dict, config) -> dict:
   return saved
 
 
-def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
+# Config fields read from the data (resolve_config): not known before it is prepared.
+_DERIVED = ("model.num_classes", "data.dataset_digest")
+
+
+def never_trained(workdir: str) -> bool:
+  """Whether ``workdir`` holds no checkpoint (rolling, best or selected) and no results.json: the
+  run there stopped before its first checkpoint, so nothing would be lost by starting it anew."""
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return False
+  for folder in (checkpointing.ROLLING_DIR, checkpointing.BEST_DIR, checkpointing.SELECTED_DIR):
+    try:
+      if any(n[:1].isdigit() for n in os.listdir(os.path.join(workdir, folder))):
+        return False
+    except OSError:  # no such folder
+      pass
+  return True
+
+
+def guard_workdir(workdir: str, config, *, resolved: bool = True) -> str | None:
   """Refuses a workdir that is not new, empty or a run of this configuration (never touches it).
 
   A non-empty folder without our ``config.json`` holds someone else's files (a results.json or
-  metrics.jsonl of another tool would be replaced); a run of another configuration would be mixed.
-  ``resolved=False`` compares a config before ``resolve_config`` (what a sweep has before it
-  decides to skip a finished run): its task's ``optim.lr0`` is resolved from the domain names
-  (nothing prepared) and the class count, read from the data, is not compared.
+  metrics.jsonl of another tool would be replaced); a run of another configuration would be mixed,
+  and so would a run on another content of its custom tree (``data.dataset_digest``). A run of
+  another configuration that saved no checkpoint (``never_trained``: it failed before its first
+  one) is accepted: the returned line says it starts anew (None otherwise).
+  ``resolved=False`` compares a config before ``resolve_config`` (what a run has before it prepares
+  its data, and a sweep before it decides to skip a finished run): its task's ``optim.lr0`` is
+  resolved from the domain names (nothing prepared) and the fields read from the data
+  (``_DERIVED``) are not compared.
   """
   path = os.path.join(workdir, "config.json")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -167,7 +190,7 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
         f"holds {shown}); choose a new or empty --workdir (nothing was changed in "
         "this one)"
       )
-    return
+    return None
   try:
     saved = reporting.read_json(path)
   except ValueError as e:  # JSONDecodeError too
@@ -182,21 +205,37 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> None:
     )
   old = _as_written_now(traverse_util.flatten_dict(saved, sep="."), config)
   new = traverse_util.flatten_dict(_jsonable(config), sep=".")
-  derived = () if resolved else ("model.num_classes",)
+  derived = () if resolved else _DERIVED
   differ = sorted(
     k
     for k in set(old) | set(new)
     if old.get(k) != new.get(k)
     and not k.startswith(_RESUME_SAFE + derived)
     and not (k not in old and _ADDED_LATER.get(k, _NO) == new.get(k))
+    # a run from before digests were recorded: its tree cannot be compared
+    and not (k == "data.dataset_digest" and k not in old)
   )
-  if differ:
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
-    raise UserError(
-      f"workdir {workdir} holds a run of another configuration ({shown}"
-      f"{' ...' if len(differ) > 4 else ''}); choose a new --workdir (nothing was "
-      "changed in this one)"
+  if not differ:
+    return None
+  shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
+  shown += " ..." if len(differ) > 4 else ""
+  if never_trained(workdir):
+    return (
+      f"workdir {workdir} holds a run of another configuration ({shown}) that saved no "
+      "checkpoint: it starts anew with this one"
     )
+  if differ == ["data.dataset_digest"]:
+    raise UserError(
+      f"workdir {workdir} holds a run trained on other images: the custom tree "
+      f"{config.data.manual_dir} is not the content that run read (data.dataset_digest "
+      f"{str(old.get(differ[0]))[:12]}... -> {str(new.get(differ[0]))[:12]}...: images added, "
+      "removed, moved or edited since, or another tree); choose a new --workdir (nothing was "
+      "changed in this one), or restore the tree"
+    )
+  raise UserError(
+    f"workdir {workdir} holds a run of another configuration ({shown}); choose a new --workdir "
+    "(nothing was changed in this one)"
+  )
 
 
 def _write_json(path: str, obj) -> None:
@@ -215,8 +254,8 @@ class _Run:
         if self.ckpt is not None:
           self.ckpt.close()
       finally:
-        if self.lock is not None:
-          self.lock.release()
+        if self.lock is not None:  # a workdir this start created and left empty goes again
+          self.lock.release(discard=True)
       raise
 
   def _setup(self, config, workdir: str):
@@ -233,6 +272,8 @@ class _Run:
       )
     # A missing weights file fails before data preparation.
     pretrained = torchvision_port.load_pretrained_backbone(config)
+    self.lock = run_control.WorkdirLock(workdir)
+    self._claim(workdir, config, resolved=False)  # locked before the data: one run per workdir
     tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
     lr0 = config.optim.lr0
@@ -248,24 +289,7 @@ class _Run:
         f"warning: source and target are the same domain ({self.info.source.name}): this "
         "is no domain adaptation; check config.data.source and config.data.target"
       )
-    self.lock = run_control.WorkdirLock(workdir)
-    refused = None
-    try:
-      guard_workdir(workdir, config)
-      if self.is_main:
-        os.makedirs(workdir, exist_ok=True)
-        self.lock.acquire()  # one live run per workdir; refused before this run writes anything
-    except UserError as e:
-      refused = e
-    # Every process has checked the workdir before process 0 writes to it (another would find
-    # process 0's config.json.tmp there), and all stop when one refuses it.
-    if not sharding.every_process(refused is None):
-      raise refused or UserError(
-        f"another process refused workdir {workdir} (its output says why); nothing was changed"
-      )
-    if self.is_main:
-      _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
-      _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
+    self._claim(workdir, config, resolved=True)  # the class count and the tree's digest too
     self.model = heads.create_model(config)
     size = config.data.crop_size or config.data.resize_size  # train crop, or the resize alone
     image_shape = (size, size, 3)
@@ -275,6 +299,25 @@ class _Run:
     self.state = sharding.create_sharded_state(
       self.mesh, init_rng, config, self.model, image_shape, pretrained
     )
+    self.train_fn = sharding.jit_train_step(self.mesh, config)
+    self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
+    self.eval_data = input_pipeline.make_eval_data(config.data)
+    self.source_val = None  # (eval fn through the source branch, the held-out source split)
+    if config.data.source_val_fraction > 0:
+      self.source_val = (
+        evaluation.jit_eval_step(self.mesh, config, domain=0),
+        input_pipeline.make_source_val_data(config.data),
+      )
+    input_pipeline.check_train_batches(
+      config.data,
+      self.info,
+      config.batch_size,
+      source_held_out=self.source_val[1].num_examples if self.source_val else 0,
+    )
+    # Every check that reads the data has passed: only now is the workdir written.
+    if self.is_main:
+      _write_json(os.path.join(workdir, "config.json"), _jsonable(config))
+      _write_json(os.path.join(workdir, "classes.json"), list(self.info.class_names))
     self.ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     self.meta = {"evals": [], "best": None, "wall_time_s": 0.0}
     try:  # the newest good checkpoint; damaged newer ones are named and moved aside
@@ -288,21 +331,30 @@ class _Run:
       latest, self.state, self.meta = found
       self.say(f"resumed from {self.ckpt.directory} at step {latest}")
     self.start_step = int(jax.device_get(self.state.step))
-    self.train_fn = sharding.jit_train_step(self.mesh, config)
-    self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
-    self.eval_data = input_pipeline.make_eval_data(config.data)
-    self.source_val = None  # (eval fn through the source branch, the held-out source split)
-    if config.data.source_val_fraction > 0:
-      self.source_val = (
-        evaluation.jit_eval_step(self.mesh, config, domain=0),
-        input_pipeline.make_source_val_data(config.data),
-      )
     self.writer = reporting.MetricWriter(
       workdir,
       enabled=self.is_main,
       resume_step=self.start_step,  # 0: a crash before ckpt 1
       reevaluate=self.start_step >= config.total_steps,
     )
+
+  def _claim(self, workdir: str, config, resolved: bool) -> None:
+    """``guard_workdir`` on every process; then (the first time) process 0 takes the lock. Every
+    process has checked the workdir before process 0 writes to it (another would find process 0's
+    config.json.tmp there), and all stop when one refuses it."""
+    refused = None
+    try:
+      note = guard_workdir(workdir, config, resolved=resolved)
+      if note and resolved:
+        self.say(note)
+      if self.is_main and not self.lock.held:
+        self.lock.acquire()  # one live run per workdir; refused before this run writes anything
+    except UserError as e:
+      refused = e
+    if not sharding.every_process(refused is None):
+      raise refused or UserError(
+        f"another process refused workdir {workdir} (its output says why); nothing was changed"
+      )
 
   def say(self, msg: str) -> None:
     if self.is_main:
@@ -322,7 +374,10 @@ class _Run:
     """``meta[key]`` becomes ``entry`` when its ``score`` is higher (the first of equal ones
     stays), and the state is saved apart in ``<workdir>/<apart>`` on every change. A resumed run
     re-evaluating the step its crashed attempt saved apart overwrites it; so does a finished run
-    from before that folder existed re-evaluating its final step."""
+    from before that folder existed re-evaluating its final step. An ``entry`` whose score is
+    None (a validator that could not score it) is no candidate: the kept one stays."""
+    if score(entry) is None:
+      return
     kept = self.meta.get(key)
     improved = kept is None or score(entry) > score(kept)
     if improved:
@@ -340,7 +395,7 @@ class _Run:
     if self.source_val is not None:  # labelled held-out source images, never target labels
       fn, data = self.source_val
       source = evaluation.evaluate(fn, self.state, data, self.mesh, self.info.num_classes)
-    scores = validators.scores(
+    scores, skipped = validators.scores_and_reasons(
       target_probs=result["probs"],
       target_features=result["features"],
       **(
@@ -355,6 +410,11 @@ class _Run:
     )
     scores = sharding.from_process_0(scores)  # every process then picks the same checkpoints
     entry = {"step": step, "accuracy": result["accuracy"], "validators": scores}
+    unscored = [k for k, v in scores.items() if v is None]  # None: it could not score, and why
+    if unscored:
+      entry["validators_skipped"] = {
+        k: skipped.get(k, "process 0 could not score it") for k in unscored
+      }
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
       evals.pop()
@@ -363,15 +423,24 @@ class _Run:
     name = self.config.select_with
     if name:  # the validator's pick, chosen without target labels (predict --checkpoint=selected)
       self._keep_apart(
-        "selected", checkpointing.SELECTED_DIR, entry, lambda e: e["validators"][name]
+        "selected", checkpointing.SELECTED_DIR, entry, lambda e: e["validators"].get(name)
       )
+      if scores.get(name) is None:
+        kept = self.meta.get("selected")
+        self.say(
+          f"warning: config.select_with={name!r} could not score step {step} "
+          f"({entry['validators_skipped'][name]}); "
+          + (
+            f"the selected checkpoint stays step {kept['step']}" if kept else "nothing selected yet"
+          )
+        )
     self.writer.write(
       step,
       {
         "eval/accuracy": result["accuracy"],
         "eval/best_accuracy": self.meta["best"]["accuracy"],
         "eval/seconds": time.perf_counter() - t0,
-        **{f"validators/{k}": v for k, v in scores.items()},
+        **{f"validators/{k}": v for k, v in scores.items() if v is not None},
       },
     )
     self.say(
@@ -458,7 +527,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   run_control.check_writable(workdir)  # before data preparation and before anything is written
   try:
-    with jax.default_matmul_precision(config.model.matmul_precision):
+    # prepared.reading(): the prepared data this run reads is never deleted while it runs
+    with jax.default_matmul_precision(config.model.matmul_precision), prepared.reading():
       run = _Run(config, workdir)
       try:
         return _train_loop(run)
@@ -571,22 +641,51 @@ def selection(evals: list[dict]) -> dict:
   evaluation, the step it picks and that step's target accuracy, and the rank correlation of its
   score with the target accuracy over the evaluations (an analysis that reads the target labels;
   the choice itself never does). Validators missing from the evaluations (the source ones without
-  data.source_val_fraction, or a run from before validators) are left out."""
+  data.source_val_fraction, or a run from before validators) are left out. A score of None (the
+  validator could not score that evaluation) is no candidate; ``skipped`` has its reason per step,
+  and a validator that scored no evaluation has ``step`` and ``accuracy`` None."""
   out = {}
   for name in validators.NAMES:
-    chosen = validators.select(evals, name)
-    if chosen is None:
+    present = [e for e in evals if name in e.get("validators", {})]
+    if not present:
       continue
-    scored = [e for e in evals if name in e.get("validators", {})]
+    chosen = validators.select(evals, name)
     out[name] = {
-      "step": chosen["step"],
-      "accuracy": chosen["accuracy"],
-      "scores": {str(e["step"]): e["validators"][name] for e in scored},
+      "step": None if chosen is None else chosen["step"],
+      "accuracy": None if chosen is None else chosen["accuracy"],
+      "scores": {str(e["step"]): e["validators"][name] for e in present},
       "rank_correlation": validators.rank_correlation(
-        [e["validators"][name] for e in scored], [e["accuracy"] for e in scored]
+        [e["validators"][name] for e in present], [e["accuracy"] for e in present]
       ),
     }
+    skipped = {
+      str(e["step"]): e.get("validators_skipped", {}).get(name, "not scored")
+      for e in present
+      if e["validators"][name] is None
+    }
+    if skipped:
+      out[name]["skipped"] = skipped
   return out
+
+
+def _selected_result(meta: dict, name: str) -> dict | None:
+  """results.json ``selected``: the step and target accuracy of ``config.select_with``'s pick, or,
+  when it scored no evaluation, step and accuracy None and the ``reason`` (nothing was kept in
+  checkpoints_selected/)."""
+  if not name:
+    return None
+  if "selected" in meta:
+    return {k: meta["selected"][k] for k in ("step", "accuracy")} | {"validator": name}
+  why = [
+    e["validators_skipped"][name] for e in meta["evals"] if name in e.get("validators_skipped", {})
+  ]
+  return {
+    "step": None,
+    "accuracy": None,
+    "validator": name,
+    "reason": f"{name} could not score any evaluation ({why[-1] if why else 'no evaluation'}); "
+    "no selected checkpoint was kept",
+  }
 
 
 def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) -> dict:
@@ -604,11 +703,7 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
     "evals": run.meta["evals"],
     "selection": selection(run.meta["evals"]),
     # config.select_with's pick, kept in checkpoints_selected/ (predict --checkpoint=selected)
-    "selected": (
-      {k: run.meta["selected"][k] for k in ("step", "accuracy")} | {"validator": config.select_with}
-      if config.select_with
-      else None
-    ),
+    "selected": _selected_result(run.meta, config.select_with),
     "per_class_accuracy": dict(zip(run.info.class_names, last_eval["per_class_accuracy"])),
     "mean_class_accuracy": last_eval["mean_class_accuracy"],
     "confusion_matrix": last_eval["confusion"],

@@ -19,7 +19,11 @@ such as DEV's is negated), so every validator selects the evaluation with the la
   the density ratio p_target(x) / p_source(x), estimated by a logistic-regression domain classifier
   on the features, with the control variate that lowers its variance; the score is minus that risk.
 
-Every function takes numpy arrays and returns a Python float.
+Every function takes numpy arrays and returns a Python float, or raises ``Unscorable`` (a
+``ValueError``) with the reason when its input is degenerate: no rows, too few rows for what it
+measures (``snd`` and ``info_max`` need two target predictions, ``dev`` two source and two target
+rows), or non-finite values. ``scores_and_reasons`` turns that into a ``None`` score and its reason;
+``select`` and ``rank_correlation`` skip ``None``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,23 @@ SND_TEMPERATURE = 0.05  # Saito et al.'s default
 _EPS = 1e-12
 
 
+class Unscorable(ValueError):
+  """A validator cannot score this input; the message is the reason (one phrase)."""
+
+
+def _rows(name: str, what: str, a, least: int = 1) -> np.ndarray:
+  """``a`` as float64, or ``Unscorable`` when it has fewer than ``least`` rows or a non-finite
+  value."""
+  a = np.asarray(a, np.float64)
+  if a.ndim == 0 or len(a) < least:
+    n = 0 if a.ndim == 0 else len(a)
+    need = what if least == 1 else f'at least {least} {what}'
+    raise Unscorable(f'{name} needs {need} (has {n})')
+  if not np.all(np.isfinite(a)):
+    raise Unscorable(f'{name}: the {what} hold non-finite values')
+  return a
+
+
 def _entropies(probs: np.ndarray) -> np.ndarray:
   p = np.asarray(probs, np.float64)
   return -np.sum(p * np.log(np.clip(p, _EPS, None)), axis=-1)
@@ -39,18 +60,21 @@ def _entropies(probs: np.ndarray) -> np.ndarray:
 
 def source_accuracy(source_probs: np.ndarray, source_labels: np.ndarray) -> float:
   """Accuracy (%) of the predictions on held-out, labelled source images."""
-  pred = np.argmax(np.asarray(source_probs), axis=-1)
-  return float(100.0 * np.mean(pred == np.asarray(source_labels)))
+  p = _rows('source_accuracy', 'held-out source predictions', source_probs)
+  return float(100.0 * np.mean(np.argmax(p, axis=-1) == np.asarray(source_labels)))
 
 
 def entropy(target_probs: np.ndarray) -> float:
   """Minus the mean entropy (nats) of the target predictions [N, K]."""
-  return float(-np.mean(_entropies(target_probs)))
+  return float(-np.mean(_entropies(_rows('entropy', 'target predictions', target_probs))))
 
 
 def info_max(target_probs: np.ndarray) -> float:
-  """H(mean prediction) - mean H(prediction), nats: confident and class-balanced is best."""
-  p = np.asarray(target_probs, np.float64)
+  """H(mean prediction) - mean H(prediction), nats: confident and class-balanced is best.
+
+  Needs two predictions: of one, it is 0 whatever the model (no balance to measure).
+  """
+  p = _rows('info_max', 'target predictions', target_probs, least=2)
   return float(_entropies(p.mean(axis=0)) - np.mean(_entropies(p)))
 
 
@@ -63,12 +87,10 @@ def snd(target_probs: np.ndarray, max_points: int = SND_MAX_POINTS) -> float:
   Above ``max_points`` predictions, an evenly spaced subset of that many is scored (deterministic),
   and the similarity rows are computed a block at a time, so memory stays near 256 x N floats.
   """
-  p = np.asarray(target_probs, np.float64)
+  p = _rows('snd', 'target predictions', target_probs, least=2)  # a point needs a neighbour
   if len(p) > max_points:
     p = p[np.linspace(0, len(p) - 1, max_points).round().astype(int)]
   n = p.shape[0]
-  if n < 2:
-    raise ValueError('snd needs at least two target predictions')
   f = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), _EPS)
   total = 0.0
   for start in range(0, n, 256):
@@ -84,7 +106,7 @@ def snd(target_probs: np.ndarray, max_points: int = SND_MAX_POINTS) -> float:
 
 def bnm(target_probs: np.ndarray) -> float:
   """Nuclear norm of the [N, K] predictions over its bound sqrt(N * min(N, K)), in (0, 1]."""
-  p = np.asarray(target_probs, np.float64)
+  p = _rows('bnm', 'target predictions', target_probs)
   n, k = p.shape
   return float(np.linalg.svd(p, compute_uv=False).sum() / np.sqrt(n * min(n, k)))
 
@@ -124,8 +146,15 @@ def dev_risk(weights: np.ndarray, losses: np.ndarray) -> float:
 def dev(
   source_features: np.ndarray, source_losses: np.ndarray, target_features: np.ndarray
 ) -> float:
-  """Minus the DEV risk of held-out source losses weighted towards the target features."""
-  return -dev_risk(density_ratio(source_features, target_features), source_losses)
+  """Minus the DEV risk of held-out source losses weighted towards the target features.
+
+  Needs two source rows (the control variate's variance) and two target rows (the domain
+  classifier's target class).
+  """
+  xs = _rows('dev', 'held-out source features', source_features, least=2)
+  xt = _rows('dev', 'target features', target_features, least=2)
+  losses = _rows('dev', 'held-out source losses', source_losses, least=2)
+  return -dev_risk(density_ratio(xs, xt), losses)
 
 
 # Every validator's name; `needs_source` marks those that need the held-out source split.
@@ -134,42 +163,72 @@ NEEDS_SOURCE = ('source_accuracy', 'dev')
 NAMES = NEEDS_SOURCE + TARGET_ONLY
 
 
+def _score(fn, *args) -> tuple[float | None, str | None]:
+  """``(fn(*args), None)``, or ``(None, reason)`` when it cannot score (or gives a non-finite
+  value)."""
+  try:
+    value = fn(*args)
+  except Unscorable as e:
+    return None, str(e)
+  if not np.isfinite(value):
+    return None, f'{fn.__name__} gave a non-finite score ({value})'
+  return value, None
+
+
+def scores_and_reasons(
+  target_probs: np.ndarray,
+  target_features: np.ndarray | None = None,
+  source_probs: np.ndarray | None = None,
+  source_labels: np.ndarray | None = None,
+  source_features: np.ndarray | None = None,
+) -> tuple[dict[str, float | None], dict[str, str]]:
+  """``(scores, skipped)``: every validator computable from what is given (source ones only with
+  the source split), ``None`` for one that cannot score this input, and ``skipped`` its reason."""
+  calls = {fn.__name__: (fn, target_probs) for fn in (entropy, info_max, snd, bnm)}  # TARGET_ONLY
+  if source_probs is not None and source_labels is not None:
+    calls['source_accuracy'] = (source_accuracy, source_probs, source_labels)
+    if source_features is not None and target_features is not None:
+      labels = np.asarray(source_labels)
+      p = np.asarray(source_probs, np.float64)[np.arange(len(labels)), labels]
+      losses = -np.log(np.clip(p, _EPS, None))
+      calls['dev'] = (dev, source_features, losses, target_features)
+  out, skipped = {}, {}
+  for name, (fn, *args) in calls.items():
+    out[name], reason = _score(fn, *args)
+    if reason is not None:
+      skipped[name] = reason
+  return out, skipped
+
+
 def scores(
   target_probs: np.ndarray,
   target_features: np.ndarray | None = None,
   source_probs: np.ndarray | None = None,
   source_labels: np.ndarray | None = None,
   source_features: np.ndarray | None = None,
-) -> dict[str, float]:
-  """Every validator computable from what is given (source ones only with the source split)."""
-  out = {
-    'entropy': entropy(target_probs),
-    'info_max': info_max(target_probs),
-    'snd': snd(target_probs),
-    'bnm': bnm(target_probs),
-  }
-  if source_probs is not None and source_labels is not None:
-    out['source_accuracy'] = source_accuracy(source_probs, source_labels)
-    if source_features is not None and target_features is not None:
-      p = np.asarray(source_probs, np.float64)[np.arange(len(source_labels)), source_labels]
-      out['dev'] = dev(source_features, -np.log(np.clip(p, _EPS, None)), target_features)
-  return out
+) -> dict[str, float | None]:
+  """``scores_and_reasons``'s scores alone (``None``: the validator cannot score this input)."""
+  return scores_and_reasons(
+    target_probs, target_features, source_probs, source_labels, source_features
+  )[0]
 
 
 def select(evals: Sequence[Mapping], name: str) -> Mapping | None:
   """The evaluation a validator picks: the largest ``evals[i]['validators'][name]`` (first on ties).
 
-  None when no evaluation has that validator.
+  None when no evaluation has a score of that validator (absent, or ``None``: it could not score).
   """
-  scored = [e for e in evals if name in e.get('validators', {})]
+  scored = [e for e in evals if e.get('validators', {}).get(name) is not None]
   if not scored:
     return None
   return max(scored, key=lambda e: e['validators'][name])  # max keeps the first of equal scores
 
 
-def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
-  """Spearman's rank correlation (ties get their mean rank); None below 3 points or if constant."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+def rank_correlation(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
+  """Spearman's rank correlation (ties get their mean rank) over the pairs without a ``None``;
+  None below 3 such pairs or if constant."""
+  pairs = [(a, b) for a, b in zip(x, y, strict=True) if a is not None and b is not None]
+  x, y = (np.asarray([p[i] for p in pairs], np.float64) for i in (0, 1))
   if len(x) < 3:
     return None
   rx, ry = _ranks(x), _ranks(y)

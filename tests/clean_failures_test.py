@@ -308,8 +308,13 @@ def test_a_run_that_fails_while_starting_releases_its_workdir_lock(
     f"disk full (No space left on device) while writing in {workdir}; free some space, then run "
     "the same command again (no checkpoint was written: it starts from step 0)"
   )
-  # released by the run, not by the garbage collector: its traceback (alive) still holds it
-  assert (workdir / "config.json").exists() and _lock_is_free(workdir)
+  # released by the run, not by the garbage collector (its traceback, alive, still holds it); the
+  # workdir it created and left empty is gone (config.json comes once every check has read the data)
+  assert not workdir.exists()
+  workdir.mkdir()  # a folder the run did not create is left, with the lock file
+  with pytest.raises(UserError):
+    train.train_and_evaluate(_smoke_config(digits_data_dir), str(workdir))
+  assert os.listdir(workdir) == [".lock"] and _lock_is_free(workdir)
 
 
 def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(
@@ -331,7 +336,7 @@ def test_disk_full_writing_config_json_names_it_and_leaves_no_tmp(
     f"{workdir / 'config.json'}; free some space, then run the same "
     "command again (no checkpoint was written: it starts from step 0)"
   )
-  assert sorted(os.listdir(workdir)) == [".lock"] and _lock_is_free(workdir)
+  assert not workdir.exists()  # nothing was left in the folder this start created: it is gone
 
 
 def test_read_jsonl_drops_only_a_truncated_last_line(tmp_path):

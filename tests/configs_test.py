@@ -163,6 +163,7 @@ def test_a_run_written_with_the_old_per_task_lr0_fields_still_resumes(tmp_path, 
   resolved = _resolve(config, "A->D", 31)
   assert resolved.optim.lr0 == 3e-4
   (tmp_path / "config.json").write_text(json.dumps(_json_before_lr0_per_task(resolved, saved_lr0)))
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # a run that trained (train.never_trained)
   train.guard_workdir(str(tmp_path), resolved)  # the run resuming there
   train.guard_workdir(str(tmp_path), config, resolved=False)  # a sweep checking it before runs
   config.optim.lr0_per_task["amazon->dslr"] = 1e-4  # another rate: another configuration
@@ -199,7 +200,7 @@ def test_custom_takes_officehome_recipe_on_a_tree(tmp_path):
   _custom_tree(tmp_path, config)
   resolved = _resolve(config, "Photos->SKETCHES", 2)  # any case: the tree's folder names
   assert resolved.optim.lr0 == 1e-3 and resolved.model.num_classes == 2
-  assert not (tmp_path / "tfds").exists()  # resolving names prepares nothing
+  assert not (tmp_path / "tfds" / "domain_folder").exists()  # resolving names prepares nothing
 
 
 @pytest.mark.parametrize("name", ["digits", "smoke"])

@@ -1,6 +1,7 @@
-"""No silent wrong answers from the data: a prepared custom dataset that is not the tree as it is
-now (changed, or another tree with the same folder name), symbolic-link loops in a tree, a
-truncated dataset archive, and the advice given for an unreadable image.
+"""No silent wrong answers from the data: a prepared custom dataset is the tree's content as it is
+now (changed -- even with sizes and modification times kept -- or another tree with the same
+folder name get their own copy), class names that a prepared dataset cannot store, symbolic-link
+loops in a tree, a truncated dataset archive, and the advice given for an unreadable image.
 
 Everything is in-process on tiny generated trees (a few images of a few pixels).
 """
@@ -11,6 +12,8 @@ import shutil
 import tarfile
 import zipfile
 
+import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -19,7 +22,7 @@ from dsbn_jax.datasets import catalog, folder
 from dsbn_jax.errors import UserError
 from tests import data_fixtures as fx
 
-_REBUILD = 'was prepared from a different or changed tree'
+_CHANGED = 'changed since it was prepared'
 
 
 def _custom(tree, data_dir, source='s', target='t'):
@@ -29,8 +32,13 @@ def _custom(tree, data_dir, source='s', target='t'):
   return data
 
 
-def _prepared(data_dir, name='imgs'):
-  return data_dir / 'domain_folder' / name / '1.0.0'
+def _copies(data_dir):
+  """{config name: version folder} of every prepared custom copy in ``data_dir``."""
+  base = data_dir / 'domain_folder'
+  names = sorted(os.listdir(base)) if base.is_dir() else []
+  return {
+    n: base / n / '1.0.0' for n in names if (base / n / '1.0.0' / 'dataset_info.json').exists()
+  }
 
 
 def _labels(info):
@@ -45,8 +53,8 @@ def _expected(entries, domain='t'):
   return {e.rel: e.class_name for e in entries if e.domain == domain}
 
 
-def _rebuild_warnings(caplog):
-  return [r.getMessage() for r in caplog.records if _REBUILD in r.getMessage()]
+def _change_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if _CHANGED in r.getMessage()]
 
 
 def _mtimes(path):
@@ -54,22 +62,26 @@ def _mtimes(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. A prepared custom dataset is the tree as it is now, or it is rebuilt (with one warning line)
+# 1. A prepared custom dataset is the tree's content as it is now: one copy per content
 # ---------------------------------------------------------------------------------------------
 
 
-def test_adding_a_class_folder_rebuilds_and_shows_the_new_class(tmp_path, caplog):
+def test_adding_a_class_folder_prepares_a_new_copy_and_shows_the_new_class(tmp_path, caplog):
   tree = tmp_path / 'imgs'
   entries = fx.make_domain_tree(str(tree), ('s', 't'), ('aa',), per_class=(2,))
   data = _custom(tree, tmp_path / 'tfds')
   before = catalog.get_data_info(data)
   assert before.class_names == ('aa',) and before.source.num_train == 2
+  [old] = _copies(tmp_path / 'tfds')
+  assert old == f'imgs_{before.digest[:12]}'
   entries += fx.make_domain_tree(str(tree), ('s', 't'), ('b',), per_class=(3,), seed=1)
   with caplog.at_level('WARNING'):
     info = catalog.get_data_info(data)
-  assert _rebuild_warnings(caplog) == [
-    f'custom dataset imgs {_REBUILD} (classes +b; images 4 -> 10); rebuilding '
-    f'{_prepared(tmp_path / "tfds")}'
+  assert info.digest != before.digest
+  [new] = _copies(tmp_path / 'tfds')  # the old copy, read by no process, was deleted
+  assert _change_warnings(caplog) == [
+    f'custom dataset {tree} {_CHANGED} (classes +b; images 4 -> 10); preparing the new content '
+    f'in {_copies(tmp_path / "tfds")[new]} (the old copy is deleted once no run reads it)'
   ]
   assert info.class_names == ('aa', 'b')
   assert (info.source.num_train, info.target.num_eval) == (5, 5)
@@ -81,61 +93,93 @@ def test_two_trees_with_the_same_folder_name_each_read_their_own(tmp_path, caplo
   v2 = fx.make_domain_tree(
     str(tmp_path / 'v2' / 'imgs'), ('s', 't'), ('b', 'c'), per_class=(1,), seed=1
   )
-  for version, entries, classes in (
-    ('v1', v1, ('aa',)),
-    ('v2', v2, ('b', 'c')),
-    ('v1', v1, ('aa',)),
-  ):
-    caplog.clear()
-    with caplog.at_level('WARNING'):
+  stamps = {}
+  with caplog.at_level('WARNING'):
+    for version, entries, classes in (
+      ('v1', v1, ('aa',)),
+      ('v2', v2, ('b', 'c')),
+      ('v1', v1, ('aa',)),
+      ('v2', v2, ('b', 'c')),
+    ):
       info = catalog.get_data_info(_custom(tmp_path / version / 'imgs', tmp_path / 'tfds'))
-    assert info.class_names == classes, version
-    assert info.target.num_eval == len(_expected(entries)), version
-    assert _labels(info) == _expected(entries), version
-  other = 'v2' if version == 'v1' else 'v1'
-  [warning] = _rebuild_warnings(caplog)  # the switch back to v1 is said, in one line
-  assert (
-    f'(prepared from {tmp_path / other / "imgs"}, now {tmp_path / version / "imgs"}; '
-    'trees with the same folder name share one prepared copy: set data.custom_name to keep '
-    'one per tree)'
-  ) in warning
+      assert info.class_names == classes, version
+      assert _labels(info) == _expected(entries), version
+      copy = _copies(tmp_path / 'tfds')[f'imgs_{info.digest[:12]}']
+      assert stamps.setdefault(version, _mtimes(copy)) == _mtimes(copy)  # reused, not rebuilt
+  assert len(_copies(tmp_path / 'tfds')) == 2 and not _change_warnings(caplog)
 
 
-def test_an_unchanged_tree_is_not_rebuilt_but_an_edited_image_is(tmp_path, caplog):
+def _same_size_images(tree, n):
+  """``n`` uncompressed 16x16 BMPs per class of ``s`` and ``t`` (classes ``aa`` and ``b``): every
+  file has the same size, so two of them can swap contents with their sizes and mtimes kept."""
+  rng = np.random.default_rng(0)
+  entries = []
+  for d in ('s', 't'):
+    for k, c in enumerate(('aa', 'b')):
+      for i in range(n):
+        path = tree / d / c / f'{i}.bmp'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(rng.normal(60 + 120 * k, 10, (16, 16, 3)), 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(path, format='BMP')
+        entries.append(fx.Entry(d, c, f'{c}/{i}.bmp', str(path), 'RGB'))
+  return entries
+
+
+def test_touch_rebuilds_nothing_and_contents_swapped_with_size_and_mtime_kept_are_seen(
+  tmp_path, caplog
+):
+  """Issue 21 item 4: ``cp -p``-style swaps (same sizes, same modification times) of image pairs
+  between classes are a new content; ``touch`` on an unchanged image is not."""
+  tree = tmp_path / 'imgs'
+  entries = _same_size_images(tree, 4)
+  data = _custom(tree, tmp_path / 'tfds')
+  first = catalog.get_data_info(data)
+  [copy] = _copies(tmp_path / 'tfds').values()
+  stamps = _mtimes(copy)
+  for e in entries[:2]:
+    os.utime(e.path)  # touch: a new mtime, the same bytes
+  with caplog.at_level('WARNING'):
+    assert catalog.get_data_info(data).digest == first.digest
+  assert _mtimes(copy) == stamps and not _change_warnings(caplog)  # nothing prepared again
+  for i in range(4):  # t/aa/i.bmp <-> t/b/i.bmp, each keeping its size and modification time
+    a, b = tree / 't' / 'aa' / f'{i}.bmp', tree / 't' / 'b' / f'{i}.bmp'
+    st_a, st_b = os.stat(a), os.stat(b)
+    assert st_a.st_size == st_b.st_size
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    os.utime(a, ns=(st_a.st_atime_ns, st_a.st_mtime_ns))
+    os.utime(b, ns=(st_b.st_atime_ns, st_b.st_mtime_ns))
+  with caplog.at_level('WARNING'):
+    info = catalog.get_data_info(data)
+  assert info.digest != first.digest
+  assert [
+    '(image files changed (renamed, moved to another class, replaced or edited))' in w
+    for w in _change_warnings(caplog)
+  ] == [True]
+  ds = info.target.builder.as_dataset(split='t')
+  by_brightness = {
+    ex['file_name'].decode(): ('aa', 'b')[int(ex['image'].mean() > 120)] for ex in tfds.as_numpy(ds)
+  }
+  # The records hold the new bytes: each swapped file now shows the other class's image (a stale
+  # copy would still hold its old one), under its folder's label.
+  assert _labels(info) == {k: k.split('/')[0] for k in by_brightness}
+  assert by_brightness == {k: ('b' if k.startswith('aa') else 'aa') for k in by_brightness}
+
+
+def test_an_old_copy_named_after_the_folder_is_not_read_and_is_deleted(tmp_path):
+  """A copy prepared by an earlier version (named after the folder alone, recording file stats)
+  may be any content: never read; deleted once the tree's copy is prepared."""
   tree = tmp_path / 'imgs'
   entries = fx.make_domain_tree(str(tree), ('s', 't'), ('aa', 'b'), per_class=(1, 2))
   data = _custom(tree, tmp_path / 'tfds')
   catalog.get_data_info(data)
-  prepared = _prepared(tmp_path / 'tfds')
-  assert folder.SOURCE_FILE in os.listdir(prepared)
-  stamps = _mtimes(prepared)
-  with caplog.at_level('WARNING'):
-    for _ in range(2):
-      assert catalog.get_data_info(data).class_names == ('aa', 'b')
-      assert catalog.valid_domains(data) == ('s', 't')
-  assert _mtimes(prepared) == stamps and not _rebuild_warnings(caplog)  # not rewritten
-  victim = next(e.path for e in entries if e.domain == 't')
-  st = os.stat(victim)
-  os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same name, same size
-  with caplog.at_level('WARNING'):
-    catalog.get_data_info(data)
-  [warning] = _rebuild_warnings(caplog)
-  assert '(image files changed (renamed, replaced or edited)); rebuilding' in warning
-
-
-def test_a_prepared_dataset_without_a_record_of_its_tree_is_rebuilt(tmp_path, caplog):
-  """Prepared by an older version (no SOURCE_FILE): it may be any tree, so it is rebuilt once."""
-  tree = tmp_path / 'imgs'
-  fx.make_domain_tree(str(tree), ('s', 't'), ('aa',), per_class=(1,))
-  data = _custom(tree, tmp_path / 'tfds')
-  catalog.get_data_info(data)
-  os.remove(_prepared(tmp_path / 'tfds') / folder.SOURCE_FILE)
-  with caplog.at_level('WARNING'):
-    catalog.get_data_info(data)
-    catalog.get_data_info(data)
-  [warning] = _rebuild_warnings(caplog)
-  assert '(no record of the tree it was prepared from); rebuilding' in warning
-  assert folder.SOURCE_FILE in os.listdir(_prepared(tmp_path / 'tfds'))
+  [(name, copy)] = _copies(tmp_path / 'tfds').items()
+  os.rename(copy.parent, copy.parent.parent / 'imgs')  # the earlier name
+  (copy.parent.parent / 'imgs' / '1.0.0' / 'label.labels.txt').write_text('b\naa\n')  # stale
+  info = catalog.get_data_info(data)
+  assert list(_copies(tmp_path / 'tfds')) == [name]
+  assert info.class_names == ('aa', 'b') and _labels(info) == _expected(entries)
 
 
 def test_the_stored_label_names_are_the_folders_at_build_time(tmp_path):
@@ -143,19 +187,47 @@ def test_the_stored_label_names_are_the_folders_at_build_time(tmp_path):
   entries = fx.make_domain_tree(str(tree), ('s', 't'), ('aa', 'b'), per_class=(1, 2))
   data = _custom(tree, tmp_path / 'tfds')
   info = catalog.get_data_info(data)
-  stored = (_prepared(tmp_path / 'tfds') / 'label.labels.txt').read_text().split()
+  [copy] = _copies(tmp_path / 'tfds').values()
+  stored = (copy / 'label.labels.txt').read_text().split()
   folders = sorted(n for n in os.listdir(tree / 's') if not folder.is_hidden(n))
   assert stored == folders == list(info.class_names) == ['aa', 'b']
-  # The tree changes; a builder of the prepared copy (not rebuilt: prepare=False) still names its
-  # records by its own metadata, never by the folders as they are now.
+  # The tree changes: a builder of it now is another, unprepared copy with the new classes.
   fx.make_domain_tree(str(tree), ('s', 't'), ('a0',), per_class=(1,), seed=2)  # sorts first
   builder = catalog.get_builder(data, 't', prepare=False)
-  assert builder.is_prepared() and builder.info.features['label'].names == ['aa', 'b']
-  assert builder.source_change() == 'classes +a0; images 6 -> 8'
-  # The tree gone: the prepared copy is used as it is, with its own names.
+  assert not builder.is_prepared() and builder.info.features['label'].names == ['a0', 'aa', 'b']
+  # The tree gone: its prepared copy is used as it is, with its own names.
   shutil.rmtree(tree)
   info = catalog.get_data_info(data)
   assert info.class_names == ('aa', 'b') and _labels(info) == _expected(entries)
+
+
+def test_class_folders_differing_only_by_surrounding_spaces_are_refused_before_preparing(
+  tmp_path, capsys
+):
+  """Issue 21 item 10: ``cat`` and ``cat `` prepared, then every later run failed (TFDS strips the
+  stored names: two classes named ``cat``)."""
+  tree = tmp_path / 'imgs'
+  fx.make_domain_tree(str(tree), ('s', 't'), ('cat', 'cat ', 'dog'), per_class=(1,))
+  data = _custom(tree, tmp_path / 'tfds')
+  message = (
+    f"class folder(s) ['cat '] in {tree}/s begin or end with white space or hold a line break; "
+    'a prepared dataset stores class names without them (the name would change, or clash with '
+    'another folder); rename it and run again'
+  )
+  for _ in range(2):
+    with pytest.raises(UserError) as e:
+      catalog.get_data_info(data)
+    assert str(e.value) == message
+  assert not (tmp_path / 'tfds' / 'domain_folder').exists()  # nothing prepared
+  with pytest.raises(UserError, match=r"^invalid config.data.source='s'|^class folder"):
+    from dsbn_jax import config_check  # pylint: disable=g-import-not-at-top
+
+    config = fx.get_config('custom')
+    config.data = data
+    config_check.validate(config)
+  os.rename(tree / 's' / 'cat ', tree / 's' / 'kitten')
+  os.rename(tree / 't' / 'cat ', tree / 't' / 'kitten')
+  assert catalog.get_data_info(data).class_names == ('cat', 'dog', 'kitten')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +279,7 @@ def test_a_symlink_loop_or_broken_link_is_one_line(tmp_path, caplog, capsys, cas
   with pytest.raises(UserError, match='^' + error.format(tree=re.escape(str(tree)))) as e:
     catalog.get_data_info(data)
   assert '\n' not in str(e.value)
-  assert not _prepared(tmp_path / 'tfds').exists()
+  assert not _copies(tmp_path / 'tfds')
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_:  # what the CLI does with it
     cli.run_cli(catalog.get_data_info, data)
@@ -288,7 +360,8 @@ def test_a_truncated_archive_is_one_line_and_leaves_nothing_behind(tmp_path, cap
   ]
   assert not [p for p in left if 'incomplete' in p], left
   assert os.listdir(os.path.join(data.data_dir, 'downloads', 'extracted')) == []
-  assert not any(os.path.isfile(os.path.join(data.data_dir, p)) for p in left), left
+  files = [p for p in left if os.path.isfile(os.path.join(data.data_dir, p))]
+  assert [os.path.dirname(p) for p in files] == ['.dsbn_jax/locks'], left  # only the lock file
 
 
 # ---------------------------------------------------------------------------------------------

@@ -391,6 +391,7 @@ def test_a_run_saved_before_fields_were_added_is_still_ours(tmp_path):
   for field in ("matmul_precision", "fused_pass", "conv_impl"):
     del saved["model"][field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # a run that trained (train.never_trained)
   train.guard_workdir(str(tmp_path), config)  # no error
   config.model.fused_pass = True
   with pytest.raises(UserError, match="model.fused_pass: None -> True"):

@@ -13,6 +13,6 @@ from dsbn_jax.datasets.catalog import (
   resolve_domain,
   valid_domains,
 )
+from dsbn_jax.datasets.custom import DomainFolder, DomainFolderConfig
 from dsbn_jax.datasets.digits import Digits, DigitsConfig, DigitsM
-from dsbn_jax.datasets.folder import DomainFolder, DomainFolderConfig
 from dsbn_jax.datasets.office import Office31, OfficeHome

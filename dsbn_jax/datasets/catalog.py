@@ -11,8 +11,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from dsbn_jax import cli
+from dsbn_jax.datasets import custom, folder, office, prepared
 from dsbn_jax.datasets import digits as digits_lib
-from dsbn_jax.datasets import folder, office
 from dsbn_jax.errors import UserError
 
 DATASETS = ('digits', 'office31', 'office_home', 'custom')
@@ -63,6 +64,9 @@ class DataInfo:
   class_names: tuple[str, ...]
   source: DomainInfo
   target: DomainInfo
+  # The content digest of a custom tree (custom.digest): a run records it (config.data.
+  # dataset_digest) and never resumes on other content. '' for the built-in datasets.
+  digest: str = ''
 
   @property
   def num_classes(self) -> int:
@@ -86,13 +90,8 @@ def valid_domains(data: ml_collections.ConfigDict) -> tuple[str, ...]:
   kind = _check_dataset(data)
   if kind == 'digits':
     return ('digits', 'digits_m')
-  if kind == 'custom':
-    builder = _custom_builder(data)
-    # The prepared copy when it is the tree as it is (or the tree is gone); else the tree's domains
-    # (get_builder rebuilds it then).
-    if builder.is_prepared() and builder.source_change() is None:
-      return tuple(builder.info.splits)
-    return tuple(builder._domains())  # pylint: disable=protected-access
+  if kind == 'custom':  # the tree's domains (or, when it is gone, its prepared copy's)
+    return tuple(_custom_builder(data)._domains())  # pylint: disable=protected-access
   return tuple({'office31': office.Office31, 'office_home': office.OfficeHome}[kind].DOMAINS)
 
 
@@ -121,32 +120,55 @@ def canonical_domain(data: ml_collections.ConfigDict, name: str) -> str:
   raise UserError(f'unknown domain {name!r} for dataset {data.dataset}; valid: {list(valid)}')
 
 
+def _data_root(data: ml_collections.ConfigDict) -> str:
+  return _path(data.data_dir) or os.path.expanduser(tfds.core.constants.DATA_DIR)
+
+
 def _custom_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if not data.manual_dir:
     raise UserError('data.dataset=custom needs data.manual_dir: a root/<domain>/<class>/ tree')
   name = data.custom_name or folder.split_name(os.path.basename(_path(data.manual_dir)))
-  config = folder.DomainFolderConfig(name=name.lower(), root=_path(data.manual_dir))
-  return folder.DomainFolder(config=config, data_dir=_path(data.data_dir))
+  return custom.make_builder(_path(data.manual_dir), _data_root(data), name.lower())
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict) -> None:
+  """Prepares ``builder`` (under its exclusive lock, prepared.ensure_prepared). A full disk is one
+  line naming the file (in the data_dir) that filled it."""
+  if isinstance(builder, custom.DomainFolder):
+    custom.say_change(builder)
+  if not sys.stderr.isatty():  # in a log file TFDS's bars print a line per archive member
+    tfds.disable_progress_bar()
+  print(
+    f'preparing the {builder.name} dataset in {builder.data_dir} (once; a full Office set '
+    'takes minutes)',
+    file=sys.stderr,
+    flush=True,
+  )
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=_path(data.manual_dir))
+    )
+  except Exception as e:  # pylint: disable=broad-except  (only a full disk is answered here)
+    if isinstance(e, UserError) or cli.disk_full(e) is None:
+      raise
+    raise UserError(
+      cli.disk_full_message(
+        e,
+        where=os.fspath(builder.data_dir_root),
+        resume='run the same command again (the dataset is prepared from the start)',
+      )
+    ) from None
 
 
 def get_builder(
   data: ml_collections.ConfigDict, domain: str, *, prepare: bool = True
 ) -> tfds.core.DatasetBuilder:
-  """The TFDS builder holding `domain`, prepared first (download_and_prepare) if `prepare`."""
+  """The TFDS builder holding `domain`, prepared first if `prepare` (one process prepares it, the
+  others wait and reuse it; inside ``prepared.reading()`` it is never deleted while read)."""
   hide_accelerators_from_tf()
   kind = _check_dataset(data)
   if kind == 'custom':
-    builder = _custom_builder(data)
-    change = builder.source_change() if prepare else None
-    if change:  # never train or evaluate on records of another (or an older) tree
-      logging.warning(
-        'custom dataset %s was prepared from a different or changed tree (%s); rebuilding %s',
-        builder.builder_config.name,
-        change,
-        builder.data_dir,
-      )
-      builder.delete_prepared()
-      builder = _custom_builder(data)
+    make = lambda: _custom_builder(data)
   else:
     name = canonical_domain(data, domain) if kind == 'digits' else kind
     config = (
@@ -154,19 +176,12 @@ def get_builder(
       if (kind == 'digits' and data.digits_seed)
       else None
     )
-    builder = tfds.builder(name, config=config, data_dir=_path(data.data_dir))
-  if prepare and not builder.is_prepared():
-    if not sys.stderr.isatty():  # in a log file TFDS's bars print a line per archive member
-      tfds.disable_progress_bar()
-    print(
-      f'preparing the {builder.name} dataset in {builder.data_dir} (once; a full Office set '
-      'takes minutes)',
-      file=sys.stderr,
-      flush=True,
-    )
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=_path(data.manual_dir))
-    )
+    make = lambda: tfds.builder(name, config=config, data_dir=_path(data.data_dir))
+  if not prepare:
+    return make()
+  builder = prepared.ensure_prepared(make, lambda b: _prepare(b, data))
+  if kind == 'custom':
+    custom.delete_outdated(builder)
   return builder
 
 
@@ -202,4 +217,5 @@ def get_data_info(data: ml_collections.ConfigDict) -> DataInfo:
       f'source {source.name} and target {target.name} have different classes: '
       f'{sorted(set(names[0]) ^ set(names[1]))}'
     )
-  return DataInfo(class_names=names[0], source=source, target=target)
+  digest = custom.digest(source.builder) if data.dataset == 'custom' else ''
+  return DataInfo(class_names=names[0], source=source, target=target, digest=digest)

@@ -19,6 +19,9 @@ import struct
 
 import PIL.Image
 
+# The file names read as images, by the dataset builders and by predict alike (any other file is
+# skipped); pipeline_bytes converts the containers TF does not decode as PIL would.
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 # (PIL format, PIL mode) pairs whose bytes TF decodes to exactly PIL's .convert('RGB') pixels
 # (JPEG: with dct_method='INTEGER_ACCURATE', see input_pipeline.decode_image).
 KEEP_AS_IS = {

@@ -1,7 +1,9 @@
 """Image-folder TFDS builders: one split per domain folder, one class per sub-folder.
 
 `DomainFolderBuilder` is the shared base of `office31`, `office_home` and the config-driven custom
-dataset `domain_folder` (any ``root/<domain>/<class>/*.{jpg,png}`` tree, no code needed).
+dataset `domain_folder` (`custom.py`: any ``root/<domain>/<class>/<image>`` tree, no code needed).
+An image is a regular file (or a link to one) named ``*.jpg|jpeg|png|bmp|gif|webp``
+(`decode.IMAGE_SUFFIXES`, what predict reads too); anything else is skipped with a warning.
 
 Examples hold the **original encoded bytes**: `tfds.features.Image.encode_example` stores `bytes`
 verbatim (it only encodes numpy arrays), so we read each file, check it and hand over its bytes.
@@ -21,7 +23,6 @@ import collections
 import dataclasses
 import hashlib
 import inspect
-import json
 import os
 import re
 import shutil
@@ -38,14 +39,11 @@ from tensorflow_datasets.core.download import extractor as tfds_extractor
 from dsbn_jax.datasets import decode  # the normalisation predict applies too
 from dsbn_jax.errors import UserError
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = decode.IMAGE_SUFFIXES  # the same files as predict reads
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz')
 # Never images: macOS/Windows metadata. Dotfiles (incl. AppleDouble "._x.jpg") are skipped too.
 _IGNORED_NAMES = frozenset({'thumbs.db', 'desktop.ini', '__macosx'})
 _ROOT_SEARCH_DEPTH = 3  # levels below manual_dir (or an extracted archive) searched for the domains
-# Next to a prepared custom dataset (in its versioned data_dir): the fingerprint of the tree it was
-# built from (`tree_fingerprint`), so a changed or different tree is rebuilt, never read stale.
-SOURCE_FILE = 'source_tree.json'
 
 
 @tfds.core.utils.classproperty
@@ -102,7 +100,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
   return is_dir
 
 
-def _visible_subdirs(path: str) -> list[str]:
+def visible_subdirs(path: str) -> list[str]:
+  """Sorted names of the visible folders in ``path`` (symbolic links to folders included)."""
   return [e.name for e in _entries(path) if _is_dir(e)]
 
 
@@ -139,61 +138,22 @@ def _readlink(path: str) -> str:
     return '?'
 
 
-def tree_fingerprint(root: str) -> dict:
-  """What a custom dataset is built from: root, domains, classes, and a digest of every image's
-  (path, size, mtime). Cheap enough for every start: listings and stat only, no image bytes."""
-  root = os.path.abspath(root)
-  domains = _visible_subdirs(root)
-  classes, count, digest = set(), 0, hashlib.sha256()
-  for d in domains:
-    domain_dir = os.path.join(root, d)
-    names = _visible_subdirs(domain_dir)
-    classes.update(names)
-    for c in [''] + names:  # '': images directly in the domain folder (a build error, but a change)
-      class_dir = os.path.join(domain_dir, c)
-      for name in list_images(class_dir)[0]:
-        st = os.stat(os.path.join(class_dir, name))
-        digest.update(f'{os.path.join(d, c, name)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-        count += 1
-  return {
-    'root': root,
-    'domains': domains,
-    'classes': sorted(classes),
-    'images': count,
-    'digest': digest.hexdigest(),
-  }
-
-
-def fingerprint_change(stored: Mapping, now: Mapping) -> str | None:
-  """What differs between two `tree_fingerprint`s, in a few words; None if nothing."""
-  if stored.get('root') != now['root']:
-    return (
-      f"prepared from {stored.get('root')}, now {now['root']}; trees with the same folder name"
-      ' share one prepared copy: set data.custom_name to keep one per tree'
-    )
-  changes = []
-  for key in ('domains', 'classes'):
-    old, new = set(stored.get(key) or ()), set(now[key])
-    if old != new:
-      changes.append(
-        f'{key} '
-        + ', '.join([f'+{x}' for x in sorted(new - old)] + [f'-{x}' for x in sorted(old - new)])
-      )
-  if stored.get('images') != now['images']:
-    changes.append(f"images {stored.get('images')} -> {now['images']}")
-  if not changes and stored.get('digest') != now['digest']:
-    changes.append('image files changed (renamed, replaced or edited)')
-  return '; '.join(changes) or None
-
-
-def read_image_bytes(path: str, *, custom: bool = False) -> tuple[bytes, bool]:
+def read_image_bytes(
+  path: str, *, custom: bool = False, sha256: str | None = None
+) -> tuple[bytes, bool]:
   """Returns (bytes to store, converted?) after a full PIL decode; UserError naming the bad file.
 
   `custom`: the file is in the user's own tree (advice: fix or delete it), not from a published
-  archive (advice: take it again from the archive).
+  archive (advice: take it again from the archive). `sha256`: the digest its bytes had when the
+  build started (`tree.TreeId`); other bytes (the file was edited meanwhile) are a UserError.
   """
   with open(path, 'rb') as f:
     data = f.read()
+  if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    raise UserError(
+      f'{path} changed while the dataset was being prepared (its bytes are not the ones read '
+      'when preparation started); run again once the tree is no longer being changed'
+    )
   try:
     return decode.pipeline_bytes(data)
   except decode.READ_ERRORS as e:
@@ -213,7 +173,7 @@ def find_root(base: str, domain_folders: Sequence[str]) -> str | None:
     for path in level:
       if all(os.path.isdir(os.path.join(path, d)) for d in domain_folders):
         return path
-    level = [os.path.join(p, d) for p in level for d in _visible_subdirs(p)]
+    level = [os.path.join(p, d) for p in level for d in visible_subdirs(p)]
   return None
 
 
@@ -295,7 +255,7 @@ def collect_domain(domain_dir: str, split: str, class_names: Sequence[str] | Non
   """Lists `domain_dir/<class>/<image>`; with fixed class names, unknown folders are a UserError."""
   if not os.path.isdir(domain_dir):
     raise UserError(f'domain folder {domain_dir} is missing; re-extract the dataset archive')
-  classes = _visible_subdirs(domain_dir)
+  classes = visible_subdirs(domain_dir)
   loose = list_images(domain_dir)[0]
   if loose:  # one class per sub-folder: an image beside them has no label and would be left out
     raise UserError(
@@ -320,7 +280,9 @@ def collect_domain(domain_dir: str, split: str, class_names: Sequence[str] | Non
       '%s: skipped %d non-image entries (e.g. %s)', domain_dir, len(skipped), skipped[:3]
     )
   if not items:
-    raise UserError(f'no .jpg/.png images under {domain_dir}/<class>/; check the folder layout')
+    raise UserError(
+      f'no images ({"/".join(IMAGE_SUFFIXES)}) under {domain_dir}/<class>/; check the folder layout'
+    )
   return DomainFiles(split=split, folder=domain_dir, items=tuple(items))
 
 
@@ -439,10 +401,14 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       splits[split] = self._generate_examples(files)
     return splits
 
+  def _read_image(self, path: str) -> tuple[bytes, bool]:
+    """`read_image_bytes` of a published dataset's file (the custom builder checks more)."""
+    return read_image_bytes(path)
+
   def _generate_examples(self, files: DomainFiles) -> Iterator[tuple[str, dict]]:
     converted = 0
     for class_name, path in files.items:
-      data, was_converted = read_image_bytes(path, custom=self.CLASS_NAMES is None)
+      data, was_converted = self._read_image(path)
       converted += was_converted
       rel = os.path.relpath(path, files.folder)
       yield rel, {'image': data, 'label': class_name, 'file_name': rel}
@@ -453,109 +419,3 @@ class DomainFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         files.split,
         converted,
       )
-
-
-@dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is a plain (non-frozen) dataclass
-class DomainFolderConfig(tfds.core.BuilderConfig):
-  """A custom dataset: `name` is its TFDS config name, `root` holds ``<domain>/<class>/<image>``."""
-
-  root: str = ''
-
-
-class DomainFolder(DomainFolderBuilder):
-  """Any ``root/<domain>/<class>/*.{jpg,png}`` tree: one split per domain folder.
-
-  Classes: the sorted union of the class folder names over all domains (a class may be missing
-  from some domain). Split names: domain folder names with non-word characters replaced by '_'.
-  Built from `DomainFolderConfig(name=..., root=...)`. TFDS reuses a prepared dataset as is, so a
-  successful build records the tree it read (`tree_fingerprint`, in `SOURCE_FILE` next to the
-  records) and `source_change` tells when the tree is no longer that one (`catalog.get_builder` then
-  rebuilds). Class names of a prepared dataset always come from its own metadata, never from the
-  folders as they are now.
-  """
-
-  name = 'domain_folder'
-  BUILDER_CONFIGS = []  # always a custom DomainFolderConfig
-
-  def _root(self) -> str:
-    root = getattr(self.builder_config, 'root', '')
-    if not root:
-      raise UserError(
-        'the custom dataset needs its folder: set data.manual_dir to a '
-        'root/<domain>/<class>/ image tree'
-      )
-    return root
-
-  def _domains(self) -> dict[str, str]:
-    root = self._root()
-    if not os.path.isdir(root) or not _visible_subdirs(root):
-      raise UserError(
-        f'custom dataset folder {root} is missing or empty; expected '
-        'root/<domain>/<class>/*.jpg|png (config field data.manual_dir)'
-      )
-    domains = {split_name(d): d for d in _visible_subdirs(root)}
-    if len(domains) != len(_visible_subdirs(root)):
-      raise UserError(f'domain folder names in {root} clash once non-word characters become "_"')
-    return domains
-
-  def _class_names(self) -> list[str] | None:
-    if self.is_prepared():  # the names its records were labelled with, whatever the folders say now
-      return _stored_label_names(self.data_dir)
-    root = self._root()
-    if not os.path.isdir(root):  # neither prepared nor a tree: _domains() says so when building
-      return None
-    domains = self._domains().values()
-    return sorted({c for d in domains for c in _visible_subdirs(os.path.join(root, d))})
-
-  def _locate_root(self, dl_manager: tfds.download.DownloadManager) -> str:
-    del dl_manager  # the tree is given by the config, nothing to download
-    return self._root()
-
-  def download_and_prepare(self, **kwargs) -> None:  # pylint: disable=arguments-differ
-    """TFDS's, then records the tree the new records were read from (`SOURCE_FILE`)."""
-    root = self._root()
-    source = None if self.is_prepared() or not os.path.isdir(root) else tree_fingerprint(root)
-    super().download_and_prepare(**kwargs)
-    if source is not None and self.is_prepared():
-      path = os.path.join(self.data_dir, SOURCE_FILE)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(source, f)
-      os.replace(path + '.tmp', path)
-
-  def source_change(self) -> str | None:
-    """Why the prepared records are not the tree as it is now; None when they are, when nothing is
-    prepared, or when the tree is gone (the prepared copy is then all there is, and is used)."""
-    root = self._root()
-    if not self.is_prepared() or not os.path.isdir(root):
-      return None
-    try:
-      with open(os.path.join(self.data_dir, SOURCE_FILE)) as f:
-        stored = json.load(f)
-    except (OSError, ValueError):
-      stored = None
-    if not isinstance(stored, dict):
-      return 'no record of the tree it was prepared from'
-    return fingerprint_change(stored, tree_fingerprint(root))
-
-  def delete_prepared(self) -> None:
-    """Deletes this builder's own prepared version folder (``<data_dir>/domain_folder/<name>/
-    <version>``), nothing else."""
-    path = os.path.abspath(self.data_dir)
-    if os.path.basename(path) != str(self.version) or not self.is_prepared():
-      raise AssertionError(f'{path} is not a prepared {self.name} version folder')
-    try:
-      shutil.rmtree(path)
-    except OSError as e:
-      raise UserError(
-        f'cannot delete the outdated prepared dataset {path} ({e.strerror or e}); '
-        'delete it by hand and run again'
-      ) from e
-
-
-def _stored_label_names(data_dir: str) -> list[str] | None:
-  """Class names saved with a prepared dataset (TFDS's ``label.labels.txt``); None if absent."""
-  try:
-    with open(os.path.join(data_dir, 'label.labels.txt')) as f:
-      return [name.strip() for name in f.read().split('\n') if name.strip()]
-  except OSError:
-    return None

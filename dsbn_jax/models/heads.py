@@ -125,6 +125,12 @@ def _backbone(model_cfg, num_domains: int, dtype: Any) -> nn.Module:
   )
 
 
+def min_input_size(model_cfg) -> int:
+  """The smallest square input (pixels per side) the backbone of ``model_cfg`` takes
+  (``resnet.min_input_size``); the heads read pooled features, so any backbone output fits them."""
+  return resnet.min_input_size(_backbone(model_cfg, 1, jnp.float32))
+
+
 def create_model(config) -> AdaptationNet:
   """The full model for ``config.method`` and ``config.model`` (``config_defaults.py``)."""
   spec = methods.method_spec(config.method)

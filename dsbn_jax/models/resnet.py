@@ -25,6 +25,24 @@ from dsbn_jax.models.dsbn import Domain, DomainSpecificBatchNorm
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def window_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+  """Pixels along one side out of a convolution or pooling window over ``size`` pixels, padded
+  ``padding`` on both sides (XLA's floor rule); 0 when the window does not fit."""
+  return max((size + 2 * padding - kernel) // stride + 1, 0)
+
+
+def min_input_size(backbone: nn.Module, limit: int = 4096) -> int:
+  """The smallest square input (pixels per side) ``backbone`` takes: the first size whose last
+  feature map (``backbone.output_size``, non-decreasing in the input size) keeps a pixel.
+
+  Below it a model init fails (a zero-sized feature map: a ``ZeroDivisionError`` in the next layer's
+  initialiser, or a negative shape). Pure arithmetic, no trace."""
+  for size in range(1, limit + 1):
+    if backbone.output_size(size) >= 1:
+      return size
+  raise ValueError(f"{type(backbone).__name__} takes no input of {limit} pixels or fewer")
+
+
 def _conv(
   features: int, kernel: int, stride: int, name: str, dtype: Any, impl: str = "auto"
 ) -> Conv:
@@ -71,6 +89,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """Bottleneck ResNet returning the globally average-pooled features (no fc)."""
 
+  STEM = (7, 2)  # conv1: kernel, stride (padding kernel // 2)
+  POOL = (3, 2, 1)  # max pool: window, stride, padding
+
   stage_sizes: Sequence[int]
   num_domains: int = 2
   num_filters: int = 64  # width of the stem and of the first stage's bottlenecks
@@ -80,16 +101,17 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     x = x_NHWC.astype(self.dtype)
-    x = _conv(self.num_filters, 7, 2, "conv1", self.dtype, self.conv_impl)(x)
+    x = _conv(self.num_filters, *self.STEM, "conv1", self.dtype, self.conv_impl)(x)
     x = DomainSpecificBatchNorm(self.num_domains, dtype=self.dtype, name="bn1")(
       x, domain=domain, train=train
     )
     x = nn.relu(x)
     # torchvision MaxPool2d(3, 2, padding=1) pads with -inf, on both sides.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    window, stride, pad = self.POOL
+    x = nn.max_pool(x, (window, window), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
-        stride = 2 if (i > 0 and j == 0) else 1
+        stride = self._block_stride(i, j)
         x = Bottleneck(
           self.num_filters * 2**i,
           stride,
@@ -99,6 +121,21 @@ class ResNet(nn.Module):
           name=f"layer{i + 1}_{j}",
         )(x, domain=domain, train=train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # adaptive avg-pool to 1x1, flattened
+
+  @staticmethod
+  def _block_stride(stage: int, block: int) -> int:
+    return 2 if (stage > 0 and block == 0) else 1
+
+  def output_size(self, size: int) -> int:
+    """Pixels per side of the last feature map (before the pooling) for a ``size`` input: the
+    stem, the max pool, then each block's strided 3x3 (its 1x1 downsample gives the same)."""
+    kernel, stride = self.STEM
+    size = window_output_size(size, kernel, stride, kernel // 2)
+    size = window_output_size(size, *self.POOL)
+    for i, n_blocks in enumerate(self.stage_sizes):
+      for j in range(n_blocks):
+        size = window_output_size(size, 3, self._block_stride(i, j), 1)
+    return size
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
@@ -118,6 +155,9 @@ class SmallCNN(nn.Module):
   widths: Sequence[int] = (32, 64)
   dtype: Any = jnp.float32
 
+  KERNEL = 5  # each conv's window (no padding)
+  POOL = 2  # each max pool's window and stride
+
   @nn.compact
   def __call__(self, x_NHWC, *, domain: Domain, train: bool):
     norm = functools.partial(
@@ -125,10 +165,18 @@ class SmallCNN(nn.Module):
     )
     x = x_NHWC.astype(self.dtype)
     for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
+      k, p = self.KERNEL, self.POOL
+      x = nn.Conv(w, (k, k), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
       x = nn.relu(norm(name=f"bn{i + 1}")(x, domain=domain, train=train))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.max_pool(x, (p, p), strides=(p, p))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.feature_dim, dtype=self.dtype, name="fc")(x)
     x = nn.relu(norm(name="bn_fc")(x, domain=domain, train=train))
     return x.astype(jnp.float32)
+
+  def output_size(self, size: int) -> int:
+    """Pixels per side of the last feature map (what ``fc`` flattens) for a ``size`` input."""
+    for _ in self.widths:
+      size = window_output_size(size, self.KERNEL)
+      size = window_output_size(size, self.POOL, self.POOL)
+    return size
