@@ -16,14 +16,6 @@ def quiet_library_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def use_cpu_collectives() -> None:
-  """Multi-process runs on CPU need a collectives backend: gloo (no effect on GPU/TPU)."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-
 # The flags that name a file or folder (``define_flag(..., path=True)``): ``parse_flags`` expands
 # a leading ``~`` in their values, as a shell does in ``--workdir ~/x`` but not in ``--workdir=~/x``
 # (which would otherwise create a folder named ``~``).

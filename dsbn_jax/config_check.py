@@ -372,7 +372,8 @@ def _check_lr0_tasks(c: _Checker, data) -> None:
 
 
 def _check_devices(config) -> None:
-  """Global batches split over every device of every process (the mesh the run will build)."""
+  """The mesh the run will build holds as many devices on every process (any batch size is
+  padded to a multiple of the device count: sharding.padded_batch_size)."""
   from dsbn_jax import sharding  # pylint: disable=g-import-not-at-top
 
   sharding.check_batch_sizes(config, sharding.make_mesh())

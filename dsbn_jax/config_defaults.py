@@ -45,8 +45,9 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   # paper's method), 'dann_dsbn' (DANN with domain-specific BN). (dsbn_jax/methods.py)
   config.method = "alda_dsbn"
   config.seed = 0  # PRNG seed for init and dropout (int)
-  # Images per domain per step, global over all devices: 36 source + 36 target (reference). With a
-  # multi-device mesh it must divide by the device count (the reference used 32 per GPU there).
+  # Images per domain per step, global over all devices: 36 source + 36 target (reference). Any
+  # device count takes it: a batch that does not divide is padded with masked rows that enter no
+  # statistic, loss, metric or gradient (the maths of one device; sharding.padded_batch_size).
   config.batch_size = 36
 
   config.model = m = ml_collections.ConfigDict()
@@ -199,9 +200,11 @@ def get_data_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   # --- throughput --------------------------------------------------------------------------------
   data.num_parallel_calls = -1  # decode/augment threads per process; -1 = tf.data AUTOTUNE
   data.prefetch_batches = 2  # batches prepared ahead of the train/eval loop
-  # Keep every training image decoded and square-resized in memory (uint8, S*S*3 bytes each: 0.9 GB
-  # for Office-Home Product at 256 px), computed once when the stream starts: the same pixels, about
-  # 4x fewer CPU cycles per image afterwards (the resize dominates).
+  # Read every image decoded and square-resized from the prepared dataset's resized-image cache
+  # (dsbn_jax/image_cache.py: uint8, S*S*3 bytes each, 0.9 GB for Office-Home Product at 256 px),
+  # built once per dataset version and resize settings beside its records and memory-mapped by every
+  # later run and process; training crops it, evaluation takes its crops from it. The same pixels as
+  # decoding every time (False), about 4x fewer CPU cycles per image (the resize dominates).
   data.cache_resized = True
   data.train_sharding = "global"  # global: every process keeps the domain's encoded bytes and takes
   #   its rows of one global, process-count independent stream | process: each process keeps and

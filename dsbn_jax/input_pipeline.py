@@ -1,9 +1,15 @@
 """tf.data input pipelines: infinite source/target train streams and padded, masked eval batches.
 
-Batch contract (numpy arrays, B = rows of this process = global batch // process_count):
-  train: {'source': {'image': f32[B,H,W,3], 'label': i32[B]}, 'target': {...same...}}
-  eval:  {'image': f32[B,H,W,3] (center) or f32[B,10,H,W,3] (10crop), 'label': i32[B],
-          'mask': bool[B]}
+Batch contract (numpy arrays, R = rows of this process, ``batch_layout``):
+  train: {'source': {'image': f32[R,H,W,3], 'label': i32[R], 'mask': bool[R]}, 'target': {...}}
+  eval:  {'image': f32[R,H,W,3] (center) or f32[R,10,H,W,3] (10crop), 'label': i32[R],
+          'mask': bool[R]}
+'mask' is False on padding rows (zero images, label 0), which count nowhere. Any global batch runs
+on any device count: a global batch of B rows over n devices takes ceil(B / n) * n rows, R per
+process. Train: the B real rows come first (process p holds rows [p*R, (p+1)*R) of the padded
+global batch, so real row i is the stream's row i whatever the device or process count), the
+padding last. Eval: each batch is filled with real images up to its R rows per process; only the
+end of the evaluation set is padded.
 
 Transforms mirror ALDA's `pre_process.py` (docs/reference.md §6): train = decode -> square resize
 -> RandomResizedCrop -> random horizontal flip -> /255 -> mean/std; eval = square resize -> 10 crops
@@ -15,8 +21,9 @@ draws the epoch's permutation `argsort(stateless_uniform(fold(seed, epoch)))` (e
 steps_per_epoch, remainder dropped as the reference's drop_last) and takes rows s*G .. s*G+G-1 of
 it; every row's augmentation is seeded by its global position. `start_step=k` therefore yields
 exactly what an uninterrupted stream yields from step k, and (with data.train_sharding='global')
-the global batch is the same for any process count: process p returns rows [p*B, (p+1)*B) of it,
-i.e. the rows its devices hold under a P('data') sharding with process-major device order.
+the global batch is the same for any process and device count: process p returns rows
+[p*R, (p+1)*R) of it (real rows, then padding), i.e. the rows its devices hold under a P('data')
+sharding with process-major device order.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import ctypes
 import dataclasses
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 
 import ml_collections
@@ -32,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dsbn_jax import image_cache
 from dsbn_jax.datasets import catalog  # also registers the TFDS builders
 from dsbn_jax.errors import UserError
 
@@ -200,7 +209,13 @@ def center_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
 
 def preprocess_eval(data_bytes: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
   """Square resize, then 10 crops or the center crop (no crop when data.crop_size is 0)."""
-  image = decode_and_resize(data_bytes, data)
+  return eval_crops(decode_and_resize(data_bytes, data), data)
+
+
+def eval_crops(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """The tail of preprocess_eval on a square-resized image (uint8 from the resized-image cache, or
+  float32 [0, 255]): 10 crops or the center crop, normalised."""
+  image = tf.cast(image, tf.float32)
   if data.eval_mode == '10crop':
     image = ten_crop(image, data.crop_size)
   elif data.crop_size:
@@ -233,23 +248,53 @@ def _check_config(data: ml_collections.ConfigDict) -> None:
     )
 
 
-def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """This process and the devices the global batches are split over."""
+
+  index: int  # this process
+  count: int  # processes
+  devices: int  # devices of the mesh, all processes (a multiple of count)
+
+
+def _process_layout(
+  process_index: int | None, process_count: int | None, device_count: int | None = None
+) -> _Layout:
+  """Defaults: the process layout from jax, with the devices of the mesh a run builds
+  (``sharding.make_mesh``); a process layout given without ``device_count``: one device each."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only here: keep jax off the hot path)
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    if device_count is None:
+      from dsbn_jax import sharding  # pylint: disable=g-import-not-at-top
+
+      device_count = sharding.make_mesh().devices.size
+  device_count = process_count if device_count is None else device_count
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  return process_index, process_count
+  if device_count <= 0 or device_count % process_count:
+    raise ValueError(f'{device_count} devices cannot be shared by {process_count} processes')
+  return _Layout(process_index, process_count, device_count)
 
 
-def _rows_per_process(global_batch_size: int, process_count: int, what: str) -> int:
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise UserError(
-      f'{what} {global_batch_size} must be a positive multiple of the process count {process_count}'
-    )
-  return global_batch_size // process_count
+def batch_layout(
+  global_batch_size: int, process_index: int, process_count: int, device_count: int
+) -> tuple[int, int, int]:
+  """``(first, real, rows)`` of process ``process_index``'s part of a global batch.
+
+  A global batch of B rows over ``device_count`` devices is padded to ceil(B / devices) * devices
+  rows (``sharding.padded_batch_size``), real rows first. Each process holds ``rows`` of them,
+  process p rows [p * rows, (p + 1) * rows) (process-major, as a P('data') sharding): its first
+  ``real`` rows are the global batch's rows ``first`` .. ``first + real - 1``, the rest padding.
+  """
+  if global_batch_size <= 0:
+    raise UserError(f'batch size {global_batch_size} must be positive')
+  padded = -(-global_batch_size // device_count) * device_count
+  rows = padded // process_count
+  first = process_index * rows
+  return first, min(max(global_batch_size - first, 0), rows), rows
 
 
 def _slice_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
@@ -315,31 +360,76 @@ def _load_encoded(
 _CACHE_CHUNK = 64  # images decoded and resized per tf.data batch while filling the cache
 
 
-def _resize_all(encoded: tf.Tensor, rows: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-  """uint8 [N, S, S, 3]: image ``rows[i]`` of ``encoded`` decoded and resized once, at i (exact:
-  resize outputs uint8 values).
+def resized_split(
+  builder: tfds.core.DatasetBuilder, split: str, data: ml_collections.ConfigDict
+) -> image_cache.Resized:
+  """Every image of ``split`` decoded and square-resized once, in file-name order: the prepared
+  dataset's shared cache file (``image_cache``), built by the first run that needs it and
+  memory-mapped by every later run and process."""
 
-  The square resize is deterministic and the most expensive step (TF's antialiased bicubic), so
-  caching it makes each later epoch cost only the crop. Memory: N * S * S * 3 bytes (196 kB per
-  image at S=256; 0.9 GB for Office-Home Product), filled chunk by chunk into one array that the
-  returned tensor shares (one ``batch(N)`` of the whole domain would hold it twice while copying).
-  """
-  n, s = int(rows.shape[0]), data.resize_size
-  cache = np.empty((n, s, s, 3), np.uint8)
-  ds = (
-    tf.data.Dataset.from_tensor_slices(rows)
-    .map(
-      lambda r: tf.cast(decode_and_resize(tf.gather(encoded, r), data), tf.uint8),
-      num_parallel_calls=data.num_parallel_calls,
-      deterministic=True,
+  def names_and_labels():
+    ds = _read(builder, split).map(lambda ex: (ex['file_name'], ex['label']))
+    names, labels = (x.numpy() for x in ds.batch(1 << 31).get_single_element())
+    order = np.argsort(names, kind='stable')
+    return names[order], labels[order].astype(np.int32), order.astype(np.int64)
+
+  def fill(out: np.ndarray) -> None:  # streamed in stored order, written at each file-name row
+    row = np.empty(len(out), np.int64)
+    row[names_and_labels()[2]] = np.arange(len(out))
+    ds = (
+      _read(builder, split)
+      .map(
+        lambda ex: tf.cast(decode_and_resize(ex['image'], data), tf.uint8),
+        num_parallel_calls=data.num_parallel_calls,
+        deterministic=True,
+      )
+      .batch(_CACHE_CHUNK)
     )
-    .batch(_CACHE_CHUNK)
+    start = 0
+    for chunk in ds.as_numpy_iterator():
+      out[row[start : start + len(chunk)]] = chunk
+      start += len(chunk)
+
+  return image_cache.load_or_build(
+    os.fspath(builder.data_dir),
+    split,
+    data.resize_size,
+    data.resize_method,
+    names_and_labels=names_and_labels,
+    fill=fill,
   )
-  filled = 0
-  for chunk in ds.as_numpy_iterator():
-    cache[filled : filled + len(chunk)] = chunk
-    filled += len(chunk)
-  return tf.convert_to_tensor(cache)
+
+
+def _train_rows(
+  cache: image_cache.Resized, val_fraction: float, data, num_train: int, layout
+) -> np.ndarray:
+  """The cache rows this process's train stream permutes, in file-name order: the split without
+  its held-out source rows (``source_val_mask``), and with data.train_sharding='process' only the
+  stored slice of this process (what ``_train_split`` loads uncached)."""
+  keep = ~source_val_mask(cache.names, val_fraction)
+  if data.train_sharding == 'process':
+    start, size = _slice_bounds(num_train, layout.index, layout.count)
+    keep &= (cache.stored >= start) & (cache.stored < start + size)
+  return np.flatnonzero(keep)
+
+
+def _fetch(cache: image_cache.Resized):
+  """``fetch(row)``: row ``row`` of the cache as a uint8 [S, S, 3] tensor, read from its memory map
+  (the pages every process of the host shares) inside the tf.data graph."""
+  images, size = cache.images, cache.images.shape[1]
+
+  def fetch(row):
+    image = tf.numpy_function(lambda r: np.asarray(images[r]), [row], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [size, size, 3])
+
+  return fetch
+
+
+def _stored_rows(cache: image_cache.Resized, start: int, size: int) -> np.ndarray:
+  """The cache rows of stored examples ``start .. start + size - 1``, in stored order."""
+  row = np.empty(len(cache.stored), np.int64)
+  row[cache.stored] = np.arange(len(cache.stored))
+  return row[start : start + size]
 
 
 def release_freed_memory() -> None:
@@ -373,14 +463,14 @@ def _train_split(data, domain: catalog.DomainInfo, index: int, count: int):
 
 
 def _train_stream(
-  data, domain: catalog.DomainInfo, role: int, seed: int, global_batch_size: int, index, count, n
+  data, domain: catalog.DomainInfo, role: int, seed: int, global_batch_size: int, layout, n
 ) -> _Stream:
-  """Where this process's rows sit in a stream of ``n`` loaded training examples."""
-  rows = _rows_per_process(global_batch_size, count, 'global_batch_size')
+  """Where this process's real rows sit in a stream of ``n`` loaded training examples."""
+  first, real, _ = batch_layout(global_batch_size, layout.index, layout.count, layout.devices)
   if data.train_sharding == 'global':
-    stream = _Stream(n, global_batch_size, index * rows, rows, (seed, role))
+    stream = _Stream(n, global_batch_size, first, real, (seed, role))
   else:
-    stream = _Stream(n, rows, 0, rows, (seed, role, index + 1))
+    stream = _Stream(n, real, 0, real, (seed, role, layout.index + 1))
   _check_stream_size(data, domain.name, role, stream.num_examples, stream.step_rows)
   return stream
 
@@ -401,22 +491,27 @@ def check_train_batches(
   *,
   source_held_out: int = 0,
   process_count: int | None = None,
+  device_count: int | None = None,
 ) -> None:
   """What the train streams refuse when they start (a domain with fewer training images per stream
   than one batch), checked from the prepared datasets' sizes before a run writes anything.
 
   ``source_held_out``: the source images held out as its validation split (``make_source_val_data``
-  counts them). Exact for data.train_sharding='global'; with 'process', the smallest process slice
-  is checked without the held-out images (the stream checks its own slice again when it starts).
+  counts them). Exact for data.train_sharding='global'; with 'process', every process slice is
+  checked against its rows without the held-out images (the stream checks its own slice again when
+  it starts). ``process_count``, ``device_count``: as ``make_train_dataset``'s.
   """
-  count = process_count or _process_layout(None, None)[1]
-  rows = _rows_per_process(global_batch_size, count, 'global_batch_size')
+  layout = _process_layout(0 if process_count else None, process_count, device_count)
   for role, domain in enumerate((info.source, info.target)):
     if data.train_sharding == 'global':
-      n, step_rows = domain.num_train - (source_held_out if role == 0 else 0), global_batch_size
-    else:
-      n, step_rows = _slice_bounds(domain.num_train, count - 1, count)[1], rows
-    _check_stream_size(data, domain.name, role, n, step_rows)
+      n = domain.num_train - (source_held_out if role == 0 else 0)
+      _check_stream_size(data, domain.name, role, n, global_batch_size)
+      continue
+    for p in range(layout.count):
+      real = batch_layout(global_batch_size, p, layout.count, layout.devices)[1]
+      n = _slice_bounds(domain.num_train, p, layout.count)[1]
+      if real:
+        _check_stream_size(data, domain.name, role, n, real)
 
 
 def _fold(key: tf.Tensor, value) -> tf.Tensor:
@@ -449,34 +544,57 @@ def _domain_train_dataset(
   seed: int,
   global_batch_size: int,
   start_step: int,
-  index: int,
-  count: int,
+  layout: _Layout,
 ):
-  """One domain's infinite, shuffled, augmented batches of this process's rows."""
-  split, size = _train_split(data, domain, index, count)
+  """One domain's infinite, shuffled, augmented batches of this process's rows (real, then
+  padding: ``_pad_train_batch``)."""
+  _, real, rows = batch_layout(global_batch_size, layout.index, layout.count, layout.devices)
+  if not real:  # a process whose rows are all padding (fewer rows than processes x devices)
+    size = data.crop_size or data.resize_size
+    empty = {'image': tf.zeros((0, size, size, 3)), 'label': tf.zeros((0,), tf.int32)}
+    return tf.data.Dataset.from_tensors(_pad_train_batch(empty, 0, rows)).repeat()
+  split, size = _train_split(data, domain, layout.index, layout.count)
   val_fraction = data.source_val_fraction if role == 0 else 0.0  # held out of the source only
-  images, labels, order = _load_encoded(domain.builder, split, size, val_fraction)
-  if data.cache_resized:  # cached in file-name order: example i is cache row i
-    images, labels = _resize_all(images, order, data), tf.gather(labels, order)
-    order = tf.range(tf.shape(order)[0], dtype=tf.int32)
-    release_freed_memory()  # the encoded bytes, now dropped
-  stream = _train_stream(
-    data, domain, role, seed, global_batch_size, index, count, int(order.shape[0])
-  )
+  if data.cache_resized:  # the shared resized cache, in file-name order: example i is row order[i]
+    cache = resized_split(domain.builder, domain.train_split, data)
+    cache_rows = _train_rows(cache, val_fraction, data, domain.num_train, layout)
+    fetch, labels = _fetch(cache), tf.constant(cache.labels)
+    order = tf.constant(cache_rows, tf.int64)
+  else:
+    images, labels, order = _load_encoded(domain.builder, split, size, val_fraction)
+  stream = _train_stream(data, domain, role, seed, global_batch_size, layout, int(order.shape[0]))
   indices, aug_key = _index_stream(stream, start_step)
 
   def load(i, position):
     row = tf.gather(order, i)  # example i in file-name order
-    image = tf.gather(images, row)
-    if not data.cache_resized:
-      image = decode_and_resize(image, data)
+    if data.cache_resized:
+      image = fetch(row)
+    else:
+      image = decode_and_resize(tf.gather(images, row), data)
     return {
       'image': augment_train(image, _fold(aug_key, position), data),
       'label': tf.gather(labels, row),
     }
 
   ds = indices.map(load, num_parallel_calls=data.num_parallel_calls, deterministic=True)
-  return ds.batch(stream.rows, drop_remainder=True)
+  ds = ds.batch(stream.rows, drop_remainder=True)
+  return ds.map(lambda batch: _pad_train_batch(batch, real, rows))
+
+
+def _pad_train_batch(batch: dict, real: int, rows: int) -> dict:
+  """A batch of ``real`` rows -> ``rows`` rows with 'mask': zero images (label 0, mask False)
+  after the real rows (mask True)."""
+  pad = rows - real
+  mask = tf.concat([tf.ones((real,), tf.bool), tf.zeros((pad,), tf.bool)], 0)
+  if not pad:  # no copy of the images
+    return {**batch, 'mask': mask}
+  image = batch['image']
+  zeros = tf.zeros(tf.concat([[pad], tf.shape(image)[1:]], 0), image.dtype)
+  return {
+    'image': tf.concat([image, zeros], 0),
+    'label': tf.concat([batch['label'], tf.zeros((pad,), batch['label'].dtype)], 0),
+    'mask': mask,
+  }
 
 
 def make_train_dataset(
@@ -487,6 +605,7 @@ def make_train_dataset(
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  device_count: int | None = None,
 ) -> tf.data.Dataset:
   """Zipped source/target train batches of this process (see the module docstring).
 
@@ -496,14 +615,16 @@ def make_train_dataset(
     seed: stream seed; the batches are a pure function of (seed, step).
     start_step: first step to produce; resuming at k gives what an uninterrupted stream gives at k.
     process_index, process_count: this process and how many there are (default: from jax).
+    device_count: the devices the global batch is split over (default: the mesh a run builds,
+      ``sharding.make_mesh``; with an explicit process layout, one device per process).
 
   Returns:
-    An infinite dataset of {'source': {'image', 'label'}, 'target': {...}} with
-    global_batch_size // process_count rows per domain.
+    An infinite dataset of {'source': {'image', 'label', 'mask'}, 'target': {...}} with the
+    rows of ``batch_layout`` per domain: real rows (mask True), then padding (mask False).
   """
   catalog.hide_accelerators_from_tf()
   _check_config(data)
-  index, count = _process_layout(process_index, process_count)
+  layout = _process_layout(process_index, process_count, device_count)
   streams = {}
   for role, name in enumerate(('source', 'target')):
     domain = catalog.resolve_domain(data, data[name])
@@ -514,8 +635,7 @@ def make_train_dataset(
       seed=seed,
       start_step=start_step,
       global_batch_size=global_batch_size,
-      index=index,
-      count=count,
+      layout=layout,
     )
   return tf.data.Dataset.zip(streams).prefetch(data.prefetch_batches)
 
@@ -528,6 +648,7 @@ def make_train_iterator(
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  device_count: int | None = None,
 ) -> Iterator[dict]:
   """`make_train_dataset` as an iterator of numpy batches (the train step's input)."""
   return make_train_dataset(
@@ -537,6 +658,7 @@ def make_train_iterator(
     start_step=start_step,
     process_index=process_index,
     process_count=process_count,
+    device_count=device_count,
   ).as_numpy_iterator()
 
 
@@ -561,6 +683,12 @@ def _eval_example(data, image_bytes, label) -> dict:
     'label': tf.cast(label, tf.int32),
     'mask': tf.constant(True),
   }
+
+
+def _eval_rows(global_batch_size: int, layout: _Layout) -> int:
+  """Rows per process of an eval batch: the global batch rounded up to the device count, every
+  row available to real images (only the end of the set is padding)."""
+  return batch_layout(global_batch_size, layout.index, layout.count, layout.devices)[2]
 
 
 def _padded_eval_data(
@@ -589,21 +717,29 @@ def make_eval_data(
   global_batch_size: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  device_count: int | None = None,
 ) -> EvalData:
   """Eval batches of `domain` (default: the target) for this process.
 
   Process p reads the contiguous slice p of the eval split; every process pads its last batches with
   zero images (mask False) up to the same batch count, so all images count exactly once overall.
-  global_batch_size defaults to data.eval_batch_size (images per step over all processes).
+  global_batch_size defaults to data.eval_batch_size (images per step over all processes), rounded
+  up to a multiple of the device count (``batch_layout``; layout arguments as
+  ``make_train_dataset``'s).
   """
   catalog.hide_accelerators_from_tf()
   _check_config(data)
-  index, count = _process_layout(process_index, process_count)
+  layout = _process_layout(process_index, process_count, device_count)
+  index, count = layout.index, layout.count
   info = catalog.resolve_domain(data, domain or data.target)
-  rows = _rows_per_process(global_batch_size or data.eval_batch_size, count, 'eval batch size')
+  rows = _eval_rows(global_batch_size or data.eval_batch_size, layout)
   split, size = _process_slice(info.eval_split, info.num_eval, index, count)
   real = None
-  if size:  # a process can be left without images when there are fewer images than processes
+  if size and data.cache_resized:  # crops of the shared resized cache: no decode, no resize
+    cache = resized_split(info.builder, info.eval_split, data)
+    start, _ = _slice_bounds(info.num_eval, index, count)
+    real = _cached_eval_examples(data, cache, _stored_rows(cache, start, size))
+  elif size:  # a process can be left without images when there are fewer images than processes
     real = _read(info.builder, split).map(
       lambda ex: _eval_example(data, ex['image'], ex['label']),
       num_parallel_calls=data.num_parallel_calls,
@@ -612,27 +748,45 @@ def make_eval_data(
   return _padded_eval_data(data, real, size, info.num_eval, rows, count)
 
 
+def _cached_eval_examples(data, cache: image_cache.Resized, rows: np.ndarray) -> tf.data.Dataset:
+  """Eval examples of cache ``rows`` (in that order): the eval transform's crops of the cached
+  resize, the pixels ``preprocess_eval`` gives from the encoded image."""
+  fetch = _fetch(cache)
+  return tf.data.Dataset.from_tensor_slices((rows, cache.labels[rows])).map(
+    lambda r, y: {'image': eval_crops(fetch(r), data), 'label': y, 'mask': tf.constant(True)},
+    num_parallel_calls=data.num_parallel_calls,
+    deterministic=True,
+  )
+
+
 def make_source_val_data(
   data: ml_collections.ConfigDict,
   *,
   global_batch_size: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  device_count: int | None = None,
 ) -> EvalData:
   """Eval batches (the eval transform) of the held-out source validation split for this process.
 
   The split is the part of the source's training images that ``source_val_mask`` holds out of the
   train stream (data.source_val_fraction > 0), in file-name order; its encoded bytes stay in memory
-  (a small part of the domain), process p evaluating the contiguous slice p of it.
+  (a small part of the domain), process p evaluating the contiguous slice p of it. Batches as
+  ``make_eval_data``'s.
   """
   catalog.hide_accelerators_from_tf()
   _check_config(data)
-  index, count = _process_layout(process_index, process_count)
+  layout = _process_layout(process_index, process_count, device_count)
+  index, count = layout.index, layout.count
   info = catalog.resolve_domain(data, data.source)
-  rows = _rows_per_process(global_batch_size or data.eval_batch_size, count, 'eval batch size')
-  images, labels, held_out = _load_encoded(
-    info.builder, info.train_split, info.num_train, data.source_val_fraction, val=True
-  )
+  rows = _eval_rows(global_batch_size or data.eval_batch_size, layout)
+  if data.cache_resized:
+    cache = resized_split(info.builder, info.train_split, data)
+    held_out = np.flatnonzero(source_val_mask(cache.names, data.source_val_fraction))
+  else:
+    images, labels, held_out = _load_encoded(
+      info.builder, info.train_split, info.num_train, data.source_val_fraction, val=True
+    )
   num_examples = int(held_out.shape[0])
   if not num_examples:
     raise UserError(
@@ -641,6 +795,9 @@ def make_source_val_data(
     )
   start, size = _slice_bounds(num_examples, index, count)
   mine = held_out[start : start + size]
+  if data.cache_resized:
+    real = _cached_eval_examples(data, cache, mine) if size else None
+    return _padded_eval_data(data, real, size, num_examples, rows, count)
   images, labels = tf.gather(images, mine), tf.gather(labels, mine)  # only the held-out bytes kept
   release_freed_memory()
   real = None

@@ -50,9 +50,19 @@ def _torch_bce_bwd(res, g):
 torch_bce.defvjp(_torch_bce_fwd, _torch_bce_bwd)
 
 
-def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy, ``torch.nn.CrossEntropyLoss()`` (source classification loss)."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B))
+def masked_mean(x_B: jax.Array, mask_B: jax.Array | None) -> jax.Array:
+  """Mean of ``x_B`` over the rows where ``mask_B`` (the real rows of a padded batch; None: all
+  rows, ``jnp.mean``); the other rows enter neither the sum nor the count, nor the gradient."""
+  if mask_B is None:
+    return jnp.mean(x_B)
+  return jnp.sum(jnp.where(mask_B, x_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1)
+
+
+def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array, mask_B=None) -> jax.Array:
+  """Mean softmax cross-entropy, ``torch.nn.CrossEntropyLoss()`` (source classification loss),
+  over the real rows ``mask_B`` (None: all)."""
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B)
+  return masked_mean(ce_B, mask_B)
 
 
 def confident_mask(probs_BxK: jax.Array, threshold: float) -> jax.Array:
@@ -92,7 +102,11 @@ def _corrected_labels(xi_NxK: jax.Array, pred_N: jax.Array) -> jax.Array:
 
 
 def alda_losses(
-  disc_logits: jax.Array, labels_source: jax.Array, probs: jax.Array, threshold: float = 0.9
+  disc_logits: jax.Array,
+  labels_source: jax.Array,
+  probs: jax.Array,
+  threshold: float = 0.9,
+  mask: jax.Array | None = None,
 ):
   """ALDA's three loss terms, exactly as ``loss.py::ALDA_loss`` of the official code.
 
@@ -101,6 +115,8 @@ def alda_losses(
     labels_source: i32[B], source ground truth.
     probs: f32[2B, K], the classifier's softmax on [source; target] (source rows first).
     threshold: target rows count only where max prob > threshold (strictly).
+    mask: bool[2B], the real rows of padded [source; target] batches (None: all real); the
+      others count nowhere, as if the batches had only the real rows.
   Returns:
     ``(adv_loss, reg_loss, correct_loss)``: the adversarial BCE (sum over K, mean over the B source
     rows plus the confident target rows), D's regulariser (softmax CE of the source rows' raw logits
@@ -120,7 +136,10 @@ def alda_losses(
   probs_sg_NxK = jax.lax.stop_gradient(probs)
   pred_N = jnp.argmax(probs_sg_NxK, axis=-1)  # pseudo labels, both domains (docs/reference.md §1)
   confident_B = confident_mask(probs_sg_NxK[b:], threshold)
-  keep_N = jnp.concatenate([jnp.ones((b,), jnp.bool_), confident_B])  # source rows always kept
+  source_B = jnp.ones((b,), jnp.bool_)
+  if mask is not None:  # padding rows: neither kept nor confident
+    source_B, confident_B = mask[:b], confident_B & mask[b:]
+  keep_N = jnp.concatenate([source_B, confident_B])  # (real) source rows always kept
   # A non-confident target row gets an all-zero one-hot, hence an all-zero corrected label.
   c_NxK = _corrected_labels(xi_NxK, pred_N) * keep_N[:, None]
 
@@ -130,7 +149,7 @@ def alda_losses(
   bce_NxK = jnp.where(keep_N[:, None], torch_bce(c_NxK, t_NxK), 0.0)
   adv_loss = pairwise_sum(bce_NxK) / jnp.sum(keep_N)  # denominator >= B > 0
 
-  reg_loss = cross_entropy(disc_logits[:b], labels_source)
+  reg_loss = cross_entropy(disc_logits[:b], labels_source, None if mask is None else source_B)
 
   m = jnp.sum(confident_B)
   c_tgt_BxK = jax.lax.stop_gradient(c_NxK[b:])  # corrected labels are detached in L_T
@@ -139,15 +158,17 @@ def alda_losses(
   return adv_loss, reg_loss, correct_loss
 
 
-def dann_loss(disc_logits_Nx1: jax.Array) -> jax.Array:
-  """``loss.py::DANN``: BCE of sigmoid(D) against domain labels 1 (source rows), 0 (target)."""
+def dann_loss(disc_logits_Nx1: jax.Array, mask_N: jax.Array | None = None) -> jax.Array:
+  """``loss.py::DANN``: BCE of sigmoid(D) against domain labels 1 (source rows), 0 (target),
+  averaged over the real rows ``mask_N`` (None: all)."""
   n = disc_logits_Nx1.shape[0]
   b = n // 2
   if disc_logits_Nx1.shape != (2 * b, 1):
     raise ValueError(f"dann_loss wants (2B, 1) logits, got {disc_logits_Nx1.shape}")
   domain_Nx1 = jnp.concatenate([jnp.ones((b, 1)), jnp.zeros((b, 1))])
   # The reference's D ends in nn.Sigmoid and uses nn.BCELoss (mean): same clamps, same gradients.
-  return jnp.mean(torch_bce(jax.nn.sigmoid(disc_logits_Nx1), domain_Nx1))
+  bce_Nx1 = torch_bce(jax.nn.sigmoid(disc_logits_Nx1), domain_Nx1)
+  return jnp.mean(bce_Nx1) if mask_N is None else masked_mean(bce_Nx1[:, 0], mask_N)
 
 
 def ramp(step, high: float = 1.0, alpha: float = 10.0, max_steps: float = 10000.0) -> jax.Array:

@@ -17,7 +17,6 @@ from dsbn_jax.cli import (
   parse_flags,
   quiet_library_logs,
   run_cli,  # noqa: E402
-  use_cpu_collectives,
 )
 
 _CONFIG = define_config_flag()
@@ -42,10 +41,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
-  from dsbn_jax import config_check, sharding, train  # heavy imports after flag parsing
+  from dsbn_jax import compile_cache, config_check, sharding, train  # heavy: after flags
 
-  use_cpu_collectives()
-  run_cli(sharding.maybe_initialize_distributed)
+  compile_cache.enable()  # before anything compiles
+
+  run_cli(sharding.maybe_initialize_distributed)  # dsbn_jax/launcher.py, before any device
   config = _CONFIG.value
   run_cli(config_check.validate, config)  # every field, before the workdir is created or touched
   workdir = _WORKDIR.value or default_workdir(config)

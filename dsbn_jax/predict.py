@@ -46,6 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from dsbn_jax import compile_cache  # noqa: E402
 from dsbn_jax.cli import define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 
 _WORKDIR = define_flag(
@@ -401,6 +402,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  compile_cache.enable()  # before anything compiles
+  from dsbn_jax import launcher  # pylint: disable=g-import-not-at-top
+
+  run_cli(launcher.require_single_process)  # one process: never srun -n 2 / mpirun (one CSV)
   n = run_cli(
     predict_folder, _WORKDIR.value, _IMAGES.value, _OUT.value, _BATCH.value, _CHECKPOINT.value
   )

@@ -6,11 +6,16 @@ XLA inserts the gradient all-reduce. BatchNorm then normalises with *global*-bat
 (the means in ``DomainSpecificBatchNorm`` are over the whole sharded batch): synchronised BN, so N
 devices compute what one device holding the whole batch computes, up to float reduction order.
 The eval step is jitted the same way, beside it in ``evaluation.jit_eval_step``.
+
+Any global batch runs on any device count: ``input_pipeline`` pads each domain's global batch to
+the next multiple of the device count (``padded_batch_size``) with rows whose 'mask' is False, and
+the train step leaves them out of every loss, BN statistic, metric and gradient
+(``train_step.padding_mask``); eval batches are filled with real images up to that multiple.
 """
 
 import collections
 import functools
-import os
+import itertools
 
 import jax
 import numpy as np
@@ -24,25 +29,13 @@ DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed() -> bool:
-  """Calls ``jax.distributed.initialize`` when running multi-process; returns whether it did.
+  """Starts this process as its launcher says (``dsbn_jax.launcher.start``: srun, mpirun, Cloud
+  TPU, ``JAX_COORDINATOR_ADDRESS``, or one process); returns whether JAX runs distributed. Must
+  run before anything touches a JAX device."""
+  from dsbn_jax import launcher  # pylint: disable=g-import-not-at-top
 
-  Multi-process is requested by the environment variable ``JAX_COORDINATOR_ADDRESS``, with
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (which JAX detects by itself on Cloud TPU pods,
-  SLURM, Open MPI, ...). A plain single-process run calls nothing. Must run before anything
-  touches a JAX device.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if coordinator_address is None:
-    return False
-  env_int = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address,
-    num_processes=env_int("JAX_NUM_PROCESSES"),
-    process_id=env_int("JAX_PROCESS_ID"),
-  )
-  return True
+  launcher.start()
+  return jax.distributed.is_initialized()
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -59,18 +52,31 @@ def platform(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+  """The rows a global batch of ``batch_size`` takes on ``num_devices`` devices: the next multiple
+  of the device count (``input_pipeline.batch_layout``; the extra rows are masked padding)."""
+  return -(-batch_size // num_devices) * num_devices
+
+
 def describe(mesh: Mesh, config, workdir: str) -> str:
-  """The one start-up line of a run: where it computes, how, and with which global batch."""
+  """The one start-up line of a run: where it computes, how, and with which global batch (and
+  its padding, when the device count does not divide it)."""
   kinds = collections.Counter(d.device_kind for d in mesh.devices.flat)
   devices = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
   n_proc = jax.process_count()
   axes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-  b = config.batch_size
+  n, b, e = mesh.devices.size, config.batch_size, config.data.eval_batch_size
+  padded, eval_rows = padded_batch_size(b, n), padded_batch_size(e, n)
+  batch = f"batch {b} + {b} (source + target, global"
+  if padded != b:
+    batch += f"; padded to {padded} per domain over {n} devices, {padded - b} masked rows"
+  batch += ")"
+  if eval_rows != e:
+    batch += f", eval batch {eval_rows} (data.eval_batch_size {e} rounded up to {n} devices)"
   return (
     f"dsbn_jax: platform {platform(mesh)}, {devices}, {n_proc} process"
     f"{'es' if n_proc > 1 else ''}, mesh {axes}, compute {config.model.dtype}, matmul "
-    f"precision {config.model.matmul_precision}, batch {b} + {b} (source + target, global),"
-    f" workdir {workdir}"
+    f"precision {config.model.matmul_precision}, {batch}, workdir {workdir}"
   )
 
 
@@ -136,18 +142,18 @@ def every_process(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def check_batch_sizes(config, mesh: Mesh) -> None:
-  """Fails fast (before a run writes anything) when a global batch does not split over the mesh."""
-  n = mesh.devices.size
-  for field, size in (
-    ("batch_size", config.batch_size),
-    ("data.eval_batch_size", config.data.eval_batch_size),
-  ):
-    if size % n:
-      raise UserError(
-        f"config.{field}={size} cannot be split over {n} devices: make it a "
-        "multiple of the device count"
-      )
+def check_batch_sizes(config, mesh: Mesh) -> None:  # pylint: disable=unused-argument
+  """Fails fast (before a run writes anything) when the mesh cannot hold the global batches.
+
+  Any batch size fits any device count (padded: ``padded_batch_size``); what the layout needs is
+  as many of the mesh's devices on every process, each process feeding an equal share of rows.
+  """
+  per_process = collections.Counter(d.process_index for d in mesh.devices.flat)
+  if len(set(per_process.values())) > 1:
+    raise UserError(
+      f"the mesh's devices are spread unevenly over the processes ({dict(per_process)} "
+      "devices per process): give every process as many devices"
+    )
 
 
 def to_global(batch, mesh: Mesh):
@@ -195,3 +201,21 @@ def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step):
     out_shardings=(rep, rep),
     donate_argnums=0,
   )
+
+
+def prefetch_to_global(batches, mesh: Mesh, size: int = 2):
+  """``to_global`` of each host batch of ``batches``, ``size`` of them staged on the devices ahead
+  of the consumer: while a step runs on one batch, the next one's host-to-device copy is already
+  under way (``to_global`` only enqueues it), so no step waits for its input's transfer and the
+  loop never blocks on one. ``batches`` is read ``size`` batches ahead of the consumer."""
+  batches = iter(batches)
+  queue = collections.deque()
+
+  def stage(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(to_global(batch, mesh))
+
+  stage(size)
+  while queue:
+    yield queue.popleft()
+    stage(1)

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from dsbn_jax import reporting  # noqa: E402
+from dsbn_jax import compile_cache, reporting  # noqa: E402
 from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
 from dsbn_jax.methods import METHODS  # noqa: E402
@@ -116,7 +116,9 @@ def _finished(path: str) -> bool:
 
 def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
   """Checks every run first (nothing is written if one is bad), runs what is not finished yet,
-  then writes and returns the summary."""
+  then writes and returns the summary (None on processes other than 0 of a multi-process run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   from dsbn_jax import config_check, run_control, train  # heavy imports (TF, JAX): when needed
 
   bad = [m for m in methods if m not in METHODS]
@@ -144,12 +146,16 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     if not finished:
       run_control.check_writable(workdir)
   os.makedirs(root, exist_ok=True)
+  main_process = jax.process_index() == 0  # several with a launcher (dsbn_jax/launcher.py)
   for i, (method, task, seed, workdir, cfg, finished) in enumerate(runs):
     if finished:
       logging.info("[%d/%d] %s %s seed %d: finished, skipped", i + 1, len(runs), method, task, seed)
       continue
-    print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
+    if main_process:
+      print(f"[sweep {i + 1}/{len(runs)}] {method} {task} seed {seed} -> {workdir}", flush=True)
     train.train_and_evaluate(cfg, workdir)
+  if not main_process:  # process 0 writes the summary (every process would write the same files)
+    return None
   return write_summary(root, tasks, methods, seeds)
 
 
@@ -463,13 +469,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  compile_cache.enable()  # before anything compiles
   config = _CONFIG.value
   sw = config.sweep
   tasks = _TASKS.value or list(sw.tasks)
   methods = _METHODS.value or list(sw.methods)
   seeds = run_cli(parse_seeds, _SEEDS.value or list(sw.seeds))
   root = _WORKDIR.value or os.path.join("runs", f"sweep_{config.data.dataset}")
+  from dsbn_jax import sharding  # pylint: disable=g-import-not-at-top  (JAX: when needed)
+
+  run_cli(sharding.maybe_initialize_distributed)  # dsbn_jax/launcher.py, before any device
   out = run_cli(run_sweep, config, root, tasks, methods, seeds)  # creates root once all are valid
+  if out is None:  # not process 0
+    return
   print("\n" + out["markdown"], flush=True)
   print(
     f"table: {os.path.join(root, 'results.md')}, plot: {os.path.join(root, 'results.png')}",

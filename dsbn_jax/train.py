@@ -2,10 +2,10 @@
 
 No math lives here (``train_step.py``) and no device logic (``sharding.py``). Outputs in the workdir:
 ``config.json`` (the resolved config that ran), ``metrics.jsonl`` + ``tensorboard/`` (every
-``log_every_steps`` and every evaluation), ``checkpoints/`` (orbax), ``curves.png`` and the final
-``results.json`` (best and last target accuracy, per-class accuracy -- None for a class without
-target images -- and its mean over the classes with images, confusion matrix, steps, wall time,
-img/s).
+``log_every_steps``: the metrics of that step; and every evaluation), ``checkpoints/`` (orbax),
+``curves.png`` and the final ``results.json`` (best and last target accuracy, per-class accuracy
+-- None for a class without target images -- and its mean over the classes with images, confusion
+matrix, steps, wall time, img/s).
 
 Evaluation protocol (``evaluation.py``): the target set with the target DSBN branch in eval mode,
 every ``eval_every_steps`` and at the end. ``best`` is the maximum over evaluations -- the number
@@ -21,12 +21,12 @@ every evaluation, the step it selects and that step's target accuracy
 """
 
 import json
-import math
 import os
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -450,37 +450,78 @@ class _Run:
     return result
 
 
-def _inject_fault(step: int, batch: dict) -> dict:
-  """Test hooks for the reliability tests (all off unless their variable is set):
-  ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process as step k starts (crash + resume);
-  ``DSBN_JAX_SIGNAL_AT_STEP=k:SIGTERM`` (or ``:SIGINT``) sends it that signal as step k starts;
-  ``DSBN_JAX_NAN_AT_STEP=k`` feeds step k a source batch of NaN pixels (a non-finite loss computed
-  by the real step, which must stop the run and keep the last good checkpoint)."""
+def _inject_fault(step: int) -> None:
+  """Test hooks for the reliability tests (all off unless their variable is set), as step ``step``
+  starts: ``DSBN_JAX_KILL_AT_STEP=k`` SIGKILLs this process (crash + resume);
+  ``DSBN_JAX_SIGNAL_AT_STEP=k:SIGTERM`` (or ``:SIGINT``) sends it that signal. ``_inject_nan``
+  is the third."""
   if os.environ.get("DSBN_JAX_KILL_AT_STEP") == str(step):
     os.kill(os.getpid(), signal.SIGKILL)
   signal_at, _, signal_name = os.environ.get("DSBN_JAX_SIGNAL_AT_STEP", "").partition(":")
   if signal_at == str(step):
     os.kill(os.getpid(), getattr(signal, signal_name))
+
+
+def _inject_nan(step: int, batch: dict) -> dict:
+  """``DSBN_JAX_NAN_AT_STEP=k`` (a test hook) feeds step k a source batch of NaN pixels: a
+  non-finite loss computed by the real step, which must stop the run and keep the last good
+  checkpoint. Applied to the host batches as they are read (ahead of their step)."""
   if os.environ.get("DSBN_JAX_NAN_AT_STEP") == str(step):
     source = dict(batch["source"], image=np.full_like(batch["source"]["image"], np.nan))
     batch = dict(batch, source=source)
   return batch
 
 
-def _check_finite(step: int, metrics: dict, ckpt: checkpointing.Checkpointer) -> None:
-  bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
-  if bad:
-    ckpt.wait()  # the last good checkpoint may still be being written (async): finish it first
-    last = ckpt.latest_step()
-    kept = (
-      f"the last good checkpoint (step {last}) is kept"
-      if last is not None
-      else "no checkpoint had been written yet"
-    )
-    raise NonFiniteLossError(
-      f"non-finite {', '.join(bad)} at step {step}; the run stopped and "
-      f"{kept}: lower optim.lr0 or check the data"
-    )
+def _watch_step(watch: dict, metrics: dict, step) -> dict:
+  """``watch`` after one more step: the first step (``step``, the state's step count after it)
+  whose metrics were not all finite, 0 while there is none, and which metrics those were."""
+  bad = {k: ~jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
+  first = (watch["step"] == 0) & jnp.any(jnp.stack(list(bad.values())))
+  return {
+    "step": jnp.where(first, jnp.asarray(step, jnp.int32), watch["step"]),
+    "bad": {k: jnp.where(first, b, watch["bad"][k]) for k, b in bad.items()},
+  }
+
+
+class _FiniteWatch:
+  """Whether every step's metrics were finite, kept on the devices: ``update`` after each step
+  reads nothing back (no host-device sync per step); ``check`` reads it where the loop reads or
+  waits anyway (logs, evaluations, checkpoints, stops) and names the first non-finite step exactly,
+  however many steps ago it was."""
+
+  def __init__(self, mesh):
+    self.mesh, self.value = mesh, None
+    self._step = jax.jit(_watch_step, out_shardings=sharding.replicated(mesh))
+
+  def update(self, metrics: dict, step) -> None:
+    if self.value is None:
+      zero = {"step": np.int32(0), "bad": {k: np.False_ for k in metrics}}
+      self.value = sharding.replicate(zero, self.mesh)
+    self.value = self._step(self.value, metrics, step)
+
+  def check(self, ckpt: checkpointing.Checkpointer, watched: dict | None = None) -> None:
+    """``watched``: the value already read to the host (else it is read here)."""
+    if self.value is not None:
+      _check_finite(jax.device_get(self.value) if watched is None else watched, ckpt)
+
+
+def _check_finite(watched: dict, ckpt: checkpointing.Checkpointer) -> None:
+  """A ``NonFiniteLossError`` when ``watched`` (a ``_FiniteWatch`` value, on the host) holds a
+  non-finite step."""
+  if not watched["step"]:
+    return
+  bad = sorted(k for k, b in watched["bad"].items() if b)
+  ckpt.wait()  # the last good checkpoint may still be being written (async): finish it first
+  last = ckpt.latest_step()
+  kept = (
+    f"the last good checkpoint (step {last}) is kept"
+    if last is not None
+    else "no checkpoint had been written yet"
+  )
+  raise NonFiniteLossError(
+    f"non-finite {', '.join(bad)} at step {int(watched['step'])}; the run stopped and "
+    f"{kept}: lower optim.lr0 or check the data"
+  )
 
 
 class _CpuEstimate:
@@ -559,16 +600,21 @@ def _train_loop(run: _Run) -> dict:
   train_iter = input_pipeline.make_train_iterator(
     config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=run.start_step
   )
+  # Two batches staged on the devices ahead of their step: a step never waits for its input.
+  batches = sharding.prefetch_to_global(
+    (_inject_nan(s, b) for s, b in zip(range(run.start_step, total), train_iter)), run.mesh
+  )
   run.progress = progress = reporting.Progress(
     total, run.start_step, batch_images, enabled=run.is_main, sync=jax.block_until_ready
   )
-  t_start, pending, last_eval = time.perf_counter(), None, None
+  t_start, last_eval = time.perf_counter(), None
   cpu_clock = _CpuEstimate(run, enabled=sharding.slow_on_cpu(run.mesh, config))
+  watch = _FiniteWatch(run.mesh)  # nothing is read back per step: only where the loop waits
   wall0 = run.meta["wall_time_s"]
   saved = None
 
-  def save(done: int, metrics) -> None:  # a checkpoint of the state after step done, if finite
-    _check_finite(done, jax.device_get(metrics), run.ckpt)
+  def save(done: int) -> None:  # a checkpoint of the state after step done, if all were finite
+    watch.check(run.ckpt)
     run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
     with progress.excluded(run.state):  # not training time: out of the img/s
       run.checkpoint(done)
@@ -577,30 +623,30 @@ def _train_loop(run: _Run) -> dict:
   with run_control.GracefulStop() as stop:
     try:
       for step in range(run.start_step, total):
-        batch = sharding.to_global(_inject_fault(step, next(train_iter)), run.mesh)
-        run.state, metrics = run.train_fn(run.state, batch, run.step_rng)
-        cpu_clock.tick(step + 1, metrics)
-        progress.tick(step + 1, metrics)  # the first step (compilation) is not timed
-        if pending is not None:  # read the previous step's metrics: no stall on the current step
-          _check_finite(step, jax.device_get(pending), run.ckpt)
-        pending, done = metrics, step + 1
-        if done % config.log_every_steps == 0 or done == total:
-          host = jax.device_get(metrics)
-          _check_finite(done, host, run.ckpt)
+        _inject_fault(step)
+        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng)
+        watch.update(metrics, run.state.step)
+        done = step + 1
+        cpu_clock.tick(done, metrics)
+        progress.tick(done, metrics)  # the first step (compilation) is not timed
+        if done % config.log_every_steps == 0 or done == total:  # the values at this step
+          host, watched = jax.device_get((metrics, watch.value))
+          watch.check(run.ckpt, watched)
           host["train/images_per_s"] = progress.rate(done)
           run.writer.write(done, host)
           progress.report(
             done, {k: host[k] for k in ("train/loss", "train/source_acc") if k in host}
           )
         if done % config.eval_every_steps == 0 or done == total:
+          watch.check(run.ckpt)  # no evaluation (nor best checkpoint) of a non-finite state
           with progress.excluded(run.state):  # not training time: out of the img/s
             last_eval = run.run_eval(done)
         if done % config.checkpoint_every_steps == 0 or done == total:
-          save(done, metrics)
+          save(done)
           saved = done
         if done < total and stop.requested(sync=done % config.log_every_steps == 0):
           if saved != done:
-            save(done, metrics)
+            save(done)
           run.ckpt.wait()
           raise run_control.Stopped(done, stop.signal_name)
     except BaseException:  # an error, a NaN stop, a signal: finish a pending async save, then stop

@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # CPU-only suite, even on a GPU host
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+suite_env.drop_launcher_env()  # srun's, mpirun's, a TPU VM's: in-process runs are one process
 # Before jax is imported (it reads them then); the subprocesses the tests start inherit them
 # through suite_env.subprocess_env.
 os.environ.update(suite_env.CACHE_ENV)

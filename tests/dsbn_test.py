@@ -121,3 +121,41 @@ def test_bfloat16_compute_keeps_float32_statistics():
   assert y.dtype == jnp.bfloat16
   assert upd["batch_stats"]["var"].dtype == jnp.float32
   assert variables["params"]["scale"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bfloat16_normalises_in_float32_and_rounds_once(train):
+  """bfloat16 compute against the float32 layer on the same (bfloat16) input: the error is the one
+  rounding of y to bfloat16 (2^-8 relative). The former ``x * mul + add`` with ``add = bias -
+  mean * mul`` rounded to bfloat16 first shifted each channel by up to |mean / sigma|·|scale|·2^-8
+  (channel means ~40 sigma here: ~0.1, far above y's own rounding)."""
+  rng = np.random.default_rng(3)
+  c = 6
+  mean_c = rng.uniform(20.0, 60.0, c)
+  x = jnp.asarray(rng.normal(mean_c, 1.0, (32, 4, 4, c)), jnp.bfloat16)
+  x32 = x.astype(jnp.float32)
+  m, v = np.asarray(x32).reshape(-1, c).mean(0), np.asarray(x32).reshape(-1, c).var(0)
+  layer = DomainSpecificBatchNorm(num_domains=1, dtype=jnp.bfloat16)
+  variables = {
+    "params": {
+      "scale": jnp.asarray(rng.uniform(0.5, 1.5, (1, c)), jnp.float32),
+      "bias": jnp.asarray(rng.uniform(-0.5, 0.5, (1, c)), jnp.float32),
+    },
+    "batch_stats": {"mean": jnp.asarray(m[None], jnp.float32), "var": jnp.asarray(v[None])},
+  }
+  apply = lambda lay, inp: lay.apply(variables, inp, domain=0, train=train, mutable=True)[0]  # noqa: E731
+  y_ref = np.asarray(apply(DomainSpecificBatchNorm(num_domains=1), x32))  # float32 layer
+  y = apply(layer, x)
+  assert y.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(y, np.float32) - y_ref)
+  bound = 2.0**-8 * np.abs(y_ref) + 1e-4  # one rounding of y (+ float32 cancellation in x*mul+add)
+  # The former formula on the same statistics, for the record and to show the bound tells them apart.
+  stats = {"mean": m, "var": v} if train else variables["batch_stats"]
+  mul = variables["params"]["scale"][0] / np.sqrt(np.asarray(stats["var"]).reshape(-1) + 1e-5)
+  add = variables["params"]["bias"][0] - np.asarray(stats["mean"]).reshape(-1) * mul
+  bf16 = lambda a: jnp.asarray(a.reshape(1, 1, 1, c), jnp.bfloat16)  # noqa: E731
+  y_old = x * bf16(mul) + bf16(add)
+  err_old = np.abs(np.asarray(y_old, np.float32) - y_ref)
+  print(f"bf16 BN max |error| vs float32: {err.max():.2e} now, {err_old.max():.2e} before")
+  assert np.all(err <= bound), err.max()
+  assert not np.all(err_old <= bound) and err_old.max() > 10 * err.max()

@@ -69,18 +69,19 @@ def test_held_out_source_images_never_reach_the_train_stream(digits_data_dir, mo
 
   # The train stream caches and permutes exactly the kept rows (with cache_resized, the default).
   seen = {}
-  resize_all, train_stream = input_pipeline._resize_all, input_pipeline._train_stream
+  train_rows, train_stream = input_pipeline._train_rows, input_pipeline._train_stream
 
-  def spy_resize(encoded, rows, data):
-    seen.setdefault("rows", []).append(set(np.asarray(rows).tolist()))
-    return resize_all(encoded, rows, data)
+  def spy_rows(cache, *args):
+    rows = train_rows(cache, *args)
+    seen.setdefault("rows", []).append(set(cache.stored[rows].tolist()))  # as stored rows
+    return rows
 
   def spy_stream(*args):
     stream = train_stream(*args)
     seen.setdefault("n", []).append(stream.num_examples)
     return stream
 
-  monkeypatch.setattr(input_pipeline, "_resize_all", spy_resize)
+  monkeypatch.setattr(input_pipeline, "_train_rows", spy_rows)
   monkeypatch.setattr(input_pipeline, "_train_stream", spy_stream)
   stream = input_pipeline.make_train_iterator(
     data, global_batch_size=32, seed=0, process_index=0, process_count=1

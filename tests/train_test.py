@@ -8,7 +8,8 @@ gives), started one of two ways:
   stdout and stderr as a subprocess gives them): the uninterrupted reference run (conftest's
   ``smoke_run``), every resume, the guards, the NaN stops and the bad-input matrix;
 - as a real subprocess where only a process shows it: a ``kill -9`` crash, SIGTERM/SIGINT, two
-  processes (gloo), and one bad input typed as a command. These start in the background when the
+  processes (gloo; started with SLURM's variables as srun sets them, and with Open MPI's as
+  mpirun does: dsbn_jax/launcher.py), and one bad input typed as a command. These start in the background when the
   test session starts (conftest's ``background_runs``, with ``background_jobs`` below), and run
   while the in-process tests before them do.
 
@@ -19,6 +20,7 @@ subprocess run resumed in this process must end exactly where the reference ende
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -111,9 +113,64 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {}), overrides=()):
-  """The smoke run as 2 processes x 2 CPU devices (gloo); returns the return codes and outputs."""
-  port = _free_port()
+# JAX derives the coordinator's port from the launcher's job id, in [61440, 65535]
+# (jax/_src/clusters/slurm_cluster.py, ompi_cluster.py): each launch picks a job id whose port is
+# free here.
+_JAX_PORT_BASE = 65535 - 2**12 + 1
+_RNG = random.SystemRandom()  # not the tests' seeded one
+
+
+def _free_jax_port() -> int:
+  for port in _RNG.sample(range(_JAX_PORT_BASE, 65536), 2**12):
+    try:
+      with socket.socket() as s:
+        s.bind(("", port))
+      return port
+    except OSError:
+      continue
+  raise AssertionError("no free port in JAX's launcher range")
+
+
+def _launch_env(launcher: str) -> list:
+  """The variables a launcher gives each of 2 processes on this host, and nothing else (no
+  JAX_*): "slurm" as ``srun -N 1 -n 2`` sets them, "ompi" as Open MPI 4's ``mpirun -np 2``."""
+  offset = _free_jax_port() - _JAX_PORT_BASE + 2**12 * _RNG.randrange(1, 2**8)
+  if launcher == "slurm":  # port = SLURM_JOB_ID % 2**12 + base; coordinator: first node
+    return [
+      {
+        "SLURM_JOB_ID": str(offset),
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_PROCID": str(i),
+        "SLURM_LOCALID": str(i),
+        "SLURM_NODEID": "0",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+        "SLURM_TASKS_PER_NODE": "2",
+      }
+      for i in range(2)
+    ]
+  # port = (job id // 2**12) % 2**12 + base; coordinator: the host of mpirun's URI
+  uri = f"{offset * 2**12}.0;tcp://127.0.0.1:{_free_port()}"
+  return [
+    {
+      "OMPI_MCA_orte_hnp_uri": uri,
+      "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_RANK": str(i),
+      "OMPI_COMM_WORLD_LOCAL_RANK": str(i),
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    }
+    for i in range(2)
+  ]
+
+
+def _two_processes(
+  workdir, data_dir, base_env, env_by_process=({}, {}), overrides=(), launcher="slurm"
+):
+  """The smoke run as 2 processes x 2 CPU devices (gloo), started with ``launcher``'s variables
+  only (``_launch_env``); returns the return codes and outputs."""
+  launch = _launch_env(launcher)
   procs = [
     subprocess.Popen(
       _command(workdir, data_dir, *overrides),
@@ -121,14 +178,7 @@ def _two_processes(workdir, data_dir, base_env, env_by_process=({}, {}), overrid
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
-      env=_env(
-        2,
-        base_env,
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES="2",
-        JAX_PROCESS_ID=str(i),
-        **env_by_process[i],
-      ),
+      env=_env(2, base_env, **launch[i], **env_by_process[i]),
     )
     for i in range(2)
   ]
@@ -141,8 +191,8 @@ MULTI_OVERRIDES = ("--config.select_with=bnm",)
 
 
 def _multi_host_runs(root, data_dir, base_env) -> dict:
-  """The multi-host scenario: two processes, SIGTERM to process 1 alone as its step 4 starts, then
-  both resumed to the end (read by both multi-host tests)."""
+  """The multi-host scenario, started as srun starts two tasks: two processes, SIGTERM to process
+  1 alone as its step 4 starts, then both resumed to the end (read by both multi-host tests)."""
   out = {}
   multi = root / "signalled"
   signal = ({}, {"DSBN_JAX_SIGNAL_AT_STEP": "4:SIGTERM"})
@@ -224,6 +274,29 @@ def multi_host(background_runs, tmp_path_factory, digits_data_dir):
     future.result(timeout=1800)
   root = tmp_path_factory.mktemp("multi_host")
   return _multi_host_runs(root, digits_data_dir, dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def open_mpi_run(background_runs, tmp_path_factory, digits_data_dir):
+  """``(workdir, (codes, outs))`` of the smoke run as Open MPI's mpirun starts two processes
+  (its variables only), uninterrupted; started once every background run has ended, as
+  ``multi_host``."""
+  for future in background_runs.values():
+    future.result(timeout=1800)
+  workdir = tmp_path_factory.mktemp("open_mpi") / "run"
+  runs = _two_processes(
+    workdir, digits_data_dir, dict(os.environ), overrides=MULTI_OVERRIDES, launcher="ompi"
+  )
+  return workdir, runs
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory, digits_data_dir):
+  """The smoke run (``MULTI_OVERRIDES``) as 1 process x 4 devices, uninterrupted: what every
+  2-process run must equal."""
+  single = tmp_path_factory.mktemp("four_devices") / "single"
+  _main(single, digits_data_dir, *MULTI_OVERRIDES, devices=4)
+  return single
 
 
 @pytest.fixture(scope="module")
@@ -427,23 +500,9 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(reference_
   )
 
 
-def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path, digits_data_dir):
-  """Real multi-host: 2 processes x 2 CPU devices (gloo), stopped and resumed, == 1 process x 4
-  devices, uninterrupted."""
-  single = tmp_path / "single"
-  _main(single, digits_data_dir, *MULTI_OVERRIDES, devices=4)
-  multi, (_, outs) = multi_host["signalled"]
-  assert (
-    outs[0][0]
-    .splitlines()[0]
-    .startswith(  # the main process speaks for the whole mesh
-      "dsbn_jax: platform cpu, 4 x cpu, 2 processes, mesh data=4, "
-    )
-  )
-  assert not outs[1][0].startswith("dsbn_jax:")
-  codes, outs = multi_host["signalled_resumed"]
-  for code, (_, err) in zip(codes, outs):
-    assert code == 0, err[-3000:]
+def _assert_two_processes_match_four_devices(multi, single) -> None:
+  """The run in ``multi`` (2 processes x 2 CPU devices) == the one in ``single`` (1 process x 4
+  devices): state, results, validators' pick and train metrics."""
   # Reduction order differs (gloo all-reduce vs one process): params and BN statistics agree to
   # 1e-5; the momentum buffers (sums of raw gradients, O(1) and larger) to 1e-4 relative.
   (step_m, sm), (step_s, ss) = _params(multi), _params(single)
@@ -475,6 +534,41 @@ def test_two_processes_match_one_process_with_four_devices(multi_host, tmp_path,
     for k in ra:
       if k.startswith("train/") and k != "train/images_per_s":
         np.testing.assert_allclose(ra[k], rb[k], atol=1e-5, err_msg=k)
+
+
+def _assert_launch_lines(outs, launch: str) -> None:
+  """Process 0 says how it was launched, then the run's start-up line for the whole mesh;
+  process 1 says neither."""
+  lines = outs[0][0].splitlines()
+  assert lines[0].startswith(f"launch: {launch}"), lines[:2]
+  assert ", 2 processes (2 on this node), this process's devices: all it sees" in lines[0]
+  assert lines[1].startswith("dsbn_jax: platform cpu, 4 x cpu, 2 processes, mesh data=4, ")
+  assert not outs[1][0].startswith(("launch:", "dsbn_jax:"))
+
+
+def test_two_processes_match_one_process_with_four_devices(multi_host, four_devices):
+  """Real multi-host, started as srun starts two tasks (SLURM's variables only, no JAX_*): 2
+  processes x 2 CPU devices (gloo), stopped and resumed, == 1 process x 4 devices,
+  uninterrupted."""
+  multi, (_, outs) = multi_host["signalled"]
+  _assert_launch_lines(outs, "srun (SLURM job ")
+  codes, outs = multi_host["signalled_resumed"]
+  for code, (_, err) in zip(codes, outs):
+    assert code == 0, err[-3000:]
+  _assert_launch_lines(outs, "srun (SLURM job ")
+  _assert_two_processes_match_four_devices(multi, four_devices)
+
+
+def test_two_processes_started_by_open_mpi_match_one_process_with_four_devices(
+  open_mpi_run, four_devices
+):
+  """Started as Open MPI's mpirun starts two processes (its variables only): == 1 process x 4
+  devices."""
+  multi, (codes, outs) = open_mpi_run
+  for code, (_, err) in zip(codes, outs):
+    assert code == 0, err[-3000:]
+  _assert_launch_lines(outs, "mpirun (Open MPI)")
+  _assert_two_processes_match_four_devices(multi, four_devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +644,6 @@ BAD_INPUTS = [  # (id, overrides, devices, the error line holds)
     1,
     "{victim}",
   ),
-  ("batch_not_divisible", [], 3, "config.batch_size=8 cannot be split over 3 devices"),
 ]
 
 

@@ -18,7 +18,13 @@ Numerics follow torch's ``BatchNorm2d`` (docs/reference.md §4), not Flax's ``nn
 - ``momentum`` is given in torch's convention: new = (1 - momentum)·old + momentum·batch;
 - the running variance is updated with the *unbiased* batch variance (n / (n - 1)), while the
   normalisation itself uses the biased one;
-- statistics are computed in float32 with a two-pass variance, whatever the compute dtype.
+- statistics are computed in float32 with a two-pass variance, whatever the compute dtype, and
+  the normalisation too, rounded once to the compute dtype.
+
+A train-mode call may carry a ``mask`` (bool[N]) of the batch's real rows: a batch padded to a
+multiple of the device count (``input_pipeline``) normalises with the statistics of its real rows
+only, and its running variance uses their count (n / (n - 1), n real rows x pixels), so the result
+is that of the unpadded batch; the padding rows are normalised too but reach nothing else.
 
 Under ``jax.jit`` with the batch sharded over a mesh, the means below are over the *global* batch, so
 multi-device training is synchronised BN (identical to one device holding the whole batch).
@@ -43,7 +49,9 @@ class DomainSpecificBatchNorm(nn.Module):
   bias_init: Any = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x, *, domain: Domain, train: bool):
+  def __call__(self, x, *, domain: Domain, train: bool, mask=None):
+    """``mask``: bool[N], the batch's real rows (None: all), in train mode the only rows its
+    statistics see; the other (padding) rows are normalised with them and otherwise ignored."""
     domains = tuple(domain) if isinstance(domain, (tuple, list)) else (domain,)
     if not domains or not all(0 <= d < self.num_domains for d in domains):
       raise ValueError(f"domain={domain} but this layer has {self.num_domains} domain branch(es)")
@@ -67,6 +75,7 @@ class DomainSpecificBatchNorm(nn.Module):
       reduce_axes = tuple(range(x.ndim - 1))
       rows = lambda a_DxC: a_DxC[domains[0]]  # noqa: E731  (C,)
       group = lambda a_C, i: a_C  # noqa: E731
+      row_shape = (x.shape[0],)  # the mask's rows, as x's leading axes
     else:
       xg = x.reshape((x.shape[0] // g, g) + x.shape[1:])
       stats_view = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
@@ -74,16 +83,29 @@ class DomainSpecificBatchNorm(nn.Module):
       reduce_axes = tuple(range(1, xg.ndim - 1))
       rows = lambda a_DxC: jnp.stack([a_DxC[d] for d in domains])  # noqa: E731  (GxC)
       group = lambda a_GxC, i: a_GxC[i]  # noqa: E731
+      row_shape = xg.shape[:2]
     if train:
       x32 = xg.astype(jnp.float32)
-      mean = jnp.mean(stats_view(x32), axis=reduce_axes)
-      centred = x32 - mean.reshape(bshape)
-      var = jnp.mean(stats_view(jnp.square(centred)), axis=reduce_axes)  # biased, two-pass
+      if mask is None:
+        mean = jnp.mean(stats_view(x32), axis=reduce_axes)
+        centred = x32 - mean.reshape(bshape)
+        var = jnp.mean(stats_view(jnp.square(centred)), axis=reduce_axes)  # biased, two-pass
+        n = x.size // (c * g)
+        bessel = n / max(n - 1, 1)
+      else:  # the same over the real rows only: padding rows enter no sum and no count
+        keep = mask.astype(jnp.bool_).reshape(row_shape + (1,) * (xg.ndim - len(row_shape)))
+        per_row = x.size // (x.shape[0] * c)  # values per row and channel (pixels)
+        # real values per channel (of each group): shape (1,) or (G, 1), exact in float32
+        n = jnp.sum(stats_view(keep.astype(jnp.float32)), axis=reduce_axes) * per_row
+        n = jnp.maximum(n, 1.0)
+        mean = jnp.sum(stats_view(jnp.where(keep, x32, 0.0)), axis=reduce_axes) / n
+        centred = x32 - mean.reshape(bshape)
+        var = jnp.sum(stats_view(jnp.where(keep, jnp.square(centred), 0.0)), axis=reduce_axes) / n
+        bessel = n / jnp.maximum(n - 1.0, 1.0)
       # Flax would update the statistics during init; torch's freshly built module holds the
       # initial values, so init leaves them untouched.
       if not self.is_initializing():
-        n = x.size // (c * g)
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = var * bessel
         m = self.momentum
         for i, d in enumerate(domains):  # in group order: G sequential calls' updates
           mean_DxC.value = mean_DxC.value.at[d].set(
@@ -95,9 +117,12 @@ class DomainSpecificBatchNorm(nn.Module):
     else:
       mean, var = rows(mean_DxC.value), rows(var_DxC.value)
 
-    # y = (x - mean) * (scale / sqrt(var + eps)) + bias, folded into one multiply-add.
+    # y = (x - mean) * (scale / sqrt(var + eps)) + bias, folded into one multiply-add, in float32
+    # and rounded once to the compute dtype: rounding ``mul`` and ``add`` = bias - mean * mul to
+    # bfloat16 first would shift each channel by up to |mean / sigma| * |scale| * 2^-8 (relative
+    # rounding error of bfloat16), where y itself is off by at most |y| * 2^-8.
     mul = rows(scale_DxC) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
     add = rows(bias_DxC) - mean * mul
     dtype = self.dtype or x.dtype
-    y = xg * mul.reshape(bshape).astype(dtype) + add.reshape(bshape).astype(dtype)
+    y = xg.astype(jnp.float32) * mul.reshape(bshape) + add.reshape(bshape)
     return y.astype(dtype).reshape(x.shape)

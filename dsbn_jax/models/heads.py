@@ -53,13 +53,22 @@ class Discriminator(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, feat_NxF, *, train: bool):
+  def __call__(self, feat_NxF, *, train: bool, mask=None):
+    """``mask``: bool[N] of the real rows of a padded batch (None: all real). D is row-wise but
+    for its dropout, drawn per position: the real rows go first, in order, so that each draws the
+    numbers it draws in the unpadded batch (threefry with ``jax_threefry_partitionable``, JAX's
+    default: a position's numbers do not depend on the leading dimension), then back in place."""
     x = feat_NxF.astype(self.dtype)
+    order = None
+    if mask is not None and train and self.dropout_rate:
+      order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), stable=True)
+      x = x[order]
     for i in (1, 2):
       x = nn.relu(_dense(self.hidden_dim, f"ad_layer{i}", self.dtype)(x))
       # One D forward per step over [source; target] -> one dropout mask shared by all its losses.
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return _dense(self.num_outputs, "ad_layer3", self.dtype)(x).astype(jnp.float32)
+    logits = _dense(self.num_outputs, "ad_layer3", self.dtype)(x).astype(jnp.float32)
+    return logits if order is None else logits[jnp.argsort(order)]
 
 
 class AdaptationNet(nn.Module):
@@ -87,15 +96,17 @@ class AdaptationNet(nn.Module):
         self.disc_outputs, self.disc_hidden_dim, self.dropout_rate, self.dtype
       )
 
-  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
-    feat = self.backbone(x_NHWC, domain=domain, train=train)
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool, mask=None):
+    """``mask``: bool[N] of the real rows of a padded batch (None: all), for the backbone's BN
+    statistics; the heads are row-wise."""
+    feat = self.backbone(x_NHWC, domain=domain, train=train, mask=mask)
     if self.bottleneck_dim:
       feat = self.bottleneck(feat.astype(self.dtype)).astype(jnp.float32)
     logits = self.classifier(feat.astype(self.dtype)).astype(jnp.float32)
     return feat, logits
 
-  def discriminate(self, feat_NxF, *, train: bool):
-    return self.disc(feat_NxF, train=train)
+  def discriminate(self, feat_NxF, *, train: bool, mask=None):
+    return self.disc(feat_NxF, train=train, mask=mask)
 
   def init_all(self, x_NHWC):
     """Touches every submodule (``model.init(..., method='init_all')``)."""

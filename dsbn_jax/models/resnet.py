@@ -69,20 +69,21 @@ class Bottleneck(nn.Module):
   conv_impl: str = "auto"  # models/conv.py: 'auto' | 'xla' | 'matmul'
 
   @nn.compact
-  def __call__(self, x, *, domain: Domain, train: bool):
+  def __call__(self, x, *, domain: Domain, train: bool, mask=None):
     norm = functools.partial(
       DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype
     )
+    bn = dict(domain=domain, train=train, mask=mask)
     out_features = self.width * 4
     y = _conv(self.width, 1, 1, "conv1", self.dtype, self.conv_impl)(x)
-    y = nn.relu(norm(name="bn1")(y, domain=domain, train=train))
+    y = nn.relu(norm(name="bn1")(y, **bn))
     y = _conv(self.width, 3, self.stride, "conv2", self.dtype, self.conv_impl)(y)
-    y = nn.relu(norm(name="bn2")(y, domain=domain, train=train))
+    y = nn.relu(norm(name="bn2")(y, **bn))
     y = _conv(out_features, 1, 1, "conv3", self.dtype, self.conv_impl)(y)
-    y = norm(name="bn3")(y, domain=domain, train=train)
+    y = norm(name="bn3")(y, **bn)
     if self.stride != 1 or x.shape[-1] != out_features:
       x = _conv(out_features, 1, self.stride, "downsample_conv", self.dtype, self.conv_impl)(x)
-      x = norm(name="downsample_bn")(x, domain=domain, train=train)
+      x = norm(name="downsample_bn")(x, **bn)
     return nn.relu(y + x)
 
 
@@ -99,11 +100,12 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"  # convolution form, models/conv.py: 'auto' | 'xla' | 'matmul'
 
   @nn.compact
-  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool, mask=None):
+    """``mask``: bool[N] of the real rows of a padded batch, for every BN (None: all real)."""
     x = x_NHWC.astype(self.dtype)
     x = _conv(self.num_filters, *self.STEM, "conv1", self.dtype, self.conv_impl)(x)
     x = DomainSpecificBatchNorm(self.num_domains, dtype=self.dtype, name="bn1")(
-      x, domain=domain, train=train
+      x, domain=domain, train=train, mask=mask
     )
     x = nn.relu(x)
     # torchvision MaxPool2d(3, 2, padding=1) pads with -inf, on both sides.
@@ -119,7 +121,7 @@ class ResNet(nn.Module):
           self.dtype,
           self.conv_impl,
           name=f"layer{i + 1}_{j}",
-        )(x, domain=domain, train=train)
+        )(x, domain=domain, train=train, mask=mask)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # adaptive avg-pool to 1x1, flattened
 
   @staticmethod
@@ -159,19 +161,21 @@ class SmallCNN(nn.Module):
   POOL = 2  # each max pool's window and stride
 
   @nn.compact
-  def __call__(self, x_NHWC, *, domain: Domain, train: bool):
+  def __call__(self, x_NHWC, *, domain: Domain, train: bool, mask=None):
+    """``mask``: bool[N] of the real rows of a padded batch, for every BN (None: all real)."""
     norm = functools.partial(
       DomainSpecificBatchNorm, num_domains=self.num_domains, dtype=self.dtype
     )
+    bn = dict(domain=domain, train=train, mask=mask)
     x = x_NHWC.astype(self.dtype)
     for i, w in enumerate(self.widths):
       k, p = self.KERNEL, self.POOL
       x = nn.Conv(w, (k, k), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
-      x = nn.relu(norm(name=f"bn{i + 1}")(x, domain=domain, train=train))
+      x = nn.relu(norm(name=f"bn{i + 1}")(x, **bn))
       x = nn.max_pool(x, (p, p), strides=(p, p))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.feature_dim, dtype=self.dtype, name="fc")(x)
-    x = nn.relu(norm(name="bn_fc")(x, domain=domain, train=train))
+    x = nn.relu(norm(name="bn_fc")(x, **bn))
     return x.astype(jnp.float32)
 
   def output_size(self, size: int) -> int:
