@@ -242,6 +242,52 @@ def _write_json(path: str, obj) -> None:
   reporting.write_atomic(path, json.dumps(obj, indent=2))  # a crash never leaves half a file
 
 
+def _claim(workdir: str, config, lock: run_control.WorkdirLock, say, resolved: bool) -> None:
+  """``guard_workdir`` on every process; then (the first time) process 0 takes the lock. Every
+  process has checked the workdir before process 0 writes to it (another would find process 0's
+  config.json.tmp there), and all stop when one refuses it."""
+  refused = None
+  try:
+    note = guard_workdir(workdir, config, resolved=resolved)
+    if note and resolved:
+      say(note)
+    if jax.process_index() == 0 and not lock.held:
+      lock.acquire()  # one live run per workdir; refused before this run writes anything
+  except UserError as e:
+    refused = e
+  if not sharding.every_process(refused is None):
+    raise refused or UserError(
+      f"another process refused workdir {workdir} (its output says why); nothing was changed"
+    )
+
+
+def _scored_entry(step: int, result: dict, source: dict | None) -> dict:
+  """The ``evals`` entry of an evaluation: its accuracy and every validator's score, process 0's
+  on every process (they decide collective saves); a validator that could not score is None, its
+  reason in ``validators_skipped``."""
+  scores, skipped = validators.scores_and_reasons(
+    target_probs=result["probs"],
+    target_features=result["features"],
+    **(
+      {}
+      if source is None
+      else {
+        "source_probs": source["probs"],
+        "source_labels": source["labels"],
+        "source_features": source["features"],
+      }
+    ),
+  )
+  scores = sharding.from_process_0(scores)  # every process then picks the same checkpoints
+  entry = {"step": step, "accuracy": result["accuracy"], "validators": scores}
+  unscored = [k for k, v in scores.items() if v is None]  # None: it could not score, and why
+  if unscored:
+    entry["validators_skipped"] = {
+      k: skipped.get(k, "process 0 could not score it") for k in unscored
+    }
+  return entry
+
+
 class _Run:
   """Everything one training run holds; the loop below is split into its named steps."""
 
@@ -273,7 +319,7 @@ class _Run:
     # A missing weights file fails before data preparation.
     pretrained = torchvision_port.load_pretrained_backbone(config)
     self.lock = run_control.WorkdirLock(workdir)
-    self._claim(workdir, config, resolved=False)  # locked before the data: one run per workdir
+    _claim(workdir, config, self.lock, self.say, resolved=False)  # the lock before the data
     tfds.display_progress_bar(False)  # dataset preparation: TFDS's bars would flood the log
     self.info = catalog.get_data_info(config.data)
     lr0 = config.optim.lr0
@@ -289,7 +335,7 @@ class _Run:
         f"warning: source and target are the same domain ({self.info.source.name}): this "
         "is no domain adaptation; check config.data.source and config.data.target"
       )
-    self._claim(workdir, config, resolved=True)  # the class count and the tree's digest too
+    _claim(workdir, config, self.lock, self.say, resolved=True)  # class count, tree digest
     self.model = heads.create_model(config)
     size = config.data.crop_size or config.data.resize_size  # train crop, or the resize alone
     image_shape = (size, size, 3)
@@ -338,24 +384,6 @@ class _Run:
       reevaluate=self.start_step >= config.total_steps,
     )
 
-  def _claim(self, workdir: str, config, resolved: bool) -> None:
-    """``guard_workdir`` on every process; then (the first time) process 0 takes the lock. Every
-    process has checked the workdir before process 0 writes to it (another would find process 0's
-    config.json.tmp there), and all stop when one refuses it."""
-    refused = None
-    try:
-      note = guard_workdir(workdir, config, resolved=resolved)
-      if note and resolved:
-        self.say(note)
-      if self.is_main and not self.lock.held:
-        self.lock.acquire()  # one live run per workdir; refused before this run writes anything
-    except UserError as e:
-      refused = e
-    if not sharding.every_process(refused is None):
-      raise refused or UserError(
-        f"another process refused workdir {workdir} (its output says why); nothing was changed"
-      )
-
   def say(self, msg: str) -> None:
     if self.is_main:
       if self.progress is not None:  # above the progress bar on a terminal
@@ -395,26 +423,8 @@ class _Run:
     if self.source_val is not None:  # labelled held-out source images, never target labels
       fn, data = self.source_val
       source = evaluation.evaluate(fn, self.state, data, self.mesh, self.info.num_classes)
-    scores, skipped = validators.scores_and_reasons(
-      target_probs=result["probs"],
-      target_features=result["features"],
-      **(
-        {}
-        if source is None
-        else {
-          "source_probs": source["probs"],
-          "source_labels": source["labels"],
-          "source_features": source["features"],
-        }
-      ),
-    )
-    scores = sharding.from_process_0(scores)  # every process then picks the same checkpoints
-    entry = {"step": step, "accuracy": result["accuracy"], "validators": scores}
-    unscored = [k for k, v in scores.items() if v is None]  # None: it could not score, and why
-    if unscored:
-      entry["validators_skipped"] = {
-        k: skipped.get(k, "process 0 could not score it") for k in unscored
-      }
+    entry = _scored_entry(step, result, source)
+    scores = entry["validators"]
     evals = self.meta["evals"]
     if evals and evals[-1]["step"] == step:  # re-evaluating a finished run: no duplicate entry
       evals.pop()
