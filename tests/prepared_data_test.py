@@ -117,6 +117,7 @@ def test_a_live_readers_copy_never_changes_while_other_contents_are_prepared(tmp
   rounds = 4
   ready = tmp_path / 'ready'
   reader = _python(_READER, str(v1), data_dir, ready, rounds)
+  finished = False
   try:
     _wait_for(ready, reader)
     for r in range(rounds):
@@ -128,7 +129,10 @@ def test_a_live_readers_copy_never_changes_while_other_contents_are_prepared(tmp
       (tmp_path / f'ready.go{r}').touch()
       _wait_for(tmp_path / f'ready.done{r}', reader)
       assert json.loads((tmp_path / f'ready.done{r}').read_text()) is True, r
+    finished = True
   finally:
+    if not finished:
+      reader.kill()  # a failed round: never leave it waiting for the next one
     out, err = reader.communicate(timeout=120)
   assert reader.returncode == 0, err[-3000:]
   # v1's first copy outlived the newer contents of its tree while read (each intermediate one,
