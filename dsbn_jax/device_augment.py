@@ -1,0 +1,92 @@
+"""The train augmentation as device computation: RandomResizedCrop's resize, flip, normalisation.
+
+The host path (``input_pipeline.augment_train``, TensorFlow) crops each resized uint8 image to its
+box, resizes the crop to ``crop_size`` with TF's antialiased bilinear filter, rounds and clips to
+[0, 255] (the reference's uint8 PIL images), flips and normalises, one image at a time on the host's
+cores. Here the same maths runs batched inside a jitted computation, so that the host only sends
+the uint8 rows, the boxes and the flips (``crop_resize``, ``augment``).
+
+The resize is separable: for each axis a weight matrix ``W[out, in]`` over the *whole* resized
+image, the triangle kernel of TF's ``scale_and_translate`` (what ``tf.image.resize(...,
+antialias=True)`` calls for 'bilinear', and what ``jax.image.scale_and_translate`` ports) evaluated
+on the crop's coordinates, zero outside the box and normalised over it -- the weights TF computes
+for the cropped image, placed at the box. Cropping then resizing is ``W_y @ image @ W_x^T`` per
+channel. A box is data, not a shape, so every image of a batch has its own and nothing recompiles.
+
+Boxes come from the host path's own RNG (``input_pipeline.random_resized_crop_box``: torchvision's
+RandomResizedCrop parameters from the stateless TF stream), so the device path crops exactly the
+boxes the host path crops, with TF's weights exactly (equal to the last bit when summed by numpy);
+XLA sums them in another order, so a value within about 0.001 of a half rounds the other way: one
+level (1/255) in about 0.02-0.1 % of the values, never more (``tests/device_augment_test.py``).
+
+Not wired into the train loop yet: the loop still feeds the host path's batches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _triangle(x):
+  return jnp.maximum(0.0, 1.0 - jnp.abs(x))
+
+
+def resize_weights(start, length, in_size: int, out_size: int) -> jax.Array:
+  """float32 [out_size, in_size]: the antialiased bilinear weights that resize pixels
+  ``start .. start + length - 1`` of an axis of ``in_size`` pixels to ``out_size`` pixels (``start``
+  and ``length`` traced int scalars)."""
+  length_f = jnp.asarray(length, jnp.float32)
+  scale = out_size / length_f
+  inv_scale = 1.0 / scale
+  kernel_scale = jnp.maximum(inv_scale, 1.0)  # antialias: a wider kernel when downsampling
+  sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale - 0.5  # crop coordinates
+  pos = jnp.arange(in_size, dtype=jnp.float32) - jnp.asarray(start, jnp.float32)
+  inside = (pos >= 0) & (pos < length_f)
+  w = _triangle((sample[:, None] - pos[None, :]) / kernel_scale) * inside[None, :]
+  total = jnp.sum(w, axis=1, keepdims=True)
+  eps = 1000.0 * float(jnp.finfo(jnp.float32).eps)
+  w = jnp.where(jnp.abs(total) > eps, w / jnp.where(total != 0, total, 1.0), 0.0)
+  in_range = (sample >= -0.5) & (sample <= length_f - 0.5)
+  return jnp.where(in_range[:, None], w, 0.0)
+
+
+def crop_resize(images_u8: jax.Array, boxes: jax.Array, crop_size: int) -> jax.Array:
+  """float32 [B, crop, crop, 3] in [0, 255], rounded and clipped: each uint8 [S, S, 3] image
+  cropped to its box (``boxes``: int32 [B, 4], top, left, height, width) and resized to
+  ``crop_size`` (what ``input_pipeline.random_resized_crop`` computes for that box)."""
+  _, height, width, _ = images_u8.shape
+
+  def one(image, box):
+    top, left, h, w = box[0], box[1], box[2], box[3]
+    wy = resize_weights(top, h, height, crop_size)
+    wx = resize_weights(left, w, width, crop_size)
+    x = image.astype(jnp.float32)
+    out = jnp.einsum('iy,yxc->ixc', wy, x, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum('jx,ixc->ijc', wx, out, precision=jax.lax.Precision.HIGHEST)
+    return jnp.clip(jnp.round(out), 0.0, 255.0)
+
+  return jax.vmap(one)(images_u8, boxes)
+
+
+def augment(
+  images_u8: jax.Array,
+  boxes: jax.Array | None,
+  flips: jax.Array,
+  *,
+  crop_size: int,
+  mean,
+  std,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """The device half of the train augmentation: crop and resize (``boxes`` None with crop_size 0:
+  no crop), horizontal flip where ``flips`` (bool [B]), ``/255`` then ``(x - mean) / std``, cast
+  once to the compute ``dtype``."""
+  if boxes is None:
+    x = images_u8.astype(jnp.float32)
+  else:
+    x = crop_resize(images_u8, boxes, crop_size)
+  x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+  mean = jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, 3)
+  std = jnp.asarray(std, jnp.float32).reshape(1, 1, 1, 3)
+  return ((x / 255.0 - mean) / std).astype(dtype)
