@@ -87,9 +87,16 @@ def jit_eval_step(mesh, cfg, domain: int | None = None):
 def predict_batches(eval_fn, state, batches: Iterable[dict], mesh) -> Iterator[dict]:
   """The forward pass over ``batches`` (this process's rows of each, host arrays): yields the host
   outputs of ``eval_fn`` (``eval_step``'s: 'probs', 'pred', 'label', 'mask', ...) per batch, in
-  order, one batch on the devices at a time."""
+  order. Batch k + 1 is dispatched before batch k's outputs are read, so the devices compute it
+  while the host reads, and the caller uses, batch k (two batches in flight at most)."""
+  pending = None
   for batch in batches:
-    yield jax.device_get(eval_fn(state, sharding.to_global(batch, mesh)))
+    out = eval_fn(state, sharding.to_global(batch, mesh))
+    if pending is not None:
+      yield jax.device_get(pending)
+    pending = out
+  if pending is not None:
+    yield jax.device_get(pending)
 
 
 def summarize(confusion) -> dict:

@@ -123,3 +123,19 @@ def test_summarize_leaves_classes_without_images_out_of_the_mean():
   assert result["mean_class_accuracy"] == pytest.approx(62.5)
   assert result["confusion"] == confusion
   assert evaluation.summarize(np.zeros((2, 2), int))["mean_class_accuracy"] is None
+
+
+def test_predict_batches_dispatches_the_next_batch_before_reading_one():
+  """The devices compute batch k + 1 while the host reads batch k (issue 22): by the time the first
+  outputs are yielded, the second batch has been dispatched; outputs still come in order."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  calls = []
+
+  def eval_fn(state, batch):
+    calls.append(int(np.asarray(batch["x"])[0]))
+    return {"x": batch["x"] * 10}
+
+  gen = evaluation.predict_batches(eval_fn, None, ({"x": np.array([i])} for i in range(3)), mesh)
+  first = next(gen)
+  assert calls == [0, 1] and int(first["x"][0]) == 0
+  assert [int(o["x"][0]) for o in gen] == [10, 20] and calls == [0, 1, 2]
