@@ -1,0 +1,193 @@
+"""Per-image transforms of the input pipeline (TensorFlow graph ops, no Python side effects).
+
+They mirror ALDA's `pre_process.py` (docs/reference.md §6): train = decode -> square resize ->
+RandomResizedCrop -> random horizontal flip -> /255 -> mean/std; eval = square resize -> 10 crops
+(5 on the flipped image, then the same 5 on the unflipped one) or the center crop. After each resize
+pixels are rounded and clipped to [0, 255] because the reference works on uint8 PIL images. The
+streams that apply them are in ``input_pipeline``; the train half's device form in
+``device_augment``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import tensorflow as tf
+
+# 10-crop order of the reference's image_test_10crop: origins (x, y) in units of "first" = 0,
+# "last" = resize - crop - 1 and "center" = (resize - crop - 1) / 2, applied first to the flipped
+# (ForceFlip) image, then to the unflipped one.
+TEN_CROP_ORIGINS = (
+  ('first', 'first'),
+  ('last', 'last'),
+  ('last', 'first'),
+  ('first', 'last'),
+  ('center', 'center'),
+)
+EVAL_MODES = ('10crop', 'center')  # data.eval_mode
+# data.resize_method: tf.image.resize's methods (always with antialias=True, see resize_square)
+RESIZE_METHODS = (
+  'bicubic',
+  'bilinear',
+  'nearest',
+  'area',
+  'lanczos3',
+  'lanczos5',
+  'gaussian',
+  'mitchellcubic',
+)
+_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params tries 10 boxes, then falls back
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG bytes -> uint8[H,W,3]; gray/palette/alpha -> RGB as PIL's .convert('RGB')."""
+  # INTEGER_ACCURATE makes TF's JPEG decode bit-identical to PIL's (the reference loader).
+  image = tf.cond(
+    tf.io.is_jpeg(data),
+    lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+    lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+  )
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _to_uint8_range(image: tf.Tensor) -> tf.Tensor:
+  """Round and clip like the reference's uint8 PIL images after each resize."""
+  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def resize_square(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
+  """The reference's ResizeImage: HxW -> size x size, aspect distorted; float32 in [0, 255]."""
+  image = tf.cast(image, tf.float32)
+  same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+  resized = tf.cond(  # antialias=True matches PIL's resize filters (support scaled on downsampling)
+    same,
+    lambda: image,
+    lambda: _to_uint8_range(tf.image.resize(image, [size, size], method=method, antialias=True)),
+  )
+  return tf.ensure_shape(resized, [size, size, 3])
+
+
+def random_resized_crop_box(
+  seed: tf.Tensor,
+  height: tf.Tensor,
+  width: tf.Tensor,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+):
+  """torchvision RandomResizedCrop.get_params with stateless RNG: (top, left, h, w) int32."""
+  s_area, s_ratio, s_pos = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = hf * wf * tf.random.stateless_uniform([_CROP_ATTEMPTS], s_area, scale[0], scale[1])
+  aspect = tf.exp(
+    tf.random.stateless_uniform([_CROP_ATTEMPTS], s_ratio, math.log(ratio[0]), math.log(ratio[1]))
+  )
+  w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, like Python's round
+  h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)  # the first accepted attempt
+  # Fallback after 10 failures: the central crop with the ratio clamped into range (torchvision).
+  in_ratio = wf / hf
+  fb_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32), width)
+  fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
+  any_ok = tf.reduce_any(ok)
+  h, w = tf.where(any_ok, h[first], fb_h), tf.where(any_ok, w[first], fb_w)
+  u = tf.random.stateless_uniform([2], s_pos)  # torch.randint(0, H - h + 1) etc.
+  top = tf.minimum(tf.cast(u[0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
+  left = tf.minimum(tf.cast(u[1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
+  top = tf.where(any_ok, top, (height - h) // 2)
+  left = tf.where(any_ok, left, (width - w) // 2)
+  return top, left, h, w
+
+
+def random_resized_crop(
+  image: tf.Tensor, seed: tf.Tensor, size: int, data: ml_collections.ConfigDict
+) -> tf.Tensor:
+  """RandomResizedCrop(size) (scale/ratio from the config), bilinear as torchvision's default."""
+  shape = tf.shape(image)
+  top, left, h, w = random_resized_crop_box(
+    seed, shape[0], shape[1], tuple(data.crop_scale), tuple(data.crop_ratio)
+  )
+  crop = image[top : top + h, left : left + w]
+  crop = _to_uint8_range(tf.image.resize(crop, [size, size], method='bilinear', antialias=True))
+  return tf.ensure_shape(crop, [size, size, 3])
+
+
+def normalize(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """ToTensor (/255) then Normalize(mean, std), channel last."""
+  mean = tf.constant(data.mean, tf.float32)
+  std = tf.constant(data.std, tf.float32)
+  return (image / 255.0 - mean) / std
+
+
+def decode_and_resize(data_bytes: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """Deterministic head of both transforms: decode, square resize; float32 [S, S, 3] in [0, 255]."""
+  return resize_square(decode_image(data_bytes), data.resize_size, data.resize_method)
+
+
+def augment_train(image: tf.Tensor, seed: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """The random tail of image_train on a resized image: RandomResizedCrop, flip, normalise."""
+  s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if data.crop_size:  # crops the cached uint8 image directly; resize returns float32
+    image = random_resized_crop(image, s_crop, data.crop_size, data)
+  image = tf.cast(image, tf.float32)
+  if data.random_flip:
+    flip = tf.random.stateless_uniform([], s_flip) < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return normalize(image, data)
+
+
+def preprocess_train(
+  data_bytes: tf.Tensor, seed: tf.Tensor, data: ml_collections.ConfigDict
+) -> tf.Tensor:
+  """Reference image_train: decode -> resize -> RandomResizedCrop -> random flip -> normalise."""
+  return augment_train(decode_and_resize(data_bytes, data), seed, data)
+
+
+def crop_offsets(resize_size: int, crop_size: int) -> dict[str, int]:
+  """PlaceCrop origins; PIL rounds the crop box (half to even), so 15.5 -> 16 for 256/224."""
+  return {
+    'first': 0,
+    'last': resize_size - crop_size - 1,
+    'center': round((resize_size - crop_size - 1) / 2),
+  }
+
+
+def ten_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
+  """The reference's image_test_10crop on a square-resized image: [10, crop, crop, 3]."""
+  offsets = crop_offsets(image.shape[0], crop_size)
+  crops = []
+  for flipped in (tf.reverse(image, axis=[1]), image):  # ForceFlip crops first
+    for x, y in TEN_CROP_ORIGINS:  # PlaceCrop(size, start_x, start_y): box (x, y, x + w, y + h)
+      x0, y0 = offsets[x], offsets[y]
+      crops.append(flipped[y0 : y0 + crop_size, x0 : x0 + crop_size])
+  return tf.stack(crops)
+
+
+def center_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
+  """The reference's image_test: PlaceCrop at the rounded center, [crop, crop, 3]."""
+  c = crop_offsets(image.shape[0], crop_size)['center']
+  return image[c : c + crop_size, c : c + crop_size]
+
+
+def preprocess_eval(data_bytes: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """Square resize, then 10 crops or the center crop (no crop when data.crop_size is 0)."""
+  return eval_crops(decode_and_resize(data_bytes, data), data)
+
+
+def eval_crops(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+  """The tail of preprocess_eval on a square-resized image (uint8 from the resized-image cache, or
+  float32 [0, 255]): 10 crops or the center crop, normalised."""
+  image = tf.cast(image, tf.float32)
+  if data.eval_mode == '10crop':
+    image = ten_crop(image, data.crop_size)
+  elif data.crop_size:
+    image = center_crop(image, data.crop_size)
+  return normalize(image, data)
+
+
+def eval_image_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Shape of one eval example's 'image': (10, S, S, 3) for 10crop, else (S, S, 3)."""
+  size = data.crop_size or data.resize_size
+  return ((10,) if data.eval_mode == '10crop' else ()) + (size, size, 3)
