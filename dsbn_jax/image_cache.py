@@ -66,14 +66,15 @@ def load_or_build(
   method: str,
   *,
   names_and_labels: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
-  fill: Callable[[np.ndarray], None],
+  fill: Callable[[np.ndarray, np.ndarray], None],
 ) -> Resized:
   """The split's cache, built first when no process has built it.
 
   ``names_and_labels()``: the split's file names (bytes), labels and stored indices, in file-name
   order.
-  ``fill(out)``: writes image i (in that order), decoded and resized, into ``out[i]``
-  (uint8 [N, size, size, 3]).
+  ``fill(out, stored)``: writes image i (in that order), decoded and resized, into ``out[i]``
+  (uint8 [N, size, size, 3]); ``stored``: the stored indices ``names_and_labels`` gave (the split
+  is listed once).
   """
   path = cache_path(version_dir, split, size, method)
   found = _open(path)
@@ -86,7 +87,7 @@ def load_or_build(
     logging.info('no resized-image cache file in %s (%s): computed in memory', version_dir, e)
     names, labels, stored = names_and_labels()
     images = np.empty((len(names), size, size, 3), np.uint8)
-    fill(images)
+    fill(images, stored)
     return Resized(images, labels, names, stored, None)
   with lock:
     try:
@@ -110,7 +111,7 @@ def load_or_build(
       )
       with open(tmp, 'r+b') as f:  # the blocks now: a full disk is an OSError here, not a SIGBUS
         os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # while filling the map
-      fill(out)
+      fill(out, stored)
       out.flush()
       del out
       with open(tmp + '.npz', 'wb') as f:

@@ -208,9 +208,8 @@ def resized_split(
     order = np.argsort(names, kind='stable')
     return names[order], labels[order].astype(np.int32), order.astype(np.int64)
 
-  def fill(out: np.ndarray) -> None:  # streamed in stored order, written at each file-name row
-    row = np.empty(len(out), np.int64)
-    row[names_and_labels()[2]] = np.arange(len(out))
+  def fill(out: np.ndarray, stored: np.ndarray) -> None:  # streamed in stored order
+    row = _cache_rows(stored)  # where each stored example goes: its file-name row
     ds = (
       _read(builder, split)
       .map(
@@ -260,11 +259,16 @@ def _fetch(cache: image_cache.Resized):
   return fetch
 
 
+def _cache_rows(stored: np.ndarray) -> np.ndarray:
+  """The inverse of a cache's ``stored`` order: the cache row of each stored example."""
+  row = np.empty(len(stored), np.int64)
+  row[stored] = np.arange(len(stored))
+  return row
+
+
 def _stored_rows(cache: image_cache.Resized, start: int, size: int) -> np.ndarray:
   """The cache rows of stored examples ``start .. start + size - 1``, in stored order."""
-  row = np.empty(len(cache.stored), np.int64)
-  row[cache.stored] = np.arange(len(cache.stored))
-  return row[start : start + size]
+  return _cache_rows(cache.stored)[start : start + size]
 
 
 def release_freed_memory() -> None:

@@ -21,7 +21,8 @@ def _source(calls):
     calls.append('list')
     return names, labels, stored
 
-  def fill(out):
+  def fill(out, stored_order):
+    assert stored_order.tolist() == stored.tolist()  # what names_and_labels listed, not again
     calls.append('fill')
     for i in range(len(out)):
       out[i] = i * 10
@@ -56,7 +57,7 @@ def test_a_failed_build_leaves_no_file_and_the_next_one_builds(tmp_path):
   calls = []
   names_and_labels, fill = _source(calls)
 
-  def full(out):
+  def full(out, stored_order):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   with pytest.raises(OSError):
