@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dsbn_jax import checkpointing, input_pipeline, losses, optim, sharding, train_step
+from dsbn_jax import checkpointing, input_pipeline, losses, sharding, train_step
 from dsbn_jax.models import dsbn, heads
 from tests import cli_driver, data_fixtures
-from tests.train_step_test import NUM_CLASSES, SMALL, make_config
+from tests.train_step_test import NUM_CLASSES, SMALL, make_config, small_state
 
 SIZE = 16  # small_cnn: 16 -> conv5 12 -> pool 6 -> conv5 2 -> pool 1
 STEPS = 3
@@ -34,30 +34,10 @@ def _config(method: str, fused: bool, batch_size: int):
 
 
 def _host_state(cfg, seed: int = 0) -> train_step.TrainState:
-  """Random numpy weights for ``SIZE`` images (no jitted init to compile), BN statistics moved off
-  (0, 1) so that a wrong running-statistics update shows."""
-  model = heads.create_model(cfg)
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), method="init_all")
-  )
-  rng = np.random.default_rng(seed)
-
-  def value(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape).astype(np.float32)
-    if name in ("scale", "var"):
-      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    return rng.uniform(-0.2, 0.2, s.shape).astype(np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(value, shapes)
-  state = train_step.TrainState.create(
-    apply_fn=model.apply,
-    params=variables["params"],
-    batch_stats=variables["batch_stats"],
-    tx=optim.create_optimizer(cfg.optim),
-  )
-  return jax.device_get(state)  # host arrays: each run puts (and donates) its own copy
+  """Random weights for ``SIZE`` images (no jitted init to compile), BN statistics moved off
+  (0, 1) so that a wrong running-statistics update shows; host arrays: each run puts (and donates)
+  its own copy."""
+  return jax.device_get(small_state(cfg, seed, size=SIZE, spread=True))
 
 
 def _batches(batch_size: int, seed: int = 0) -> list:

@@ -231,15 +231,18 @@ SMALL = dict(backbone="small_cnn", feature_dim=24, bottleneck_dim=16, disc_hidde
 SIZE = 28  # small_cnn: 28 -> conv5 24 -> pool 12 -> conv5 8 -> pool 4
 
 
-def small_state(cfg, seed=0):
-  """A train state with random numpy weights: no jitted init to compile (slow on CPU).
+def small_state(cfg, seed=0, *, size=SIZE, spread=False):
+  """A train state with random numpy weights for ``size`` images: no jitted init to compile (slow
+  on CPU).
 
   Kernels ~ N(0, 1/fan_in), biases 0, BN scale 1 and statistics (0, 1); the mechanism tests
   need reasonable weights, not the production init (``sharding_test`` covers that path).
+  ``spread``: BN scales and variances ~ U(0.5, 1.5), biases and means ~ U(-0.2, 0.2), so that a
+  wrong running-statistics update shows.
   """
   model = heads.create_model(cfg)
   shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), method="init_all")
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), method="init_all")
   )
   rng = np.random.default_rng(seed)
 
@@ -247,6 +250,9 @@ def small_state(cfg, seed=0):
     name = path[-1].key
     if name == "kernel":
       return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape).astype(np.float32)
+    if spread:
+      low, high = (0.5, 1.5) if name in ("scale", "var") else (-0.2, 0.2)
+      return rng.uniform(low, high, s.shape).astype(np.float32)
     return np.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
 
   variables = jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(value, shapes))
