@@ -42,7 +42,7 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Training method: 'source_only' (CE on source, shared BN), 'dann' (DANN domain loss, 1-logit D,
   # GRL, shared BN), 'alda' (ALDA, shared BN), 'alda_dsbn' (ALDA with domain-specific BN: the
-  # paper's method), 'dann_dsbn' (DANN with domain-specific BN). (dsbn_jax/methods.py)
+  # paper's method), 'dann_dsbn' (DANN with domain-specific BN). (dsbn_jax/methods/)
   config.method = "alda_dsbn"
   config.seed = 0  # PRNG seed for init and dropout (int)
   # Images per domain per step, global over all devices: 36 source + 36 target (reference). Any
