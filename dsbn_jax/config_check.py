@@ -303,6 +303,7 @@ def _check_data_train(c: _Checker) -> None:
   c.choice("data.train_sharding", input_pipeline.TRAIN_SHARDINGS)
   c.boolean("data.random_flip")
   c.boolean("data.cache_resized")
+  _check_train_input(c)
   c.integer("data.eval_batch_size", 1)
   c.number("data.source_val_fraction", 0.0, 1.0, hi_open=True)
   c.integer("data.digits_seed", 0, SEED_MAX)
@@ -318,6 +319,31 @@ def _check_data_train(c: _Checker) -> None:
   digit_splits = sorted({s.split("/")[1] for s in digits.SPLITS}, reverse=True)  # train, test
   if c.get("data.dataset") == "digits" and split not in (_MISSING, "", *digit_splits):
     c.fail("data.eval_split", split, "'' (the protocol's split), " + ", ".join(digit_splits))
+
+
+def _check_train_input(c: _Checker) -> None:
+  """Where the train augmentation runs (``device_augment.resolve_train_input``; 'auto' resolves
+  once the devices are known); a forced device input needs the resized cache, 'resident' the
+  global train stream."""
+  from dsbn_jax import device_augment  # pylint: disable=g-import-not-at-top
+
+  c.choice("data.train_input", device_augment.TRAIN_INPUTS)
+  c.number("data.resident_max_gb", 0.0)
+  mode = c.get("data.train_input")
+  if mode in ("device", "resident") and c.get("data.cache_resized") is False:
+    c.fail(
+      "data.train_input",
+      mode,
+      "'auto' or 'host' with data.cache_resized=False (the device "
+      "input reads the resized-image cache)",
+    )
+  if mode == "resident" and c.get("data.train_sharding") == "process":
+    c.fail(
+      "data.train_input",
+      mode,
+      "'auto', 'host' or 'device' with data.train_sharding="
+      "'process' (a resident domain is whole on every device)",
+    )
 
 
 def _check_paths(c: _Checker, config) -> None:

@@ -206,6 +206,16 @@ def get_data_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   # later run and process; training crops it, evaluation takes its crops from it. The same pixels as
   # decoding every time (False), about 4x fewer CPU cycles per image (the resize dominates).
   data.cache_resized = True
+  # Where the train augmentation (RandomResizedCrop, flip, normalisation) runs: 'host' (tf.data on
+  # the host's cores; float32 images cross to the devices), 'device' (the host gathers each step's
+  # uint8 rows of the resized cache with their crop boxes and flips; the jitted step augments:
+  # dsbn_jax/device_augment.py), 'resident' (both domains' resized caches are held on every device;
+  # the host sends only row numbers, boxes and flips), 'auto' ('resident' on a GPU/TPU when both
+  # domains' train images fit data.resident_max_gb, else 'device'; 'host' on a CPU). The same boxes
+  # and flips on every path; the device's resize sums in another order: a pixel whose exact value
+  # is within about 0.001 of a half may round one level (1/255) the other way.
+  data.train_input = "auto"
+  data.resident_max_gb = 4.0  # 'auto': the most uint8 resized train images kept on each device
   data.train_sharding = "global"  # global: every process keeps the domain's encoded bytes and takes
   #   its rows of one global, process-count independent stream | process: each process keeps and
   #   shuffles only its 1/process_count shard (less memory, stream depends on process count)

@@ -1,6 +1,6 @@
 """The train augmentation as device computation: RandomResizedCrop's resize, flip, normalisation.
 
-The host path (``input_pipeline.augment_train``, TensorFlow) crops each resized uint8 image to its
+The host path (``transforms.augment_train``, TensorFlow) crops each resized uint8 image to its
 box, resizes the crop to ``crop_size`` with TF's antialiased bilinear filter, rounds and clips to
 [0, 255] (the reference's uint8 PIL images), flips and normalises, one image at a time on the host's
 cores. Here the same maths runs batched inside a jitted computation, so that the host only sends
@@ -13,19 +13,28 @@ on the crop's coordinates, zero outside the box and normalised over it -- the we
 for the cropped image, placed at the box. Cropping then resizing is ``W_y @ image @ W_x^T`` per
 channel. A box is data, not a shape, so every image of a batch has its own and nothing recompiles.
 
-Boxes come from the host path's own RNG (``input_pipeline.random_resized_crop_box``: torchvision's
+Boxes and flips come from the train stream's draws (``transforms.train_draws``: torchvision's
 RandomResizedCrop parameters from the stateless TF stream), so the device path crops exactly the
 boxes the host path crops, with TF's weights exactly (equal to the last bit when summed by numpy);
 XLA sums them in another order, so a value within about 0.001 of a half rounds the other way: one
 level (1/255) in about 0.02-0.1 % of the values, never more (``tests/device_augment_test.py``).
 
-Not wired into the train loop yet: the loop still feeds the host path's batches.
+Where it runs (``data.train_input``, ``resolve_train_input``): 'host' keeps the tf.data path;
+'device' sends each step's uint8 rows with their boxes and flips; 'resident' holds both domains'
+resized caches on every device and sends only the rows' numbers, boxes and flips; 'auto' takes
+'resident' on an accelerator when both caches fit ``data.resident_max_gb``, else 'device', and the
+host path on a CPU (whose "device" is the host itself). ``train_batch`` turns either form into the
+host path's batch inside the jitted step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from dsbn_jax.errors import UserError
+
+TRAIN_INPUTS = ('auto', 'host', 'device', 'resident')  # data.train_input
 
 
 def _triangle(x):
@@ -54,7 +63,7 @@ def resize_weights(start, length, in_size: int, out_size: int) -> jax.Array:
 def crop_resize(images_u8: jax.Array, boxes: jax.Array, crop_size: int) -> jax.Array:
   """float32 [B, crop, crop, 3] in [0, 255], rounded and clipped: each uint8 [S, S, 3] image
   cropped to its box (``boxes``: int32 [B, 4], top, left, height, width) and resized to
-  ``crop_size`` (what ``input_pipeline.random_resized_crop`` computes for that box)."""
+  ``crop_size`` (what ``transforms.crop_and_resize`` computes for that box)."""
   _, height, width, _ = images_u8.shape
 
   def one(image, box):
@@ -90,3 +99,57 @@ def augment(
   mean = jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, 3)
   std = jnp.asarray(std, jnp.float32).reshape(1, 1, 1, 3)
   return ((x / 255.0 - mean) / std).astype(dtype)
+
+
+def train_batch(batch: dict, data, images: dict | None = None) -> dict:
+  """The host path's train batch from a device-input one (``input_pipeline.make_train_dataset``
+  with train_input 'device' or 'resident'): per domain, the uint8 rows (its 'image', or rows 'row'
+  of ``images[domain]``, the resident cache) cropped to 'box', flipped where 'flip' and normalised,
+  float32; padding rows zero, as the host path pads. A host-path batch (no 'box') is returned as
+  it is."""
+  out = {}
+  for name, part in batch.items():
+    if 'box' not in part:
+      out[name] = part
+      continue
+    rows = part['image'] if 'row' not in part else jnp.take(images[name], part['row'], axis=0)
+    image = augment(
+      rows,
+      part['box'] if data.crop_size else None,
+      part['flip'],
+      crop_size=data.crop_size,
+      mean=data.mean,
+      std=data.std,
+    )
+    if 'mask' in part:
+      image = jnp.where(part['mask'][:, None, None, None], image, 0.0)
+    out[name] = {'image': image, 'label': part['label'], 'mask': part['mask']}
+  return out
+
+
+def resident_bytes(num_images: int, data) -> int:
+  """Device bytes of ``num_images`` resized uint8 images."""
+  return num_images * data.resize_size**2 * 3
+
+
+def resolve_train_input(data, platform: str, num_images: int) -> str:
+  """'host', 'device' or 'resident': ``data.train_input`` with 'auto' resolved for ``platform``
+  (a mesh's platform: 'cpu', 'gpu', 'tpu') and the ``num_images`` of both domains' train splits.
+  A forced device input that cannot run here is a one-line error."""
+  mode = data.train_input
+  if mode == 'auto':
+    if platform == 'cpu' or not data.cache_resized:
+      return 'host'
+    fits = resident_bytes(num_images, data) <= data.resident_max_gb * 2**30
+    return 'resident' if fits and data.train_sharding == 'global' else 'device'
+  if mode != 'host' and not data.cache_resized:
+    raise UserError(
+      f"data.train_input={mode!r} reads the resized-image cache: set data.cache_resized=True, or "
+      "data.train_input='host'"
+    )
+  if mode == 'resident' and data.train_sharding != 'global':
+    raise UserError(
+      "data.train_input='resident' holds whole domains on every device, which needs "
+      "data.train_sharding='global'; or set data.train_input='device'"
+    )
+  return mode

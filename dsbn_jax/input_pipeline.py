@@ -12,11 +12,15 @@ padding last. Eval: each batch is filled with real images up to its R rows per p
 end of the evaluation set is padded.
 
 The per-image transforms (ALDA's `pre_process.py`) are in ``transforms`` (re-exported here).
+Where the train augmentation runs is ``train_input`` (``make_train_dataset``): here on the host
+('host'), or on the devices from the uint8 rows or their cache row numbers ('device', 'resident':
+``device_augment``), with the same draws.
 
 Determinism and resume: the train stream is a pure function of (seed, step). Step s of a domain
 draws the epoch's permutation `argsort(stateless_uniform(fold(seed, epoch)))` (epoch = s //
 steps_per_epoch, remainder dropped as the reference's drop_last) and takes rows s*G .. s*G+G-1 of
-it; every row's augmentation is seeded by its global position. `start_step=k` therefore yields
+it, with the step's augmentation draws (``train_draws``: crop boxes and flips of its G rows, drawn
+at once from fold(seed, step)). `start_step=k` therefore yields
 exactly what an uninterrupted stream yields from step k, and (with data.train_sharding='global')
 the global batch is the same for any process and device count: process p returns rows
 [p*R, (p+1)*R) of it (real rows, then padding), i.e. the rows its devices hold under a P('data')
@@ -54,10 +58,11 @@ from dsbn_jax.transforms import (  # noqa: F401  (re-exported: the pipeline's pu
   normalize,
   preprocess_eval,
   preprocess_train,
-  random_resized_crop,
-  random_resized_crop_box,
+  crop_and_resize,
+  random_resized_crop_boxes,
   resize_square,
   ten_crop,
+  train_draws,
 )
 
 TRAIN_SHARDINGS = ('global', 'process')  # data.train_sharding
@@ -259,6 +264,18 @@ def _fetch(cache: image_cache.Resized):
   return fetch
 
 
+def _fetch_rows(cache: image_cache.Resized):
+  """``fetch(rows)``: rows ``rows`` (int64 [n]) of the cache, uint8 [n, S, S, 3], gathered from its
+  memory map in one copy."""
+  images, size = cache.images, cache.images.shape[1]
+
+  def fetch(rows):
+    image = tf.numpy_function(lambda r: images[r], [rows], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [None, size, size, 3])
+
+  return fetch
+
+
 def _cache_rows(stored: np.ndarray) -> np.ndarray:
   """The inverse of a cache's ``stored`` order: the cache row of each stored example."""
   row = np.empty(len(stored), np.int64)
@@ -357,22 +374,26 @@ def _fold(key: tf.Tensor, value) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
 
 
-def _index_stream(stream: _Stream, start_step: int) -> tuple[tf.data.Dataset, tf.Tensor]:
-  """(example index, stream position) of this process's rows from `start_step`, and the aug key."""
+def _index_stream(stream: _Stream, start_step: int, data) -> tf.data.Dataset:
+  """Per step from ``start_step``, this process's real rows: their example indices ('i', int64
+  [rows]) and augmentation draws ('box', 'flip': ``train_draws``). A step's draws are made for all
+  its ``step_rows`` rows at once from the step's key, and each process takes its own: a row's
+  draws depend on its place in the stream, not on the process or device count."""
   key = tf.constant([0, 0], tf.int64)
   for k in stream.key:
     key = _fold(key, k)
   steps_per_epoch = stream.num_examples // stream.step_rows  # drop_last, as the reference
+  mine = slice(stream.row_offset, stream.row_offset + stream.rows)
 
   def rows_of_step(step):
     epoch_key = _fold(_fold(key, 0), step // steps_per_epoch)
     perm = tf.argsort(tf.random.stateless_uniform([stream.num_examples], epoch_key), stable=True)
     first = (step % steps_per_epoch) * stream.step_rows + stream.row_offset
-    position = step * stream.step_rows + stream.row_offset + tf.range(stream.rows, dtype=tf.int64)
-    return tf.gather(perm, first + tf.range(stream.rows, dtype=tf.int64)), position
+    box, flip = train_draws(_fold(_fold(key, 1), step), stream.step_rows, data.resize_size, data)
+    i = tf.gather(perm, first + tf.range(stream.rows, dtype=tf.int64))
+    return {'i': i, 'box': box[mine], 'flip': flip[mine]}
 
-  steps = tf.data.Dataset.range(start_step, _MAX_STEP)
-  return steps.map(rows_of_step).unbatch(), _fold(key, 1)
+  return tf.data.Dataset.range(start_step, _MAX_STEP).map(rows_of_step)
 
 
 def _domain_train_dataset(
@@ -384,14 +405,17 @@ def _domain_train_dataset(
   global_batch_size: int,
   start_step: int,
   layout: _Layout,
+  train_input: str = 'host',
 ):
-  """One domain's infinite, shuffled, augmented batches of this process's rows (real, then
-  padding: ``_pad_train_batch``)."""
+  """One domain's infinite, shuffled batches of this process's rows (real, then padding:
+  ``_pad_train_batch``): augmented ('host'), or the rows' draws with their uint8 images
+  ('device') or cache row numbers ('resident'), for ``device_augment`` to augment."""
   _, real, rows = batch_layout(global_batch_size, layout.index, layout.count, layout.devices)
+  on_host = train_input == 'host'
   if not real:  # a process whose rows are all padding (fewer rows than processes x devices)
-    size = data.crop_size or data.resize_size
-    empty = {'image': tf.zeros((0, size, size, 3)), 'label': tf.zeros((0,), tf.int32)}
-    return tf.data.Dataset.from_tensors(_pad_train_batch(empty, 0, rows)).repeat()
+    return tf.data.Dataset.from_tensors(
+      _pad_train_batch(_empty_batch(data, train_input), 0, rows)
+    ).repeat()
   split, size = _train_split(data, domain, layout.index, layout.count)
   val_fraction = data.source_val_fraction if role == 0 else 0.0  # held out of the source only
   if data.cache_resized:  # the shared resized cache, in file-name order: example i is row order[i]
@@ -402,38 +426,66 @@ def _domain_train_dataset(
   else:
     images, labels, order = _load_encoded(domain.builder, split, size, val_fraction)
   stream = _train_stream(data, domain, role, seed, global_batch_size, layout, int(order.shape[0]))
-  indices, aug_key = _index_stream(stream, start_step)
+  steps = _index_stream(stream, start_step, data)
+  if not on_host:  # per step: the rows with their draws; the device crops, flips, normalises
 
-  def load(i, position):
-    row = tf.gather(order, i)  # example i in file-name order
+    def load_step(step):
+      row = tf.gather(order, step['i'])
+      batch = {'label': tf.gather(labels, row), 'box': step['box'], 'flip': step['flip']}
+      if train_input == 'device':
+        batch['image'] = _fetch_rows(cache)(row)
+      else:  # 'resident': the devices hold the cache; only its row numbers travel
+        batch['row'] = tf.cast(row, tf.int32)
+      return _pad_train_batch(batch, real, rows)
+
+    return steps.map(load_step, num_parallel_calls=data.num_parallel_calls, deterministic=True)
+
+  def load(row_draws):
+    row = tf.gather(order, row_draws['i'])  # example i in file-name order
     if data.cache_resized:
       image = fetch(row)
     else:
       image = decode_and_resize(tf.gather(images, row), data)
     return {
-      'image': augment_train(image, _fold(aug_key, position), data),
+      'image': augment_train(image, row_draws['box'], row_draws['flip'], data),
       'label': tf.gather(labels, row),
     }
 
-  ds = indices.map(load, num_parallel_calls=data.num_parallel_calls, deterministic=True)
+  ds = steps.unbatch().map(load, num_parallel_calls=data.num_parallel_calls, deterministic=True)
   ds = ds.batch(stream.rows, drop_remainder=True)
   return ds.map(lambda batch: _pad_train_batch(batch, real, rows))
 
 
+def _empty_batch(data, train_input: str) -> dict:
+  """A batch of no rows, in the form of ``train_input``'s batches."""
+  if train_input == 'host':
+    size = data.crop_size or data.resize_size
+    return {'image': tf.zeros((0, size, size, 3)), 'label': tf.zeros((0,), tf.int32)}
+  batch = {
+    'label': tf.zeros((0,), tf.int32),
+    'box': tf.zeros((0, 4), tf.int32),
+    'flip': tf.zeros((0,), tf.bool),
+  }
+  if train_input == 'device':
+    size = data.resize_size
+    batch['image'] = tf.zeros((0, size, size, 3), tf.uint8)
+  else:
+    batch['row'] = tf.zeros((0,), tf.int32)
+  return batch
+
+
 def _pad_train_batch(batch: dict, real: int, rows: int) -> dict:
-  """A batch of ``real`` rows -> ``rows`` rows with 'mask': zero images (label 0, mask False)
-  after the real rows (mask True)."""
+  """A batch of ``real`` rows -> ``rows`` rows with 'mask': zeros (images, labels, boxes, flips,
+  cache rows) after the real rows (mask True)."""
   pad = rows - real
   mask = tf.concat([tf.ones((real,), tf.bool), tf.zeros((pad,), tf.bool)], 0)
   if not pad:  # no copy of the images
     return {**batch, 'mask': mask}
-  image = batch['image']
-  zeros = tf.zeros(tf.concat([[pad], tf.shape(image)[1:]], 0), image.dtype)
-  return {
-    'image': tf.concat([image, zeros], 0),
-    'label': tf.concat([batch['label'], tf.zeros((pad,), batch['label'].dtype)], 0),
-    'mask': mask,
-  }
+
+  def padded(x):
+    return tf.concat([x, tf.zeros(tf.concat([[pad], tf.shape(x)[1:]], 0), x.dtype)], 0)
+
+  return {**{k: padded(v) for k, v in batch.items()}, 'mask': mask}
 
 
 def make_train_dataset(
@@ -445,6 +497,7 @@ def make_train_dataset(
   process_index: int | None = None,
   process_count: int | None = None,
   device_count: int | None = None,
+  train_input: str = 'host',
 ) -> tf.data.Dataset:
   """Zipped source/target train batches of this process (see the module docstring).
 
@@ -456,6 +509,10 @@ def make_train_dataset(
     process_index, process_count: this process and how many there are (default: from jax).
     device_count: the devices the global batch is split over (default: the mesh a run builds,
       ``sharding.make_mesh``; with an explicit process layout, one device per process).
+    train_input: where the train augmentation runs (``device_augment.resolve_train_input``):
+      'host' yields augmented float32 images; 'device' the uint8 resized rows with their crop boxes
+      and flips ('image' uint8 [R, S, S, 3], 'box' int32 [R, 4], 'flip' bool [R]); 'resident'
+      the same draws with the rows' numbers in the resized cache ('row' int32 [R]).
 
   Returns:
     An infinite dataset of {'source': {'image', 'label', 'mask'}, 'target': {...}} with the
@@ -475,6 +532,7 @@ def make_train_dataset(
       start_step=start_step,
       global_batch_size=global_batch_size,
       layout=layout,
+      train_input=train_input,
     )
   return tf.data.Dataset.zip(streams).prefetch(data.prefetch_batches)
 
@@ -488,6 +546,7 @@ def make_train_iterator(
   process_index: int | None = None,
   process_count: int | None = None,
   device_count: int | None = None,
+  train_input: str = 'host',
 ) -> Iterator[dict]:
   """`make_train_dataset` as an iterator of numpy batches (the train step's input)."""
   return make_train_dataset(
@@ -498,7 +557,19 @@ def make_train_iterator(
     process_index=process_index,
     process_count=process_count,
     device_count=device_count,
+    train_input=train_input,
   ).as_numpy_iterator()
+
+
+def resident_images(data: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Both domains' resized train caches (uint8 [N, S, S, 3], memory-mapped), which the 'resident'
+  train input holds on every device: its batches' 'row' numbers index them."""
+  catalog.hide_accelerators_from_tf()
+  images = {}
+  for name in ('source', 'target'):
+    domain = catalog.resolve_domain(data, data[name])
+    images[name] = resized_split(domain.builder, domain.train_split, data).images
+  return images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsbn_jax import device_augment
 from dsbn_jax import train_step as train_step_lib
 from dsbn_jax.errors import UserError
 
@@ -188,19 +189,26 @@ def create_sharded_state(
   return jax.jit(init, out_shardings=replicated(mesh))(rng, pretrained=pretrained)
 
 
-def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step):
+def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step, train_input: str = "host"):
   """``step(state, global_batch, rng) -> (state, metrics)``, compiled once, state donated.
 
   ``global_batch`` from ``to_global``; ``rng`` a fixed base key, best ``replicate``-d once (the
   step folds in its step number). ``step_fn`` is for tests (e.g. counting traces).
+  ``train_input`` 'device' or 'resident' (``device_augment.resolve_train_input``): the batch holds
+  uint8 rows (or cache row numbers) with their draws, augmented inside the step
+  (``device_augment.train_batch``); 'resident' adds a fourth argument, the domains' resized caches
+  (``replicate``-d: every device gathers its own rows).
   """
-  rep = replicated(mesh)
-  return jax.jit(
-    functools.partial(step_fn, cfg=cfg),
-    in_shardings=(rep, data_sharding(mesh), rep),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
+  rep, data = replicated(mesh), data_sharding(mesh)
+  step = functools.partial(step_fn, cfg=cfg)
+  if train_input == "host":
+    return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+  def augmented_step(state, batch, rng, images=None):
+    return step(state, device_augment.train_batch(batch, cfg.data, images), rng)
+
+  shardings = (rep, data, rep) + ((rep,) if train_input == "resident" else ())
+  return jax.jit(augmented_step, in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
 
 
 def prefetch_to_global(batches, mesh: Mesh, size: int = 2):

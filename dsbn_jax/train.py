@@ -35,6 +35,7 @@ from flax import traverse_util
 from dsbn_jax import (
   checkpointing,
   cli,
+  device_augment,
   evaluation,
   input_pipeline,
   reporting,
@@ -57,8 +58,17 @@ _RESUME_SAFE = (
   "data.num_parallel_calls",
   "data.prefetch_batches",
   "data.cache_resized",
+  "data.train_input",  # the same boxes and flips; a pixel within ~0.001 of a half may round apart
+  "data.resident_max_gb",
   "model.pretrained_path",
 )
+
+
+_TRAIN_INPUT_SAYS = {  # data.train_input, once resolved (device_augment.resolve_train_input)
+  "device": "train augmentation on the devices: the host sends the uint8 resized rows",
+  "resident": "train augmentation on the devices: both domains' resized images are held on "
+  "every device (data.train_input='resident'); the host sends row numbers",
+}
 
 
 class NonFiniteLossError(UserError):
@@ -345,7 +355,14 @@ class _Run:
     self.state = sharding.create_sharded_state(
       self.mesh, init_rng, config, self.model, image_shape, pretrained
     )
-    self.train_fn = sharding.jit_train_step(self.mesh, config)
+    self.train_input = device_augment.resolve_train_input(
+      config.data,
+      sharding.platform(self.mesh),
+      self.info.source.num_train + self.info.target.num_train,
+    )
+    self.train_fn = sharding.jit_train_step(self.mesh, config, train_input=self.train_input)
+    if self.train_input != "host":
+      self.say(_TRAIN_INPUT_SAYS[self.train_input])
     self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
     self.eval_data = input_pipeline.make_eval_data(config.data)
     self.source_val = None  # (eval fn through the source branch, the held-out source split)
@@ -608,8 +625,16 @@ def _train_loop(run: _Run) -> dict:
   config, total = run.config, run.config.total_steps
   batch_images = 2 * config.batch_size
   train_iter = input_pipeline.make_train_iterator(
-    config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=run.start_step
+    config.data,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    start_step=run.start_step,
+    train_input=run.train_input,
   )
+  step_args = ()  # 'resident': both domains' resized images, on every device
+  if run.train_input == "resident":
+    step_args = (sharding.replicate(input_pipeline.resident_images(config.data), run.mesh),)
+
   # Two batches staged on the devices ahead of their step: a step never waits for its input.
   batches = sharding.prefetch_to_global(
     (_inject_nan(s, b) for s, b in zip(range(run.start_step, total), train_iter)), run.mesh
@@ -634,7 +659,7 @@ def _train_loop(run: _Run) -> dict:
     try:
       for step in range(run.start_step, total):
         _inject_fault(step)
-        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng)
+        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng, *step_args)
         watch.update(metrics, run.state.step)
         done = step + 1
         cpu_clock.tick(done, metrics)

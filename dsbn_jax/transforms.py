@@ -69,46 +69,44 @@ def resize_square(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
   return tf.ensure_shape(resized, [size, size, 3])
 
 
-def random_resized_crop_box(
+def random_resized_crop_boxes(
   seed: tf.Tensor,
-  height: tf.Tensor,
-  width: tf.Tensor,
+  n: int | tf.Tensor,
+  height,
+  width,
   scale: tuple[float, float],
   ratio: tuple[float, float],
-):
-  """torchvision RandomResizedCrop.get_params with stateless RNG: (top, left, h, w) int32."""
+) -> tf.Tensor:
+  """torchvision RandomResizedCrop.get_params for ``n`` images of ``height`` x ``width`` at once,
+  with stateless RNG: int32 [n, 4] of (top, left, h, w), each row drawn as get_params draws."""
   s_area, s_ratio, s_pos = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  area = hf * wf * tf.random.stateless_uniform([_CROP_ATTEMPTS], s_area, scale[0], scale[1])
-  aspect = tf.exp(
-    tf.random.stateless_uniform([_CROP_ATTEMPTS], s_ratio, math.log(ratio[0]), math.log(ratio[1]))
-  )
+  area = hf * wf * tf.random.stateless_uniform([n, _CROP_ATTEMPTS], s_area, scale[0], scale[1])
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  aspect = tf.exp(tf.random.stateless_uniform([n, _CROP_ATTEMPTS], s_ratio, *log_ratio))
   w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, like Python's round
   h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
   ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)  # the first accepted attempt
+  first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)  # first accepted attempt
   # Fallback after 10 failures: the central crop with the ratio clamped into range (torchvision).
   in_ratio = wf / hf
   fb_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32), width)
   fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
-  any_ok = tf.reduce_any(ok)
-  h, w = tf.where(any_ok, h[first], fb_h), tf.where(any_ok, w[first], fb_w)
-  u = tf.random.stateless_uniform([2], s_pos)  # torch.randint(0, H - h + 1) etc.
-  top = tf.minimum(tf.cast(u[0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
-  left = tf.minimum(tf.cast(u[1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
+  any_ok = tf.reduce_any(ok, axis=1)
+  h = tf.where(any_ok, tf.gather(h, first, batch_dims=1), fb_h)
+  w = tf.where(any_ok, tf.gather(w, first, batch_dims=1), fb_w)
+  u = tf.random.stateless_uniform([n, 2], s_pos)  # torch.randint(0, H - h + 1) etc.
+  top = tf.minimum(tf.cast(u[:, 0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
+  left = tf.minimum(tf.cast(u[:, 1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
   top = tf.where(any_ok, top, (height - h) // 2)
   left = tf.where(any_ok, left, (width - w) // 2)
-  return top, left, h, w
+  return tf.stack([top, left, h, w], axis=1)
 
 
-def random_resized_crop(
-  image: tf.Tensor, seed: tf.Tensor, size: int, data: ml_collections.ConfigDict
-) -> tf.Tensor:
-  """RandomResizedCrop(size) (scale/ratio from the config), bilinear as torchvision's default."""
-  shape = tf.shape(image)
-  top, left, h, w = random_resized_crop_box(
-    seed, shape[0], shape[1], tuple(data.crop_scale), tuple(data.crop_ratio)
-  )
+def crop_and_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
+  """The crop ``box`` (top, left, h, w) of ``image`` resized to ``size`` x ``size``, bilinear as
+  torchvision's RandomResizedCrop, rounded and clipped to [0, 255] (its uint8 PIL image)."""
+  top, left, h, w = tf.unstack(box)
   crop = image[top : top + h, left : left + w]
   crop = _to_uint8_range(tf.image.resize(crop, [size, size], method='bilinear', antialias=True))
   return tf.ensure_shape(crop, [size, size, 3])
@@ -126,23 +124,43 @@ def decode_and_resize(data_bytes: tf.Tensor, data: ml_collections.ConfigDict) ->
   return resize_square(decode_image(data_bytes), data.resize_size, data.resize_method)
 
 
-def augment_train(image: tf.Tensor, seed: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-  """The random tail of image_train on a resized image: RandomResizedCrop, flip, normalise."""
+def train_draws(seed: tf.Tensor, n, size: int, data: ml_collections.ConfigDict):
+  """The random draws of the train augmentation for ``n`` square images of ``size`` pixels, all at
+  once: RandomResizedCrop boxes (int32 [n, 4], top, left, h, w; the whole image when
+  data.crop_size is 0) and flips (bool [n]; False without data.random_flip). The host path
+  (``augment_train``) and the device path (``device_augment``) apply the same draws."""
   s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  if data.crop_size:  # crops the cached uint8 image directly; resize returns float32
-    image = random_resized_crop(image, s_crop, data.crop_size, data)
-  image = tf.cast(image, tf.float32)
+  if data.crop_size:
+    scale, ratio = tuple(data.crop_scale), tuple(data.crop_ratio)
+    box = random_resized_crop_boxes(s_crop, n, size, size, scale, ratio)
+  else:
+    box = tf.tile(tf.constant([[0, 0, size, size]], tf.int32), [n, 1])
   if data.random_flip:
-    flip = tf.random.stateless_uniform([], s_flip) < 0.5
-    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    flip = tf.random.stateless_uniform([n], s_flip) < 0.5
+  else:
+    flip = tf.zeros([n], tf.bool)
+  return box, flip
+
+
+def augment_train(
+  image: tf.Tensor, box: tf.Tensor, flip: tf.Tensor, data: ml_collections.ConfigDict
+) -> tf.Tensor:
+  """The random tail of image_train on a resized image, with its draws (``train_draws``):
+  RandomResizedCrop to ``box``, flip if ``flip``, normalise."""
+  if data.crop_size:  # crops the cached uint8 image directly; resize returns float32
+    image = crop_and_resize(image, box, data.crop_size)
+  image = tf.cast(image, tf.float32)
+  image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   return normalize(image, data)
 
 
 def preprocess_train(
   data_bytes: tf.Tensor, seed: tf.Tensor, data: ml_collections.ConfigDict
 ) -> tf.Tensor:
-  """Reference image_train: decode -> resize -> RandomResizedCrop -> random flip -> normalise."""
-  return augment_train(decode_and_resize(data_bytes, data), seed, data)
+  """Reference image_train of one image: decode -> resize -> RandomResizedCrop -> random flip ->
+  normalise, its draws from ``seed``."""
+  box, flip = train_draws(seed, 1, data.resize_size, data)
+  return augment_train(decode_and_resize(data_bytes, data), box[0], flip[0], data)
 
 
 def crop_offsets(resize_size: int, crop_size: int) -> dict[str, int]:

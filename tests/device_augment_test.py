@@ -29,20 +29,16 @@ def _images(n, size, seed=0):
 def test_crop_resize_equals_the_host_path_on_the_same_boxes(resize, crop, n):
   data = _data(resize, crop)
   images = _images(n, resize)
-  boxes, host, unrounded = [], [], []
-  for i in range(n):
-    seed = tf.constant([7, i], tf.int64)
-    box = input_pipeline.random_resized_crop_box(
-      seed, resize, resize, tuple(data.crop_scale), tuple(data.crop_ratio)
-    )
-    top, left, h, w = (int(v) for v in box)
-    boxes.append([top, left, h, w])
-    host.append(
-      input_pipeline.random_resized_crop(tf.constant(images[i]), seed, crop, data).numpy()
-    )
-    region = tf.constant(images[i, top : top + h, left : left + w], tf.float32)
+  seed = tf.constant([7, 0], tf.int64)
+  boxes = input_pipeline.random_resized_crop_boxes(
+    seed, n, resize, resize, tuple(data.crop_scale), tuple(data.crop_ratio)
+  ).numpy()
+  host, unrounded = [], []
+  for image, (top, left, h, w) in zip(images, boxes):
+    host.append(input_pipeline.crop_and_resize(tf.constant(image), boxes[len(host)], crop).numpy())
+    region = tf.constant(image[top : top + h, left : left + w], tf.float32)
     unrounded.append(tf.image.resize(region, [crop, crop], 'bilinear', antialias=True).numpy())
-  boxes, host, unrounded = np.array(boxes, np.int32), np.stack(host), np.stack(unrounded)
+  host, unrounded = np.stack(host), np.stack(unrounded)
   assert len({tuple(b[2:]) for b in boxes}) > 1  # crops of several sizes in one batch
   device = np.asarray(jax.jit(device_augment.crop_resize, static_argnums=2)(images, boxes, crop))
   diff = np.abs(device - host)

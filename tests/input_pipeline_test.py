@@ -311,9 +311,9 @@ def test_random_resized_crop_box_fallback_equals_torchvision():
   for height, width in ((1000, 10), (10, 1000), (5, 6)):
     ours = [
       int(v)
-      for v in ip.random_resized_crop_box(
-        tf.constant([1, 2], tf.int64), height, width, (0.08, 1.0), (3 / 4, 4 / 3)
-      )
+      for v in ip.random_resized_crop_boxes(
+        tf.constant([1, 2], tf.int64), 1, height, width, (0.08, 1.0), (3 / 4, 4 / 3)
+      )[0]
     ]
     image = torch.zeros(1, height, width)
     if (height, width) == (5, 6):  # small enough that attempts can succeed: compare validity only
@@ -325,14 +325,8 @@ def test_random_resized_crop_box_fallback_equals_torchvision():
 
 def test_random_resized_crop_box_distribution_matches_torchvision():
   n = 3000
-  boxes = tf.data.Dataset.range(n).map(
-    lambda i: tf.stack(
-      ip.random_resized_crop_box(
-        tf.stack([tf.constant(7, tf.int64), i]), 256, 256, (0.08, 1.0), (3 / 4, 4 / 3)
-      )
-    )
-  )
-  ours = boxes.batch(n).get_single_element().numpy()
+  seed = tf.constant([7, 0], tf.int64)
+  ours = ip.random_resized_crop_boxes(seed, n, 256, 256, (0.08, 1.0), (3 / 4, 4 / 3)).numpy()
   torch.manual_seed(0)
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # get_params makes tiny tensors: thread start-up dominates otherwise
@@ -362,10 +356,7 @@ def test_train_crop_pixels_match_torchvision_resized_crop(office_home):
   encoded = fx.encode(fx.random_image(9, (256, 256)), 'RGB', 'PNG')
   seed = tf.constant([3, 4], tf.int64)
   ours = ip.preprocess_train(tf.constant(encoded), seed, data).numpy()
-  crop_seed = tf.random.experimental.stateless_split(seed, 2)[0]  # as preprocess_train splits it
-  top, left, h, w = [
-    int(v) for v in ip.random_resized_crop_box(crop_seed, 256, 256, (0.08, 1.0), (3 / 4, 4 / 3))
-  ]
+  top, left, h, w = [int(v) for v in ip.train_draws(seed, 1, 256, data)[0][0]]  # its box
   img = PIL.Image.open(io.BytesIO(encoded)).convert('RGB')
   ref = TF.resized_crop(img, top, left, h, w, [224, 224], transforms.InterpolationMode.BILINEAR)
   ref = (np.asarray(ref) / 255.0 - np.array(data.mean)) / np.array(data.std)
