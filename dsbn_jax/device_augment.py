@@ -18,6 +18,8 @@ RandomResizedCrop parameters from the stateless TF stream), so the device path c
 boxes the host path crops, with TF's weights exactly (equal to the last bit when summed by numpy);
 XLA sums them in another order, so a value within about 0.001 of a half rounds the other way: one
 level (1/255) in about 0.02-0.1 % of the values, never more (``tests/device_augment_test.py``).
+The normalisation is a table of the host path's float32 values per level (``normalization_table``),
+so without a crop (digits) the device path's pixels are the host path's to the bit.
 
 Where it runs (``data.train_input``, ``resolve_train_input``): 'host' keeps the tf.data path;
 'device' sends each step's uint8 rows with their boxes and flips; 'resident' holds both domains'
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsbn_jax.errors import UserError
 
@@ -78,6 +81,14 @@ def crop_resize(images_u8: jax.Array, boxes: jax.Array, crop_size: int) -> jax.A
   return jax.vmap(one)(images_u8, boxes)
 
 
+def normalization_table(mean, std) -> np.ndarray:
+  """float32 [256, 3]: ``(level / 255 - mean) / std`` of every uint8 level and channel, rounded as
+  the host path's float32 ops round it (numpy's and TF's divisions are correctly rounded; XLA may
+  divide by a reciprocal instead, one float step off in most values)."""
+  levels = np.arange(256, dtype=np.float32)[:, None]
+  return (levels / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 def augment(
   images_u8: jax.Array,
   boxes: jax.Array | None,
@@ -89,16 +100,16 @@ def augment(
   dtype=jnp.float32,
 ) -> jax.Array:
   """The device half of the train augmentation: crop and resize (``boxes`` None with crop_size 0:
-  no crop), horizontal flip where ``flips`` (bool [B]), ``/255`` then ``(x - mean) / std``, cast
-  once to the compute ``dtype``."""
+  no crop), horizontal flip where ``flips`` (bool [B]), ``/255`` then ``(x - mean) / std`` (as a
+  lookup of ``normalization_table``: the host path's values to the bit), cast once to the compute
+  ``dtype``."""
   if boxes is None:
-    x = images_u8.astype(jnp.float32)
+    levels = images_u8.astype(jnp.int32)
   else:
-    x = crop_resize(images_u8, boxes, crop_size)
-  x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
-  mean = jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, 3)
-  std = jnp.asarray(std, jnp.float32).reshape(1, 1, 1, 3)
-  return ((x / 255.0 - mean) / std).astype(dtype)
+    levels = crop_resize(images_u8, boxes, crop_size).astype(jnp.int32)
+  levels = jnp.where(flips[:, None, None, None], levels[:, :, ::-1, :], levels)
+  table = jnp.asarray(normalization_table(mean, std))
+  return table[levels, jnp.arange(3)].astype(dtype)
 
 
 def train_batch(batch: dict, data, images: dict | None = None) -> dict:

@@ -48,9 +48,9 @@ def _batches(data, train_input, steps, batch=4, devices=3, start=0):
 
 def test_device_batches_equal_the_host_path(office):
   """Over an epoch boundary (11 Art images, 4 per step) and with padding (4 rows on 3 devices: 6
-  rows): the device paths give the host path's labels and masks exactly, the same crops and flips
-  to one level (1/255) where a resize sum lands within a rounding step of a half, padding zero;
-  'device' and 'resident' give the same arrays bit for bit."""
+  rows): the device paths give the host path's labels, masks and pixels exactly, except one level
+  (1/255) where a resize sum lands within a rounding step of a half (tests/device_augment_test.py);
+  padding zero; 'device' and 'resident' give the same arrays bit for bit."""
   steps = 4
   host = _batches(office, 'host', steps)
   rows = _batches(office, 'device', steps)
@@ -70,7 +70,7 @@ def test_device_batches_equal_the_host_path(office):
       np.testing.assert_array_equal(d[name]['box'], r[name]['box'])
       diff = np.abs(np.asarray(got_d[name]['image']) - h[name]['image'])
       assert diff.max() <= level + 1e-6, diff.max()
-      assert np.mean(diff > 1e-4) < 0.01  # else float rounding of the normalisation only
+      assert np.mean(diff > 0) < 0.01  # the rest equal to the bit (normalization_table)
       assert not np.any(np.asarray(got_d[name]['image'])[4:])  # the padding rows: zero
       flipped += int(d[name]['flip'][:4].sum())
       boxes += len({tuple(b) for b in d[name]['box'][:4]})
@@ -134,7 +134,9 @@ def test_a_resident_run_on_three_devices_trains_as_the_host_path(
   tmp_path, digits_data_dir, smoke_run
 ):
   """configs/smoke.py with its domains resident on 3 devices (8 rows per domain: padded to 9)
-  gives the metrics of the session's smoke run (host input, one device) at every step."""
+  gives the metrics of the session's smoke run (host input, one device) at every step: no crop at
+  32 px, so the device path's pixels are the host path's to the bit (a normalisation one float
+  step off moved train/ce by 4e-5 at step 3)."""
   workdir = tmp_path / 'resident'
   result = cli_driver.run_main(
     workdir,
