@@ -3,7 +3,8 @@
 #   bash run.sh              install, then run the main job on the embedded default (Digits -> Digits-M)
 #   bash run.sh test [ARGS]  install with the test extra (torch/torchvision for parity), run pytest
 #   bash run.sh lint         ruff format --check and ruff check (what .ci/run runs before the tests)
-#   bash run.sh office31     the Office-31 sweep (configs/office31.py); likewise officehome
+#   bash run.sh office31     the Office-31 sweep (configs/office31.py); likewise officehome; sweep
+#                            flags pass through (--tasks, --methods, --bn, --seeds)
 #   bash run.sh accelerator  print the accelerator extra an install would pick, and why (no install)
 # Accelerator: DSBN_JAX_ACCELERATOR=cpu|cuda12|cuda13|tpu picks the pyproject extra; unset, it is
 # detected (an NVIDIA driver: the newest CUDA extra it supports; a Cloud TPU VM: tpu; else cpu).

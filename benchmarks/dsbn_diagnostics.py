@@ -253,7 +253,7 @@ def diagnose_run(workdir: str) -> dict:
     raise AssertionError(
       f"{workdir}: latest checkpoint is step {step}, results.json is for step {results['steps']}"
     )
-  spec = methods.method_spec(config.method)
+  spec = methods.resolve(config)
   tgt_branch, src_branch = spec.target_branch, 0
   model = heads.create_model(config)
   data = config.data

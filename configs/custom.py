@@ -18,5 +18,6 @@ def get_config():
   config.optim.lr0 = 1e-3  # Office-Home's
   config.sweep.tasks = ()  # set --tasks=src->tgt,... for dsbn_jax.sweep
   config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
+  config.sweep.bn = ("auto",)  # each method with its name's BN: alda shared, alda_dsbn DSBN
   config.sweep.seeds = (0, 1, 2)
   return config

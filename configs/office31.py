@@ -34,5 +34,6 @@ def get_config():
     "webcam->amazon",
   )  # the papers' column order
   config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
+  config.sweep.bn = ("auto",)  # each method with its name's BN: alda shared, alda_dsbn DSBN
   config.sweep.seeds = (0, 1, 2)
   return config

@@ -25,5 +25,6 @@ def get_config():
   config.optim.lr0 = 1e-3  # every Office-Home task (reference)
   config.sweep.tasks = tuple(f"{s}->{t}" for s in DOMAINS for t in DOMAINS if s != t)
   config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
+  config.sweep.bn = ("auto",)  # each method with its name's BN: alda shared, alda_dsbn DSBN
   config.sweep.seeds = (0, 1, 2)
   return config

@@ -10,7 +10,7 @@ custom tree, an unprepared dataset's manual directory, the weights file. The fir
 raises ``UserError`` with one line naming the field, the value and what is valid
 (``invalid config.method='alda_dsnb'; valid: source_only, dann, ...``).
 
-Choices live next to the code that consumes them (``methods.METHODS``, ``optim.OPTIMIZERS``,
+Choices live next to the code that consumes them (``methods.NAMES``, ``optim.OPTIMIZERS``,
 ``input_pipeline.EVAL_MODES``, ...); the two below are defined here because this module imports
 nothing heavy at load time, so the model code can import them without a cycle.
 """
@@ -154,7 +154,13 @@ def validate(config, *, for_predict: bool = False, where: str = "") -> None:
 def _check_model(c: _Checker, for_predict: bool) -> None:
   from dsbn_jax.models import heads  # pylint: disable=g-import-not-at-top  (flax: load lazily)
 
-  c.choice("method", tuple(methods.METHODS))
+  c.choice("method", methods.NAMES)
+  c.choice("model.bn", methods.BN_SETTINGS)
+  if c.get("method") is not _MISSING:
+    try:
+      methods.resolve(c.config)  # a '_dsbn' name with model.bn='shared'
+    except UserError as e:
+      raise UserError(f"{e}{c.where}") from None
   c.choice("model.backbone", heads.BACKBONES)
   c.choice("model.dtype", heads.DTYPES)
   c.choice("model.matmul_precision", MATMUL_PRECISIONS)

@@ -40,9 +40,11 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   """Every field, with its meaning and unit, for ``dataset`` (see the module docstring)."""
   _check(dataset)
   config = ml_collections.ConfigDict()
-  # Training method: 'source_only' (CE on source, shared BN), 'dann' (DANN domain loss, 1-logit D,
-  # GRL, shared BN), 'alda' (ALDA, shared BN), 'alda_dsbn' (ALDA with domain-specific BN: the
-  # paper's method), 'dann_dsbn' (DANN with domain-specific BN). (dsbn_jax/methods/)
+  # Training method (dsbn_jax/methods/: the registry, one module per method): 'source_only' (CE on
+  # the source only; the target never enters the network), 'dann' (DANN's domain loss, 1-logit D,
+  # GRL), 'alda' (ALDA). Its BN is model.bn; '<method>_dsbn' names the method with domain-specific
+  # BN (e.g. 'alda_dsbn', ALDA with DSBN: the paper's method; 'dann_dsbn'), the names runs had
+  # before model.bn, and the display name of such a pair in sweeps, tables and results.json.
   config.method = "alda_dsbn"
   config.seed = 0  # PRNG seed for init and dropout (int)
   # Images per domain per step, global over all devices: 36 source + 36 target (reference). Any
@@ -56,6 +58,13 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   m.num_filters = 64  # 'resnet' only: stem/first-stage width (channels); x2 per stage, x4 output
   m.feature_dim = 500  # 'small_cnn' only: width of its last fc layer (features)
   m.num_classes = 65  # K: output classes (read from the dataset at run time)
+  # BN of the backbone, for any method: 'shared' (one BN for both domains) | 'dsbn' (domain-specific
+  # BN: source branch 0, target branch 1, each with its own statistics and affine; evaluation uses
+  # the target's) | 'auto' (the method name's: 'dsbn' for '<method>_dsbn', else 'shared'). An
+  # explicit value that contradicts a '_dsbn' name (alda_dsbn with 'shared') is an error.
+  # (source_only with 'dsbn' evaluates the target through a branch its training never feeds: the
+  # initial, e.g. ImageNet, statistics and affine.)
+  m.bn = "auto"
   m.bottleneck_dim = 512  # bottleneck Linear width (features); 0 = no bottleneck layer
   m.disc_hidden_dim = 1024  # discriminator hidden width (units), both hidden layers
   m.dropout_rate = 0.5  # discriminator dropout probability; 0 disables dropout
@@ -119,7 +128,10 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   config.data = data = get_data_config(dataset)
   config.sweep = sw = ml_collections.ConfigDict()
   sw.tasks = (f"{data.source}->{data.target}",) if data.source else ()  # 'source->target' pairs
-  sw.methods = ("alda_dsbn",)  # methods, run in this order
+  sw.methods = ("alda_dsbn",)  # methods, run in this order (config.method's names)
+  # BN choices, each method run with each, in this order (sweep --bn): 'auto' (the method name's,
+  # or model.bn when set), 'shared', 'dsbn'; runs are named by display name (alda, alda_dsbn).
+  sw.bn = ("auto",)
   sw.seeds = (0,)  # seeds per task and method
   if dataset == "digits":
     _digits_recipe(config)

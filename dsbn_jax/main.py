@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from dsbn_jax import methods  # noqa: E402  (light: no JAX)
 from dsbn_jax.cli import (
   define_config_flag,
   define_flag,
@@ -32,9 +33,8 @@ _WORKDIR = define_flag(
 
 def default_workdir(config) -> str:
   d = config.data
-  return os.path.join(
-    "runs", d.dataset, config.method, f"{d.source}-{d.target}", f"seed{config.seed}"
-  )
+  method = methods.resolve(config).display_name  # alda with model.bn=dsbn: alda_dsbn
+  return os.path.join("runs", d.dataset, method, f"{d.source}-{d.target}", f"seed{config.seed}")
 
 
 def main(argv):

@@ -17,9 +17,18 @@ import optax
 
 from dsbn_jax.errors import UserError
 
-# Top-level param name (``heads.AdaptationNet``) -> optimizer group.
+# Top-level param name (``heads.AdaptationNet``) -> optimizer group. Every discriminator kind is
+# 'disc' (lr x lr_mult_disc, the weight decay of every group). 'frozen': constants kept in params
+# (CDAN's random matrices, ``heads.RandomMatrices``), never updated nor decayed.
 OPTIMIZERS = ("sgd", "adam")  # optim.name
-PARAM_GROUPS = {"backbone": "backbone", "bottleneck": "head", "classifier": "head", "disc": "disc"}
+FROZEN = "frozen"
+PARAM_GROUPS = {
+  "backbone": "backbone",
+  "bottleneck": "head",
+  "classifier": "head",
+  "disc": "disc",
+  "random_map": FROZEN,
+}
 
 
 def inv_schedule(optim_cfg) -> optax.Schedule:
@@ -77,4 +86,14 @@ def create_optimizer(optim_cfg) -> optax.GradientTransformation:
   transforms = {
     group: _group_optimizer(optim_cfg, mult) for group, mult in lr_multipliers(optim_cfg).items()
   }
-  return optax.multi_transform(transforms, param_labels)
+  plain = optax.multi_transform(transforms, param_labels)
+  # The 'frozen' group (set_to_zero: no update, no decay, no state) only for params that have one,
+  # so that every other model's optimizer state, hence its checkpoints, keeps its structure.
+  frozen = optax.multi_transform({**transforms, FROZEN: optax.set_to_zero()}, param_labels)
+  pick = lambda tree: frozen if FROZEN in param_labels(tree).values() else plain  # noqa: E731
+  return optax.GradientTransformationExtraArgs(
+    lambda params: pick(params).init(params),
+    lambda updates, state, params=None, **extra: pick(updates).update(
+      updates, state, params, **extra
+    ),
+  )

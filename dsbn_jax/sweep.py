@@ -1,9 +1,13 @@
 """Sweeps: every task x method x seed of a config, resumable, summarised in the paper's layout.
 
 ``python -m dsbn_jax.sweep --config=configs/office31.py --workdir=runs/office31`` runs the tasks,
-methods and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A --methods=alda_dsbn
---seeds=0,1,2``). Each run lives in ``<workdir>/<method>/<source>-<target>/seed<k>``; finished runs
-(``results.json`` present) are skipped, interrupted ones resume from their checkpoint. The summary is
+methods, BN choices and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A
+--methods=alda,dann --bn=shared,dsbn --seeds=0,1,2``): every method with every BN choice ('auto',
+the default, is the method name's BN: ``--methods=source_only,alda_dsbn`` alone runs those two).
+Runs and table rows are named by the pair's display name (``methods.Method.display_name``: ``alda``
+with shared BN, ``alda_dsbn`` with DSBN, the names they had before ``model.bn``). Each run lives in
+``<workdir>/<display name>/<source>-<target>/seed<k>``; finished runs (``results.json`` present)
+are skipped, interrupted ones resume from their checkpoint. The summary is
 ``<workdir>/results.md`` (best and last target accuracy per task and on average, mean ± std over
 seeds; then, for runs with validator scores, one table per label-free validator: the target
 accuracy of the evaluation it selects, its gap to best and to last, and the rank correlation of its
@@ -23,7 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from dsbn_jax import compile_cache, reporting  # noqa: E402
 from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
-from dsbn_jax.methods import METHODS  # noqa: E402
+from dsbn_jax.methods import BN_SETTINGS, NAMES, resolve_name  # noqa: E402
 
 _CONFIG = define_config_flag()
 _WORKDIR = define_flag(
@@ -35,6 +39,9 @@ _WORKDIR = define_flag(
 )
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks 'source->target' (default: config.sweep.tasks).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: config.sweep.methods).")
+_BN = flags.DEFINE_list(
+  "bn", None, "BN choices, each method with each: auto, shared, dsbn (default: config.sweep.bn)."
+)
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: config.sweep.seeds).")
 
 
@@ -63,6 +70,32 @@ def parse_seeds(values) -> list[int]:
 def run_dir(root: str, method: str, task: str, seed: int) -> str:
   source, target = task_domains(task)
   return os.path.join(root, method, f"{source}-{target}", f"seed{seed}")
+
+
+def sweep_methods(config, methods, bn=None) -> list[str]:
+  """The display names of the sweep's (method, BN) pairs, methods outer: each of ``methods`` with
+  each of ``bn`` (None: ``config.sweep.bn``; 'auto': the method name's BN, or ``config.model.bn``
+  when set). A one-line UserError for an unknown method or BN choice, or a ``_dsbn`` name with
+  'shared'."""
+  bad = [m for m in methods if m not in NAMES]
+  if bad:
+    raise UserError(
+      f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: {', '.join(NAMES)}"
+    )
+  bn = list(bn or config.sweep.get("bn", ("auto",)))
+  bad = [b for b in bn if b not in BN_SETTINGS]
+  if bad:
+    raise UserError(
+      f"invalid BN choice {bad[0]!r} (--bn or config.sweep.bn); valid: {', '.join(BN_SETTINGS)}"
+    )
+  model_bn = config.model.get("bn", "auto")
+  return [
+    resolve_name(m, model_bn, method_field="--methods").display_name
+    if b == "auto"
+    else resolve_name(m, b, method_field="--methods", bn_field="--bn").display_name
+    for m in methods
+    for b in bn
+  ]
 
 
 RESULT_KEYS = ("seed", "best_accuracy", "last_accuracy")  # what the summary reads of a run
@@ -114,18 +147,15 @@ def _finished(path: str) -> bool:
   return results is not None
 
 
-def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
+def run_sweep(config, root: str, tasks, methods, seeds, bn=None) -> dict:
   """Checks every run first (nothing is written if one is bad), runs what is not finished yet,
-  then writes and returns the summary (None on processes other than 0 of a multi-process run)."""
+  then writes and returns the summary (None on processes other than 0 of a multi-process run).
+  ``methods`` x ``bn`` (None: ``config.sweep.bn``) are the pairs of ``sweep_methods``."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from dsbn_jax import config_check, run_control, train  # heavy imports (TF, JAX): when needed
 
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    raise UserError(
-      f"invalid method {bad[0]!r} (--methods or config.sweep.methods); valid: {', '.join(METHODS)}"
-    )
+  methods = sweep_methods(config, methods, bn)  # display names from here on
   _check_unique(config, tasks, methods, parse_seeds(seeds))
   runs = []
   for method, task, seed in [(m, t, s) for m in methods for t in tasks for s in parse_seeds(seeds)]:
@@ -133,6 +163,7 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.method, cfg.seed = method, seed
+      cfg.model.bn = "auto"  # the display name says the BN
       cfg.data.source, cfg.data.target = task_domains(task)
     config_check.validate(cfg)
     # New, empty, or a (finished or interrupted) run of *this* config only, before any run starts.
@@ -141,7 +172,7 @@ def run_sweep(config, root: str, tasks, methods, seeds) -> dict:
     runs.append((method, task, seed, workdir, cfg, finished))
   # Before any run starts: a root (and run folders) that can be created and written.
   run_control.check_writable(root, flag="sweep --workdir")
-  _check_root(root, METHODS)
+  _check_root(root, NAMES)
   for *_, workdir, _, finished in runs:
     if not finished:
       run_control.check_writable(workdir)
@@ -479,7 +510,8 @@ def main(argv):
   from dsbn_jax import sharding  # pylint: disable=g-import-not-at-top  (JAX: when needed)
 
   run_cli(sharding.maybe_initialize_distributed)  # dsbn_jax/launcher.py, before any device
-  out = run_cli(run_sweep, config, root, tasks, methods, seeds)  # creates root once all are valid
+  # creates root once all are valid
+  out = run_cli(run_sweep, config, root, tasks, methods, seeds, _BN.value)
   if out is None:  # not process 0
     return
   print("\n" + out["markdown"], flush=True)

@@ -1,15 +1,39 @@
 """The pure training step (no devices, no I/O: ``sharding.py`` jits it; evaluation.py evaluates).
 
 One step mirrors one iteration of the official ALDA ``train.py::train`` (docs/reference.md §1-§2):
-1. source batch through G+C (BN branch 0), then target batch (branch 1 for DSBN methods, the shared
-   branch 0 otherwise): BN batch statistics are per domain, and the running statistics of the
-   target call start from those the source call left, as torch updates them in place. The
-   reference makes two calls, as here by default; ``model.fused_pass`` makes one over both
-   batches interleaved, with the same maths (``_forward_both_domains``);
-2. D on the concatenated bottleneck features [f_s; f_t] behind gradient reversal (coefficient
-   ``calc_coeff(i + 1)``), ALDA's three terms (or DANN's domain loss);
-3. total = CE_s + adv_weight·L_adv + adv_weight·λ_T(i)·L_T, plus L_reg on D only;
+1. source batch through G+C (BN branch 0), then target batch (branch 1 with DSBN, the shared
+   branch 0 otherwise: ``methods.resolve(cfg).target_branch``): BN batch statistics are per
+   domain, and the running statistics of the target call start from those the source call left,
+   as torch updates them in place. The reference makes two calls, as here by default;
+   ``model.fused_pass`` makes one over both batches interleaved, with the same maths
+   (``_forward_both_domains``). A method that keeps the target out (``spec.uses_target=False``:
+   source_only) makes the source call alone;
+2. the source CE ('ce'), then the method's own terms (``loss_terms`` of its module, below): e.g.
+   D on the concatenated bottleneck features [f_s; f_t] behind gradient reversal (coefficient
+   ``calc_coeff(i + 1)``), ALDA's three terms or DANN's domain loss;
+3. the method's objective: the loss G, C and D minimise (ALDA: CE_s + adv_weight·L_adv +
+   adv_weight·λ_T(i)·L_T) plus any term whose gradient reaches D only (ALDA's L_reg);
 4. one optimizer update for G, C and D together.
+
+A method's module, ``dsbn_jax/methods/<spec.module>.py`` (``methods.method_module``), holds three
+pure functions; the step does the forward pass, calls them and differentiates:
+
+  loss_terms(out: StepOutputs, discriminate, coeffs: dict, cfg) -> dict[str, f32[]]
+      Its terms (besides 'ce'), each logged as ``train/<name>``; differentiable in the params
+      through ``out`` and ``discriminate``. ``discriminate(x)`` is D's forward (raw logits) in
+      train mode on any input of ``spec.disc_input``'s form, with the step's one dropout key (the
+      same masks at every call, as the reference's single D forward) and the padded rows of
+      [source; target] (``out.mask_N``); the method applies the gradient reversal itself
+      (``losses.gradient_reversal(x, coeffs['grl_coeff'])``). ``coeffs``: ``step_coefficients``.
+  objective(terms: dict, coeffs: dict, cfg) -> (loss, d_only)
+      ``loss`` (with ``terms['ce']``) is what G, C and D minimise, logged as ``train/loss``;
+      ``d_only`` a term computed on detached inputs, whose gradient reaches D only, added to the
+      differentiated total but not to ``loss`` (ALDA's L_reg; 0.0 for none).
+  metrics(out: StepOutputs, coeffs: dict, cfg) -> dict[str, f32[]]
+      Its diagnostics, logged as ``train/<name>`` beside loss, lr, source_acc, the terms, and
+      target_acc when the target goes through the network.
+
+A module serving several methods reads its options as ``dict(methods.resolve(cfg).spec.options)``.
 
 Batch format: ``{'source': {'image': f32[R,H,W,3], 'label': i32[R], 'mask': bool[R]}, 'target':
 {...same}}``; the target labels are read only for the diagnostic ``train/target_acc``. A global
@@ -23,6 +47,7 @@ unpadded one.
 
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax.training import train_state
@@ -76,20 +101,64 @@ def _check_same_structure(ours, theirs, what: str) -> None:
     )
 
 
-def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_coeff, *, cfg):
-  """Forward pass and every loss term of ``cfg.method``; differentiable in ``params``.
+@flax.struct.dataclass
+class StepOutputs:
+  """What the forward pass gives a method: float32 features and logits of the real and padding
+  rows of each domain (R rows), the source labels and the padding masks."""
 
-  Returns ``(terms, aux)``: ``terms`` has 'ce' (+ 'dann', or 'adv', 'reg', 'correct'); ``aux`` has
-  the updated 'batch_stats' and the float32 'logits_s' / 'logits_t' ('logits_t' absent for
-  source_only). 'reg' is computed from *detached* features, so its gradient reaches D only.
+  feat_s: jax.Array  # f32[R, F]: what the classifier and D read (bottleneck features)
+  logits_s: jax.Array  # f32[R, K]
+  labels_s: jax.Array  # i32[R]
+  mask_s: jax.Array | None  # bool[R]: the real rows of a padded batch (None: every row is real)
+  feat_t: jax.Array | None = None  # None: the target batch did not go through the network
+  logits_t: jax.Array | None = None
+  mask_t: jax.Array | None = None
+  # (R_f f32[F, d], R_g f32[K, d]): the model's fixed matrices for disc_input='random' (CDAN's
+  # randomized map; None for the other inputs), constants: read through stop_gradient.
+  random_matrices: tuple | None = None
+
+  @property
+  def feat_N(self) -> jax.Array:
+    """[f_s; f_t], f32[2R, F]: D's input rows, source first."""
+    return jnp.concatenate([self.feat_s, self.feat_t])
+
+  @property
+  def logits_N(self) -> jax.Array:
+    return jnp.concatenate([self.logits_s, self.logits_t])
+
+  @property
+  def mask_N(self) -> jax.Array | None:
+    """The real rows of [source; target] (None: every row is real)."""
+    return None if self.mask_s is None else jnp.concatenate([self.mask_s, self.mask_t])
+
+
+def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, coeffs, *, cfg):
+  """Forward pass and every loss term of the config's method; differentiable in ``params``.
+
+  ``coeffs``: ``step_coefficients`` of the step, or a bare number, the GRL coefficient alone (all
+  that DANN's and ALDA's terms read). Returns ``(terms, aux)``: ``terms`` has 'ce' and the
+  method's terms (DANN: 'dann'; ALDA: 'adv', 'reg', 'correct'); ``aux`` has the updated
+  'batch_stats', the float32 'logits_s' / 'logits_t' ('logits_t' absent when the target stays
+  out, source_only) and the method's ``StepOutputs`` ('outputs').
   """
-  spec = methods.method_spec(cfg.method)
+  method = methods.resolve(cfg)
+  module = methods.method_module(method)
+  coeffs = coeffs if isinstance(coeffs, dict) else {"grl_coeff": coeffs}
   src, tgt = batch["source"], batch["target"]
   mask_s, mask_t = padding_mask(src, cfg), padding_mask(tgt, cfg)
-  if spec.adversary == "none":
-    # Source-only: the target batch never enters the network, so it cannot leak into the shared
-    # BN statistics (that would be AdaBN-style adaptation, not the "ResNet-50" baseline).
-    (_, logits_s), upd = apply_fn(
+  if method.spec.uses_target:
+    (feat_s, logits_s), (feat_t, logits_t), new_stats = _forward_both_domains(
+      apply_fn,
+      params,
+      batch_stats,
+      src["image"],
+      tgt["image"],
+      target_branch=method.target_branch,
+      fused=cfg.model.fused_pass,
+      masks=None if mask_s is None else (mask_s, mask_t),
+    )
+  else:
+    (feat_s, logits_s), upd = apply_fn(
       {"params": params, "batch_stats": batch_stats},
       src["image"],
       domain=0,
@@ -97,49 +166,30 @@ def compute_loss_terms(apply_fn, params, batch_stats, batch, dropout_rng, grl_co
       mutable=["batch_stats"],
       mask=mask_s,
     )
-    return (
-      {"ce": losses.cross_entropy(logits_s, src["label"], mask_s)},
-      {"batch_stats": upd["batch_stats"], "logits_s": logits_s},
-    )
-  (feat_s, logits_s), (feat_t, logits_t), new_stats = _forward_both_domains(
-    apply_fn,
-    params,
-    batch_stats,
-    src["image"],
-    tgt["image"],
-    target_branch=spec.target_branch,
-    fused=cfg.model.fused_pass,
-    masks=None if mask_s is None else (mask_s, mask_t),
+    feat_t = logits_t = mask_t = None
+    new_stats = upd["batch_stats"]
+  random_matrices = None
+  if method.spec.disc_input == "random":
+    random_matrices = apply_fn({"params": params}, feat_s.shape[-1], method="random_matrices")
+  out = StepOutputs(
+    feat_s, logits_s, src["label"], mask_s, feat_t, logits_t, mask_t, random_matrices
   )
   terms = {"ce": losses.cross_entropy(logits_s, src["label"], mask_s)}
-  aux = {"batch_stats": new_stats, "logits_s": logits_s, "logits_t": logits_t}
-  feat_Nxf = jnp.concatenate([feat_s, feat_t])
-  mask_N = None if mask_s is None else jnp.concatenate([mask_s, mask_t])
+  aux = {"batch_stats": new_stats, "logits_s": logits_s, "outputs": out}
+  if feat_t is not None:
+    aux["logits_t"] = logits_t
 
-  def discriminate(feat):  # same rng each call -> the same dropout mask, like the single D forward
+  def discriminate(x):  # same rng each call -> the same dropout mask, like the single D forward
     return apply_fn(
       {"params": params},
-      feat,
+      x,
       train=True,
       method="discriminate",
       rngs={"dropout": dropout_rng},
-      mask=mask_N,
+      mask=out.mask_N,
     )
 
-  d_logits = discriminate(losses.gradient_reversal(feat_Nxf, grl_coeff))
-  if spec.adversary == "dann":
-    terms["dann"] = losses.dann_loss(d_logits, mask_N)
-    return terms, aux
-  probs_NxK = jax.nn.softmax(jnp.concatenate([logits_s, logits_t]), axis=-1)
-  labels_s, threshold = src["label"], cfg.loss.threshold
-  terms["adv"], _, terms["correct"] = losses.alda_losses(
-    d_logits, labels_s, probs_NxK, threshold, mask_N
-  )
-  # train.py back-propagates reg_loss with every G/C param at requires_grad=False: it updates D
-  # only. Same D forward (same dropout mask) on detached features gives exactly that gradient.
-  _, terms["reg"], _ = losses.alda_losses(
-    discriminate(jax.lax.stop_gradient(feat_Nxf)), labels_s, probs_NxK, threshold, mask_N
-  )
+  terms.update(module.loss_terms(out, discriminate, coeffs, cfg))
   return terms, aux
 
 
@@ -201,16 +251,6 @@ def _forward_both_domains(
   return (feat_s, logits_s), (feat_t, logits_t), upd["batch_stats"]
 
 
-def total_loss(terms: dict, lambda_t, cfg) -> jax.Array:
-  """train.py's ``total_loss`` = CE + transfer loss (L_reg is separate: it reaches only D)."""
-  w = cfg.loss.adv_weight
-  if "dann" in terms:
-    return terms["ce"] + w * terms["dann"]
-  if "adv" in terms:
-    return terms["ce"] + w * terms["adv"] + w * lambda_t * terms["correct"]
-  return terms["ce"]
-
-
 def step_coefficients(step, cfg) -> dict:
   """GRL coefficient (``calc_coeff(i + 1)``) and L_T weight λ_T (``calc_coeff(i)``) at step i."""
   lc = cfg.loss
@@ -229,12 +269,14 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, cfg):
   coeffs = step_coefficients(state.step, cfg)
   dropout_rng = jax.random.fold_in(rng, state.step)
 
+  module = methods.method_module(methods.resolve(cfg))
+
   def loss_fn(params):
     terms, aux = compute_loss_terms(
-      state.apply_fn, params, state.batch_stats, batch, dropout_rng, coeffs["grl_coeff"], cfg=cfg
+      state.apply_fn, params, state.batch_stats, batch, dropout_rng, coeffs, cfg=cfg
     )
-    loss = total_loss(terms, coeffs["lambda_t"], cfg)
-    return loss + terms.get("reg", 0.0), (loss, terms, aux)
+    loss, d_only = module.objective(terms, coeffs, cfg)
+    return loss + d_only, (loss, terms, aux)
 
   grads, (loss, terms, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
@@ -248,22 +290,15 @@ def _accuracy(logits_BxK, labels_B, mask_B=None):
 
 def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
   """The logged scalars; the batch means are over the real rows."""
-  adversary = methods.method_spec(cfg.method).adversary
-  mask_s = padding_mask(batch["source"], cfg)
+  out = aux["outputs"]
   metrics = {
     "train/loss": loss,
     "train/lr": optim.inv_schedule(cfg.optim)(state.step),
-    "train/source_acc": _accuracy(aux["logits_s"], batch["source"]["label"], mask_s),
+    "train/source_acc": _accuracy(out.logits_s, out.labels_s, out.mask_s),
   }
   metrics.update({f"train/{k}": v for k, v in terms.items()})
-  if adversary != "none":
-    metrics["train/grl_coeff"] = coeffs["grl_coeff"]
-    probs_t = jax.nn.softmax(aux["logits_t"], axis=-1)
-    conf = losses.confident_mask(probs_t, cfg.loss.threshold)
-    mask_t = padding_mask(batch["target"], cfg)
-    metrics["train/confident_frac"] = losses.masked_mean(conf.astype(jnp.float32), mask_t)
-    # Diagnostic only: the target labels never enter a loss.
-    metrics["train/target_acc"] = _accuracy(aux["logits_t"], batch["target"]["label"], mask_t)
-  if adversary == "alda":
-    metrics["train/lambda_t"] = coeffs["lambda_t"]
+  if out.logits_t is not None:  # diagnostic only: the target labels never enter a loss
+    metrics["train/target_acc"] = _accuracy(out.logits_t, batch["target"]["label"], out.mask_t)
+  module = methods.method_module(methods.resolve(cfg))
+  metrics.update({f"train/{k}": v for k, v in module.metrics(out, coeffs, cfg).items()})
   return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)

@@ -124,3 +124,28 @@ def test_unknown_optimizer_is_a_user_error():
   cfg.name = "adamw"
   with pytest.raises(optim.UserError, match="adamw"):
     optim.create_optimizer(cfg)
+
+
+def test_frozen_constants_never_move_and_other_states_keep_their_structure():
+  """CDAN's random matrices ('random_map': group 'frozen') stay bit-exact under gradients, weight
+  decay and momentum while the other groups move; a model without them gets the optimizer state
+  it always had (no 'frozen' entry), so the checkpoints of earlier runs still restore."""
+  cfg = config_defaults.get_config().optim
+  cfg.weight_decay = 0.01
+  rng = np.random.default_rng(0)
+  plain = jax.tree.map(jnp.asarray, _tree(rng))
+  params = {**plain, "random_map": {"r_f": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}}
+  tx = optim.create_optimizer(cfg)
+  assert set(tx.init(plain).inner_states) == {"backbone", "head", "disc"}
+  state = tx.init(params)
+  assert set(state.inner_states) == {"backbone", "head", "disc", "frozen"}
+  assert not jax.tree.leaves(state.inner_states["frozen"])  # no momentum kept for constants
+  moved = params
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), moved)
+    updates, state = tx.update(grads, state, moved)
+    moved = optax.apply_updates(moved, updates)
+  np.testing.assert_array_equal(moved["random_map"]["r_f"], params["random_map"]["r_f"])
+  for group in plain:
+    for a, b in zip(jax.tree.leaves(moved[group]), jax.tree.leaves(params[group])):
+      assert float(jnp.abs(a - b).max()) > 1e-4, group

@@ -126,3 +126,76 @@ def test_sweep_refuses_a_foreign_root_or_run_folder_before_any_run(tmp_path):
   assert _bytes(root2) == {
     os.path.join("alda_dsbn", "digits-digits_m", "seed0", k): v for k, v in before.items()
   }
+
+
+def sweep_config():
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+
+  return smoke.get_config()
+
+
+def test_sweep_methods_pairs_each_method_with_each_bn_by_display_name():
+  """Methods outer, BN choices inner; 'auto' is the name's BN (or model.bn when set)."""
+  config = sweep_config()
+  assert sweep.sweep_methods(config, ["source_only", "alda_dsbn"]) == ["source_only", "alda_dsbn"]
+  pairs = sweep.sweep_methods(config, ["dann", "alda"], ["shared", "dsbn"])
+  assert pairs == ["dann", "dann_dsbn", "alda", "alda_dsbn"]
+  assert sweep.sweep_methods(config, ["alda_dsbn"], ["auto", "dsbn"]) == ["alda_dsbn"] * 2
+  config.model.bn = "dsbn"
+  assert sweep.sweep_methods(config, ["alda", "source_only"]) == ["alda_dsbn", "source_only_dsbn"]
+
+
+def test_sweep_over_bn_names_runs_and_rows_by_display_name_and_skips_an_old_finished_run(
+  tmp_path, digits_data_dir, monkeypatch
+):
+  """``--methods=source_only,alda --bn=shared,dsbn`` runs four pairs in folders (and table rows)
+  named as before model.bn; a finished ``alda_dsbn`` run whose config.json predates model.bn
+  (no ``model.bn``, no ``sweep.bn``) is the same run, skipped; contradicting or unknown BN choices
+  and a pair listed twice are one line, before anything runs."""
+  from dsbn_jax import train  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path / "sweep"
+  old = sweep_config()
+  old.method, old.data.data_dir = "alda_dsbn", digits_data_dir
+  old.data.source, old.data.target = "digits", "digits_m"
+  saved = json.loads(old.to_json_best_effort())
+  del saved["model"]["bn"], saved["sweep"]["bn"]  # what a run before model.bn wrote
+  _fake_run(root, "alda_dsbn", "digits->digits_m", 0, 61.0, 60.0)
+  (root / "alda_dsbn" / "digits-digits_m" / "seed0" / "config.json").write_text(json.dumps(saved))
+  ran = []
+
+  def fake_train(cfg, workdir):
+    ran.append((os.path.relpath(workdir, root), cfg.method, cfg.model.bn))
+    _fake_run(root, cfg.method, "digits->digits_m", cfg.seed, 51.0, 50.0)
+    return {}
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+
+  def run(*flags):
+    argv = ["sweep", f"--config={cli_driver.SMOKE}", f"--workdir={root}", "--seeds=0", *flags]
+    with cli_driver.mesh_of(1):
+      return cli_driver.run("sweep", [*argv, f"--config.data.data_dir={digits_data_dir}"])
+
+  result = run("--methods=source_only,alda", "--bn=shared,dsbn")
+  assert result.returncode == 0, result.stderr[-3000:]
+  names = ["source_only", "source_only_dsbn", "alda"]  # alda_dsbn: finished before, skipped
+  assert ran == [(os.path.join(n, "digits-digits_m", "seed0"), n, "auto") for n in names]
+  table = (root / "results.md").read_text()
+  assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][:5] == [
+    "| method",
+    "| source_only",
+    "| source_only_dsbn",
+    "| alda",
+    "| alda_dsbn",
+  ]
+  assert "| alda_dsbn | 60.0 |" in table.split("last evaluation")[1]
+  for flags, pieces in [
+    (["--methods=alda_dsbn", "--bn=shared"], ["--bn='shared'", "--methods='alda_dsbn'", "'alda'"]),
+    (["--methods=alda", "--bn=both"], ["'both'", "--bn or config.sweep.bn", "auto, shared, dsbn"]),
+    (["--methods=alda,alda_dsbn", "--bn=dsbn"], ["method alda_dsbn twice"]),
+  ]:
+    ran.clear()
+    result = run(*flags)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert all(p in errors[0] for p in pieces) and not ran, errors[0]

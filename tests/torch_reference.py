@@ -349,3 +349,145 @@ def perturb_bn(model: nn.Module, seed: int, bias_range=(-0.2, 0.2)) -> None:
         m.bias.copy_(torch.rand(c, generator=g) * (hi_b - lo) + lo)
         m.running_mean.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
         m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+
+
+# ------------------------------------------------------------ comparison methods (§12-§16)
+# Oracles for dsbn_jax/methods/{cdan,jan,mada,mcc,bnm}.py, written from the upstream formulas in the
+# upstream code's own structure (CPU, no ``.cuda()``).
+def entropy(input_):
+  """CDAN ``loss.py::Entropy``: -Σ p log(p + 1e-5) per row (used by CDAN+E and MCC)."""
+  return torch.sum(-input_ * torch.log(input_ + 1e-5), dim=1)
+
+
+class RandomLayer(nn.Module):
+  """CDAN ``network.py::RandomLayer``; its ``torch.randn`` matrices ([in_dim_i, output_dim]) are
+  passed in here, so that both sides of a parity test use the same ones."""
+
+  def __init__(self, random_matrix, output_dim=1024):
+    super().__init__()
+    self.random_matrix, self.output_dim = list(random_matrix), output_dim
+
+  def forward(self, input_list):
+    outs = [torch.mm(x, m) for x, m in zip(input_list, self.random_matrix)]
+    result = outs[0] / float(self.output_dim) ** (1.0 / len(outs))
+    for single in outs[1:]:
+      result = torch.mul(result, single)
+    return result
+
+
+def cdan_loss(input_list, ad_net, entropy=None, coeff=None, random_layer=None):
+  """CDAN ``loss.py::CDAN``: the map of [features, detached softmax] through ``ad_net`` (sigmoid
+  output, GRL inside), BCE against 1 (source half) / 0 (target half); with ``entropy``, CDAN+E's
+  per-domain weights through a reversal hook of ``coeff``, every normaliser a detached float."""
+  softmax_output = input_list[1].detach()
+  feature = input_list[0]
+  if random_layer is None:
+    op_out = torch.bmm(softmax_output.unsqueeze(2), feature.unsqueeze(1))
+    ad_out = ad_net(op_out.view(-1, softmax_output.size(1) * feature.size(1)))
+  else:
+    random_out = random_layer.forward([feature, softmax_output])
+    ad_out = ad_net(random_out.view(-1, random_out.size(1)))
+  b = softmax_output.size(0) // 2
+  dc_target = torch.cat([torch.ones(b, 1), torch.zeros(b, 1)])
+  if entropy is None:
+    return nn.BCELoss()(ad_out, dc_target)
+  entropy.register_hook(grl_hook(coeff))
+  entropy = 1.0 + torch.exp(-entropy)
+  source_mask = torch.ones_like(entropy)
+  source_mask[b:] = 0
+  target_mask = 1 - source_mask
+  source_weight, target_weight = entropy * source_mask, entropy * target_mask
+  weight = (
+    source_weight / torch.sum(source_weight).detach().item()
+    + target_weight / torch.sum(target_weight).detach().item()
+  )
+  bce = nn.BCELoss(reduction="none")(ad_out, dc_target)
+  return torch.sum(weight.view(-1, 1) * bce) / torch.sum(weight).detach().item()
+
+
+def mada_loss(feature, softmax_out, ad_nets, coeff):
+  """thuml/MADA ``train_val.prototxt`` after the classifier: outer product (no gradient to the
+  softmax), one GRL, a slice into K inputs, D_k each, ``SigmoidCrossEntropyLoss`` (mean over the
+  batch) against source 0 / target 1, the K losses summed (their loss_weight is left out)."""
+  all_product = softmax_out.detach().unsqueeze(2) * feature.unsqueeze(1)  # [N, K, F]
+  all_product = all_product * 1.0
+  all_product.register_hook(grl_hook(coeff))
+  b = feature.size(0) // 2
+  dc_labels = torch.cat([torch.zeros(b, 1), torch.ones(b, 1)])
+  return sum(
+    nn.BCEWithLogitsLoss()(ad_net(all_product[:, k, :]), dc_labels)
+    for k, ad_net in enumerate(ad_nets)
+  )
+
+
+def mcc_loss(outputs_target, temperature, class_num):
+  """Versatile-Domain-Adaptation ``train_image_office.py``: the MCC term on the target logits."""
+  train_bs = outputs_target.size(0)
+  target_softmax_out_temp = nn.Softmax(dim=1)(outputs_target / temperature)
+  target_entropy_weight = entropy(target_softmax_out_temp).detach()
+  target_entropy_weight = 1 + torch.exp(-target_entropy_weight)
+  target_entropy_weight = train_bs * target_entropy_weight / torch.sum(target_entropy_weight)
+  cov_matrix_t = (
+    target_softmax_out_temp.mul(target_entropy_weight.view(-1, 1))
+    .transpose(1, 0)
+    .mm(target_softmax_out_temp)
+  )
+  cov_matrix_t = cov_matrix_t / torch.sum(cov_matrix_t, dim=1)
+  return (torch.sum(cov_matrix_t) - torch.trace(cov_matrix_t)) / class_num
+
+
+def bnm_loss(softmax_tgt):
+  """cuishuhao/BNM ``DA/BNM/train_image.py`` (method BNM): -mean of the singular values.
+
+  ``torch.svd(A)`` (some=True) is ``torch.linalg.svd(A, full_matrices=False)``; the latter is called
+  here because the former warns that it is deprecated.
+  """
+  _, s_tgt, _ = torch.linalg.svd(softmax_tgt, full_matrices=False)
+  return -torch.mean(s_tgt)
+
+
+class GaussianKernel(nn.Module):
+  """TLlib ``modules/kernels.py::GaussianKernel``: σ² = alpha · mean ‖x_i - x_j‖² (detached), or a
+  fixed σ."""
+
+  def __init__(self, sigma=None, track_running_stats=True, alpha=1.0):
+    super().__init__()
+    self.sigma_square = torch.tensor(sigma * sigma) if sigma is not None else None
+    self.track_running_stats, self.alpha = track_running_stats, alpha
+
+  def forward(self, X):
+    l2_distance_square = ((X.unsqueeze(0) - X.unsqueeze(1)) ** 2).sum(2)
+    if self.track_running_stats:
+      self.sigma_square = self.alpha * torch.mean(l2_distance_square.detach())
+    return torch.exp(-l2_distance_square / (2 * self.sigma_square))
+
+
+def _update_index_matrix(batch_size):
+  """TLlib ``alignment/dan.py::_update_index_matrix`` with ``linear=False``."""
+  index_matrix = torch.zeros(2 * batch_size, 2 * batch_size)
+  for i in range(batch_size):
+    for j in range(batch_size):
+      if i != j:
+        index_matrix[i][j] = 1.0 / float(batch_size * (batch_size - 1))
+        index_matrix[i + batch_size][j + batch_size] = 1.0 / float(batch_size * (batch_size - 1))
+  for i in range(batch_size):
+    for j in range(batch_size):
+      index_matrix[i][j + batch_size] = -1.0 / float(batch_size * batch_size)
+      index_matrix[i + batch_size][j] = -1.0 / float(batch_size * batch_size)
+  return index_matrix
+
+
+def jmmd_loss(z_s, z_t):
+  """TLlib ``JointMultipleKernelMaximumMeanDiscrepancy(linear=False)`` with the kernels of its JAN
+  script: ``z_s = (f_s, softmax_s)``, ``z_t = (f_t, softmax_t)``."""
+  kernels = (
+    [GaussianKernel(alpha=2**k) for k in range(-3, 2)],
+    (GaussianKernel(sigma=0.92, track_running_stats=False),),
+  )
+  batch_size = int(z_s[0].size(0))
+  index_matrix = _update_index_matrix(batch_size)
+  kernel_matrix = torch.ones_like(index_matrix)
+  for layer_z_s, layer_z_t, layer_kernels in zip(z_s, z_t, kernels):
+    layer_features = torch.cat([layer_z_s, layer_z_t], dim=0)
+    kernel_matrix *= sum([kernel(layer_features) for kernel in layer_kernels])
+  return (kernel_matrix * index_matrix).sum() + 2.0 / float(batch_size - 1)

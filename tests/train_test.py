@@ -446,6 +446,35 @@ def test_workdir_of_another_config_is_refused_untouched(reference_run, tmp_path,
   assert before == after
 
 
+def test_a_workdir_from_before_model_bn_resumes_and_re_evaluates(
+  reference_run, tmp_path, digits_data_dir
+):
+  """A finished ``alda_dsbn`` run whose config.json predates ``model.bn`` (no ``model.bn`` and no
+  ``sweep.bn``, as runs wrote it then) resumes with its command and re-evaluates its final state
+  to the same accuracies; ``alda`` with ``model.bn=dsbn`` names the same run; ``model.bn=shared``
+  contradicts the name: one line, nothing changed."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  del config["model"]["bn"], config["sweep"]["bn"]
+  (workdir / "config.json").write_text(json.dumps(config, indent=2))
+  want = _results(workdir)
+  for overrides in [(), ("--config.method=alda", "--config.model.bn=dsbn")]:
+    proc = _main(workdir, digits_data_dir, *overrides)
+    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout, proc.stdout[-2000:]
+    got = _results(workdir)
+    assert got["method"] == "alda_dsbn"
+    assert [e["accuracy"] for e in got["evals"]] == [e["accuracy"] for e in want["evals"]]
+    assert got["last_accuracy"] == want["last_accuracy"]
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  proc = _main(workdir, digits_data_dir, "--config.model.bn=shared", check=False)
+  assert proc.returncode == 2
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: invalid config.model.bn='shared'") and "alda_dsbn" in err, err
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, digits_data_dir):
   workdir = tmp_path / "run"
   proc = _main(workdir, digits_data_dir, "--config.optim.lr0=1e12", check=False)

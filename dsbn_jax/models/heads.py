@@ -1,25 +1,29 @@
-"""The heads on top of the backbone, the discriminator, and the full model assembled from a config.
+"""The heads on top of the backbone, the discriminators, and the full model assembled from a config.
 
-What each method needs (its discriminator, its BN branches) is ``methods.METHODS``; the pretrained
-backbone is loaded by ``torchvision_port.load_pretrained_backbone``.
+What the config's method needs (its discriminator and what it reads, its BN branches) is
+``methods.resolve(config)``; the pretrained backbone is loaded by
+``torchvision_port.load_pretrained_backbone``.
 
 Reference (official ALDA ``network.py``; docs/reference.md §4):
 - ``ResNetFc``: backbone -> bottleneck ``Linear(2048, 512)`` (no BN, no ReLU, no dropout) ->
   classifier ``Linear(512, K)``. The bottleneck output is what both the classifier and D see.
 - ``Multi_AdversarialNetwork(512, 1024, K)``: Linear -> ReLU -> Dropout(0.5), twice, then
   ``Linear(1024, K)``, raw logits (ALDA). DANN's ``AdversarialNetwork`` is the same with one output
-  (its final sigmoid lives in ``losses.dann_loss``).
+  (its final sigmoid lives in ``losses.dann_loss``), and so is CDAN's (thuml/CDAN ``network.py``),
+  on a wider input (the multilinear map, K·F, or the randomized map, d = 1024); MADA's K
+  class-wise discriminators are K of DANN's, here vectorised (``ClasswiseDiscriminator``).
 - ``init_weights``: every Linear is ``xavier_normal_`` (an *untruncated* normal with std
   sqrt(2 / (fan_in + fan_out))) with zero bias. Flax's ``glorot_normal`` is truncated, hence
   ``variance_scaling(1, 'fan_avg', 'normal')`` (docs/reference.md §4).
 
-The gradient reversal layer that the reference puts inside D's forward lives in the train step
-(its coefficient depends on the step), so ``Discriminator`` is a plain MLP.
+The gradient reversal layer that the reference puts inside D's forward lives in the method's loss
+(its coefficient depends on the step), so the discriminators are plain MLPs.
 """
 
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from dsbn_jax import methods
@@ -71,30 +75,81 @@ class Discriminator(nn.Module):
     return logits if order is None else logits[jnp.argsort(order)]
 
 
+class ClasswiseDiscriminator(nn.Module):
+  """MADA's K class-wise discriminators D_k, each DANN's 1-logit ``Discriminator``, vectorised:
+  their params stacked on a leading K axis (``d_k/ad_layer1/kernel``: [K, F, hidden]), one batched
+  matmul per layer. D_k reads column k of ``x_NxKxF`` and draws its own dropout masks (its own
+  key), with the padded-row handling of ``Discriminator``. Returns raw logits f32[N, K]."""
+
+  num_classes: int
+  hidden_dim: int = 1024
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxKxF, *, train: bool, mask=None):
+    def one(disc, x_NxF, mask_N):  # D_k on its rows (lifted vmap passes no keyword arguments)
+      return disc(x_NxF, train=train, mask=mask_N)[:, 0]
+
+    stacked = nn.vmap(
+      one,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(1, None),
+      out_axes=1,
+      axis_size=self.num_classes,
+    )
+    disc = Discriminator(1, self.hidden_dim, self.dropout_rate, self.dtype, name="d_k")
+    return stacked(disc, x_NxKxF, mask)
+
+
+class RandomMatrices(nn.Module):
+  """CDAN's ``RandomLayer`` matrices R_f f32[F, d] and R_g f32[K, d], entries N(0, 1), drawn once
+  at init from the params rng. Constants: returned through ``stop_gradient``, and their optimizer
+  group ('frozen', ``optim.py``) neither moves nor decays them; they live in ``params`` so that
+  checkpoints, restores, sharding and ``predict`` carry them with no code of their own."""
+
+  num_classes: int
+  dim: int = 1024
+
+  @nn.compact
+  def __call__(self, feat_dim: int):
+    normal = nn.initializers.normal(stddev=1.0)
+    r_f = self.param("r_f", normal, (feat_dim, self.dim), jnp.float32)
+    r_g = self.param("r_g", normal, (self.num_classes, self.dim), jnp.float32)
+    return jax.lax.stop_gradient(r_f), jax.lax.stop_gradient(r_g)
+
+
 class AdaptationNet(nn.Module):
   """Backbone (G) + bottleneck + classifier (C), and the discriminator D as a second method.
 
   ``__call__`` returns ``(feat_NxF, logits_NxK)`` with F = bottleneck_dim (or the backbone's width
-  when there is no bottleneck); ``discriminate`` maps features to D's raw logits. Top-level param
-  names (``backbone``, ``bottleneck``, ``classifier``, ``disc``) are the optimizer's groups.
+  when there is no bottleneck); ``discriminate`` maps D's input to its raw logits;
+  ``random_matrices`` gives CDAN's fixed matrices. Top-level param names (``backbone``,
+  ``bottleneck``, ``classifier``, ``disc``, ``random_map``) are the optimizer's groups.
   """
 
   backbone: nn.Module
   num_classes: int
   bottleneck_dim: int = 512  # 0 = no bottleneck: the classifier and D see the backbone features
-  disc_outputs: int = 0  # 0 = no discriminator (source_only)
+  discriminator: str = "none"  # methods.DISCRIMINATORS: 'none' (source_only), 'dann', 'alda', ...
+  disc_input: str = "features"  # methods.DISC_INPUTS: what ``discriminate`` is given
   disc_hidden_dim: int = 1024
   dropout_rate: float = 0.5
+  random_dim: int = 1024  # d of disc_input='random' (CDAN's RandomLayer width)
   dtype: Any = jnp.float32
 
   def setup(self):
     if self.bottleneck_dim:
       self.bottleneck = _dense(self.bottleneck_dim, "bottleneck", self.dtype)
     self.classifier = _dense(self.num_classes, "classifier", self.dtype)
-    if self.disc_outputs:
-      self.disc = Discriminator(
-        self.disc_outputs, self.disc_hidden_dim, self.dropout_rate, self.dtype
-      )
+    d = (self.disc_hidden_dim, self.dropout_rate, self.dtype)
+    if self.discriminator == "mada":
+      self.disc = ClasswiseDiscriminator(self.num_classes, *d)
+    elif self.discriminator != "none":
+      self.disc = Discriminator({"dann": 1, "alda": self.num_classes}[self.discriminator], *d)
+    if self.disc_input == "random":
+      self.random_map = RandomMatrices(self.num_classes, self.random_dim)
 
   def __call__(self, x_NHWC, *, domain: Domain, train: bool, mask=None):
     """``mask``: bool[N] of the real rows of a padded batch (None: all), for the backbone's BN
@@ -105,14 +160,27 @@ class AdaptationNet(nn.Module):
     logits = self.classifier(feat.astype(self.dtype)).astype(jnp.float32)
     return feat, logits
 
-  def discriminate(self, feat_NxF, *, train: bool, mask=None):
-    return self.disc(feat_NxF, train=train, mask=mask)
+  def discriminate(self, x, *, train: bool, mask=None):
+    """D's raw logits: f32[N, 1] ('dann'), f32[N, K] ('alda'; 'mada', from x f32[N, K, F])."""
+    return self.disc(x, train=train, mask=mask)
+
+  def random_matrices(self, feat_dim: int):
+    """``(R_f, R_g)`` of disc_input='random', constants (``RandomMatrices``)."""
+    return self.random_map(feat_dim)
 
   def init_all(self, x_NHWC):
     """Touches every submodule (``model.init(..., method='init_all')``)."""
     feat, logits = self(x_NHWC, domain=0, train=False)
-    if self.disc_outputs:
-      self.discriminate(feat, train=False)
+    if self.disc_input == "random":
+      self.random_matrices(feat.shape[-1])
+    if self.discriminator != "none":
+      n, f = feat.shape
+      shape = {  # D's input for disc_input (the values do not matter to the init)
+        "multilinear": (n, self.num_classes * f),
+        "random": (n, self.random_dim),
+        "classwise": (n, self.num_classes, f),
+      }.get(self.disc_input)
+      self.discriminate(feat if shape is None else jnp.zeros(shape, feat.dtype), train=False)
     return logits
 
 
@@ -143,16 +211,17 @@ def min_input_size(model_cfg) -> int:
 
 
 def create_model(config) -> AdaptationNet:
-  """The full model for ``config.method`` and ``config.model`` (``config_defaults.py``)."""
-  spec = methods.method_spec(config.method)
+  """The full model for the config's method and BN (``methods.resolve``) and ``config.model``
+  (``config_defaults.py``)."""
+  method = methods.resolve(config)
   m = config.model
   dtype = jnp.dtype(m.dtype)
-  disc_outputs = {"none": 0, "dann": 1, "alda": m.num_classes}[spec.adversary]
   return AdaptationNet(
-    backbone=_backbone(m, spec.num_domains, dtype),
+    backbone=_backbone(m, method.num_domains, dtype),
     num_classes=m.num_classes,
     bottleneck_dim=m.bottleneck_dim,
-    disc_outputs=disc_outputs,
+    discriminator=method.spec.discriminator,
+    disc_input=method.spec.disc_input,
     disc_hidden_dim=m.disc_hidden_dim,
     dropout_rate=m.dropout_rate,
     dtype=dtype,

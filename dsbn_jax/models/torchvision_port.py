@@ -145,5 +145,5 @@ def load_pretrained_backbone(config) -> dict | None:
       f"model.pretrained_path is set but model.backbone is "
       f"{config.model.backbone!r}; pretrained weights exist only for resnet50"
     )
-  num_domains = methods.method_spec(config.method).num_domains
+  num_domains = methods.resolve(config).num_domains
   return load_resnet50(path, num_domains=num_domains)
