@@ -28,7 +28,14 @@ outputs read back, the confusion matrix), and apart, per evaluation, the rest of
 (the validators' scores, the best checkpoint written, the metrics row).
 
   python benchmarks/host_overhead.py [--root data/host_overhead --images_per_domain 360
-      --classes 12 --warmup 20 --steps 100 --cores 1,2 --json benchmarks/results/host_overhead.json]
+      --classes 12 --warmup 20 --steps 100 --cores 1,2 --train_inputs host,device,resident
+      --json benchmarks/results/host_overhead.json]
+
+``data.train_input`` 'device' and 'resident' (``device_augment``) move the crop, flip and
+normalisation into the jitted step; the fake step then skips that device work too (it reads one
+value of each array the host sent), so the figures are the host's part only: gathering the uint8
+rows (or only their numbers), the draws, the staging and the loop. The evaluation takes its crops
+on the device in every mode (the cached uint8 images cross; the fake eval step reads one pixel).
 
 ``--tiny`` replaces ResNet-50 by a one-block ResNet of width 8 (a quick check of the script: the
 state's dispatch is then cheaper than the real one). Prints Markdown table rows with the command;
@@ -78,6 +85,7 @@ def _config(a: dict):
   config.model.pretrained_path = ""  # random init: the weights' values do not matter here
   if a["tiny"]:
     config.model.backbone, config.model.stage_sizes, config.model.num_filters = "resnet", (1,), 8
+  config.data.train_input = a.get("train_input", "host")
   config.total_steps = a["warmup"] + a["steps"] + 1
   config.eval_every_steps = config.checkpoint_every_steps = config.total_steps  # at the end only
   return config
@@ -88,11 +96,20 @@ def _clocks() -> tuple[float, float, float]:
 
 
 def _child_prepare(a: dict) -> dict:
+  from dsbn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  info = catalog.get_data_info(_config(a).data)
-  return {"prepare_s": round(time.perf_counter() - t0, 1), "classes": info.num_classes}
+  data = _config(a).data
+  info = catalog.get_data_info(data)
+  prepare_s = time.perf_counter() - t0
+  input_pipeline.resident_images(data)  # the resized caches every measured run then reads
+  input_pipeline.make_eval_data(data, crops_on_device=True, process_index=0, process_count=1)
+  return {
+    "prepare_s": round(prepare_s, 1),
+    "cache_s": round(time.perf_counter() - t0 - prepare_s, 1),
+    "classes": info.num_classes,
+  }
 
 
 def _child_measure(a: dict) -> dict:
@@ -100,7 +117,13 @@ def _child_measure(a: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from dsbn_jax import compile_cache, evaluation, sharding, train  # pylint: disable=g-import-not-at-top
+  from dsbn_jax import (  # pylint: disable=g-import-not-at-top
+    compile_cache,
+    device_augment,
+    evaluation,
+    sharding,
+    train,
+  )
   from dsbn_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 
   compile_cache.enable()
@@ -133,9 +156,23 @@ def _child_measure(a: dict) -> dict:
       "num_valid": jnp.sum(mask, dtype=jnp.int32),
     }
 
-  sharding.jit_train_step = lambda mesh, cfg, step_fn=None: real_jit_train_step(
-    mesh, cfg, step_fn=fake_train_step
+  def fake_train_batch(batch, data, images=None):
+    """The device input's batch as the step's, without the augmentation's device work: one value
+    of each array the host sent, broadcast (XLA computes only what the fake step reads)."""
+    size, out = data.crop_size or data.resize_size, {}
+    for name, part in batch.items():
+      raw = part["image"] if "image" in part else part["row"]
+      one = raw.reshape(-1)[0].astype(jnp.float32) + part["box"][0, 0] + part["flip"][0]
+      if images is not None:
+        one = one + images[name][0, 0, 0, 0]
+      shape = (part["label"].shape[0], size, size, 3)
+      out[name] = {**part, "image": jnp.broadcast_to(one, shape)}
+    return out
+
+  sharding.jit_train_step = lambda mesh, cfg, step_fn=None, train_input="host": real_jit_train_step(
+    mesh, cfg, step_fn=fake_train_step, train_input=train_input
   )
+  device_augment.train_batch = fake_train_batch
   evaluation.eval_step = fake_eval_step
 
   w0, w1 = a["warmup"], a["warmup"] + a["steps"]
@@ -154,11 +191,12 @@ def _child_measure(a: dict) -> dict:
     if done == w1:  # the step's dispatch alone: the run's jitted fake step on a copy of the state
       run, reps = self.run, 30
       state = sharding.replicate(jax.device_get(run.state), run.mesh)  # a copy: donated below
-      state, m = run.train_fn(state, last_batch["value"], run.step_rng)
+      args = (last_batch["value"], run.step_rng, *run.step_args)
+      state, m = run.train_fn(state, *args)
       jax.block_until_ready(m)
       t = _clocks()
       for _ in range(reps):
-        state, m = run.train_fn(state, last_batch["value"], run.step_rng)
+        state, m = run.train_fn(state, *args)
       jax.block_until_ready(m)
       out["dispatch_cpu_ms"] = (_clocks()[1] - t[1]) * 1e3 / reps
 
@@ -190,6 +228,7 @@ def _child_measure(a: dict) -> dict:
   (e0, e1, n_eval), (q0, q1, _) = evals[-1], passes[-1]
   return {
     "cores": cores,
+    "train_input": config.data.train_input,
     "platform": jax.devices()[0].platform,
     "backbone": config.model.backbone,
     "train": {
@@ -246,6 +285,11 @@ def main() -> None:
   p.add_argument("--cores", default="1,2", help="core counts, one fresh process each")
   p.add_argument("--tiny", action="store_true", help="a one-block ResNet instead of ResNet-50")
   p.add_argument(
+    "--train_inputs",
+    default="host,device,resident",
+    help="data.train_input values, one fresh process per value and core count",
+  )
+  p.add_argument(
     "--json", default=os.path.join(_REPO, "benchmarks", "results", "host_overhead.json")
   )
   args = p.parse_args()
@@ -264,22 +308,25 @@ def main() -> None:
   }
   prepared = _run_child("_prepare", a, None, os.path.join(root, "prepare.log"))
   results = []
-  for cores in [int(c) for c in args.cores.split(",")]:
-    workdir = os.path.join(root, "runs", f"{cores}core")
-    shutil.rmtree(workdir, ignore_errors=True)
-    log = os.path.join(root, f"measure_{cores}core.log")
-    results.append(_run_child("_measure", {**a, "workdir": workdir}, cores, log))
+  for train_input in args.train_inputs.split(","):
+    for cores in [int(c) for c in args.cores.split(",")]:
+      workdir = os.path.join(root, "runs", f"{train_input}_{cores}core")
+      shutil.rmtree(workdir, ignore_errors=True)
+      log = os.path.join(root, f"measure_{train_input}_{cores}core.log")
+      b = {**a, "workdir": workdir, "train_input": train_input}
+      results.append(_run_child("_measure", b, cores, log))
   print(f"\n`{command}` ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)\n")
   print(
-    "| cores | train: host CPU ms/step (main thread; step dispatch) | ceiling img/s | "
-    "measured img/s | eval: host CPU ms/image, 10-crop pass (main thread) | eval pass img/s | "
-    "rest of an evaluation: CPU s |"
+    "| data.train_input | cores | train: host CPU ms/step (main thread; step dispatch) | "
+    "ceiling img/s | measured img/s | eval: host CPU ms/image, 10-crop pass (main thread) | "
+    "eval pass img/s | rest of an evaluation: CPU s |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   for r in results:
     t, e = r["train"], r["eval"]
     print(
-      f"| {r['cores']} | {t['cpu_ms_per_step']} ({t['main_thread_ms_per_step']}; "
+      f"| {r['train_input']} | {r['cores']} | {t['cpu_ms_per_step']} "
+      f"({t['main_thread_ms_per_step']}; "
       f"{t['dispatch_cpu_ms_per_step']}) | {t['ceiling_images_per_s']} | "
       f"{t['measured_images_per_s']} | {e['pass_cpu_ms_per_image']} "
       f"({e['pass_main_thread_ms_per_image']}) | {e['pass_images_per_s']} | {e['rest_cpu_s']} |"

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsbn_jax import crops
 from dsbn_jax.errors import UserError
 
 TRAIN_INPUTS = ('auto', 'host', 'device', 'resident')  # data.train_input
@@ -108,8 +109,35 @@ def augment(
   else:
     levels = crop_resize(images_u8, boxes, crop_size).astype(jnp.int32)
   levels = jnp.where(flips[:, None, None, None], levels[:, :, ::-1, :], levels)
+  return normalize(levels, mean, std).astype(dtype)
+
+
+def normalize(levels: jax.Array, mean, std) -> jax.Array:
+  """float32 ``(levels / 255 - mean) / std`` of integer pixel levels [..., 3], the host path's
+  values to the bit (``normalization_table``)."""
   table = jnp.asarray(normalization_table(mean, std))
-  return table[levels, jnp.arange(3)].astype(dtype)
+  return table[levels.astype(jnp.int32), jnp.arange(3)]
+
+
+def eval_images(images_u8: jax.Array, data) -> jax.Array:
+  """The eval transform's tail on the devices: the square-resized uint8 images [B, S, S, 3] ->
+  their 10 crops [B, 10, c, c, 3] (data.eval_mode '10crop', the reference's order), centre crops
+  [B, c, c, 3], or the images themselves (data.crop_size 0), normalised: what
+  ``transforms.eval_crops`` gives on the host, to the bit (slices, flips and a table lookup)."""
+  size, c = images_u8.shape[1], data.crop_size
+  if data.eval_mode == '10crop':
+    mirrored = images_u8[:, :, ::-1]
+    images_u8 = jnp.stack(
+      [
+        (mirrored if flipped else images_u8)[:, top : top + c, left : left + c]
+        for flipped, top, left in crops.ten_crop_boxes(size, c)
+      ],
+      axis=1,
+    )
+  elif c:
+    top = crops.crop_offsets(size, c)['center']
+    images_u8 = images_u8[:, top : top + c, top : top + c]
+  return normalize(images_u8, data.mean, data.std)
 
 
 def train_batch(batch: dict, data, images: dict | None = None) -> dict:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dsbn_jax import methods, reporting, sharding
+from dsbn_jax import device_augment, methods, reporting, sharding
 
 
 class EvalState(struct.PyTreeNode):
@@ -42,16 +42,21 @@ def eval_state(apply_fn, params, batch_stats, mesh) -> EvalState:
 def eval_step(state, batch, *, cfg, domain: int | None = None) -> dict:
   """Predictions with BN in eval mode through BN branch ``domain`` (None: the target's branch).
 
-  ``batch``: ``{'image': f32[B,H,W,3] or f32[B,C,H,W,3] (C crops), 'label': i32[B],
+  ``batch``: ``{'image': f32[B,H,W,3] or f32[B,C,H,W,3] (C crops), or the square-resized
+  u8[B,S,S,3] that ``device_augment.eval_images`` crops and normalises here, 'label': i32[B],
   'mask': bool[B]}``. With crops, the prediction is the argmax of the mean softmax over the C crops
   (``image_classification_test``) and the features are the mean over the crops. Returns per-example
   'probs' f32[B,K], 'features' f32[B,D] (what the classifier reads: the bottleneck's output),
   'pred'/'label' i32[B], 'mask' bool[B], and the masked counts 'num_correct'/'num_valid' (i32).
   """
   if domain is None:
-    domain = methods.method_spec(cfg.method).target_branch
+    domain = methods.resolve(cfg).target_branch
   images = batch["image"]
   b = images.shape[0]
+  if images.dtype == jnp.uint8:  # the resized images: crops and normalisation here
+    images = device_augment.eval_images(images, cfg.data)
+    keep = batch["mask"].astype(jnp.bool_).reshape((b,) + (1,) * (images.ndim - 1))
+    images = jnp.where(keep, images, 0.0)  # padding rows zero, as the host path pads them
   if images.ndim == 5:  # fold the crop axis into the batch: eval-mode BN makes rows independent
     images = images.reshape((-1, *images.shape[2:]))
   features, logits = state.apply_fn(

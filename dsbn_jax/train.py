@@ -36,8 +36,10 @@ from dsbn_jax import (
   checkpointing,
   cli,
   device_augment,
+  eval_data,
   evaluation,
   input_pipeline,
+  methods,
   reporting,
   run_control,
   sharding,
@@ -134,8 +136,22 @@ _ADDED_LATER = {
   "model.conv_impl": "auto",
   "data.source_val_fraction": 0.0,
   "select_with": "",
+  "model.bn": "auto",
+  "sweep.bn": ["auto"],
 }
 _NO = object()
+
+
+def _canonical_method(flat: dict) -> dict:
+  """The flat fields with ``method`` the display name of the (method, BN) pair that ``method`` and
+  ``model.bn`` name, and no ``model.bn``: 'alda_dsbn' (with model.bn absent, as written before
+  the field, 'auto' or 'dsbn') and 'alda' with model.bn='dsbn' are one run. As written when they
+  name no pair."""
+  try:
+    method = methods.resolve_name(flat.get("method"), flat.get("model.bn", "auto"))
+  except UserError:
+    return flat
+  return {**{k: v for k, v in flat.items() if k != "model.bn"}, "method": method.display_name}
 
 
 def _as_written_now(saved: dict, config) -> dict:
@@ -213,8 +229,8 @@ def guard_workdir(workdir: str, config, *, resolved: bool = True) -> str | None:
     _resolve_lr0(
       config, *(catalog.canonical_domain(config.data, config.data[k]) for k in ("source", "target"))
     )
-  old = _as_written_now(traverse_util.flatten_dict(saved, sep="."), config)
-  new = traverse_util.flatten_dict(_jsonable(config), sep=".")
+  old = _canonical_method(_as_written_now(traverse_util.flatten_dict(saved, sep="."), config))
+  new = _canonical_method(traverse_util.flatten_dict(_jsonable(config), sep="."))
   derived = () if resolved else _DERIVED
   differ = sorted(
     k
@@ -298,6 +314,17 @@ def _scored_entry(step: int, result: dict, source: dict | None) -> dict:
   return entry
 
 
+def _train_input(config, mesh, info: catalog.DataInfo, say) -> str:
+  """Where the train augmentation runs (``device_augment.resolve_train_input``), said when it is
+  on the devices."""
+  mode = device_augment.resolve_train_input(
+    config.data, sharding.platform(mesh), info.source.num_train + info.target.num_train
+  )
+  if mode != "host":
+    say(_TRAIN_INPUT_SAYS[mode])
+  return mode
+
+
 class _Run:
   """Everything one training run holds; the loop below is split into its named steps."""
 
@@ -355,21 +382,16 @@ class _Run:
     self.state = sharding.create_sharded_state(
       self.mesh, init_rng, config, self.model, image_shape, pretrained
     )
-    self.train_input = device_augment.resolve_train_input(
-      config.data,
-      sharding.platform(self.mesh),
-      self.info.source.num_train + self.info.target.num_train,
-    )
+    self.train_input = _train_input(config, self.mesh, self.info, self.say)
     self.train_fn = sharding.jit_train_step(self.mesh, config, train_input=self.train_input)
-    if self.train_input != "host":
-      self.say(_TRAIN_INPUT_SAYS[self.train_input])
     self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
-    self.eval_data = input_pipeline.make_eval_data(config.data)
+    on_device = config.data.cache_resized  # the eval step crops the cached images (exact)
+    self.eval_data = eval_data.make_eval_data(config.data, crops_on_device=on_device)
     self.source_val = None  # (eval fn through the source branch, the held-out source split)
     if config.data.source_val_fraction > 0:
       self.source_val = (
         evaluation.jit_eval_step(self.mesh, config, domain=0),
-        input_pipeline.make_source_val_data(config.data),
+        eval_data.make_source_val_data(config.data, crops_on_device=on_device),
       )
     input_pipeline.check_train_batches(
       config.data,
@@ -631,9 +653,9 @@ def _train_loop(run: _Run) -> dict:
     start_step=run.start_step,
     train_input=run.train_input,
   )
-  step_args = ()  # 'resident': both domains' resized images, on every device
+  run.step_args = ()  # 'resident': both domains' resized images, on every device
   if run.train_input == "resident":
-    step_args = (sharding.replicate(input_pipeline.resident_images(config.data), run.mesh),)
+    run.step_args = (sharding.replicate(input_pipeline.resident_images(config.data), run.mesh),)
 
   # Two batches staged on the devices ahead of their step: a step never waits for its input.
   batches = sharding.prefetch_to_global(
@@ -659,7 +681,7 @@ def _train_loop(run: _Run) -> dict:
     try:
       for step in range(run.start_step, total):
         _inject_fault(step)
-        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng, *step_args)
+        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng, *run.step_args)
         watch.update(metrics, run.state.step)
         done = step + 1
         cpu_clock.tick(done, metrics)
@@ -705,7 +727,7 @@ def _train_loop(run: _Run) -> dict:
       reporting.plot_curves(
         os.path.join(workdir, "metrics.jsonl"),
         os.path.join(workdir, "curves.png"),
-        f"{config.method}: {run.info.source.name} -> {run.info.target.name}",
+        f"{methods.resolve(config).display_name}: {run.info.source.name} -> {run.info.target.name}",
       )
   except BaseException:  # e.g. a full disk at results.json: the same clean stop
     try:
@@ -773,7 +795,7 @@ def _results(run: _Run, last_eval: dict, wall: float, trained: int, t: float) ->
   config = run.config
   elapsed = time.perf_counter() - t
   return {
-    "method": config.method,
+    "method": methods.resolve(config).display_name,  # alda_dsbn: alda with model.bn='dsbn'
     "source": run.info.source.name,
     "target": run.info.target.name,
     "seed": config.seed,

@@ -15,16 +15,8 @@ import math
 import ml_collections
 import tensorflow as tf
 
-# 10-crop order of the reference's image_test_10crop: origins (x, y) in units of "first" = 0,
-# "last" = resize - crop - 1 and "center" = (resize - crop - 1) / 2, applied first to the flipped
-# (ForceFlip) image, then to the unflipped one.
-TEN_CROP_ORIGINS = (
-  ('first', 'first'),
-  ('last', 'last'),
-  ('last', 'first'),
-  ('first', 'last'),
-  ('center', 'center'),
-)
+from dsbn_jax.crops import TEN_CROP_ORIGINS, crop_offsets, ten_crop_boxes  # noqa: F401
+
 EVAL_MODES = ('10crop', 'center')  # data.eval_mode
 # data.resize_method: tf.image.resize's methods (always with antialias=True, see resize_square)
 RESIZE_METHODS = (
@@ -163,29 +155,18 @@ def preprocess_train(
   return augment_train(decode_and_resize(data_bytes, data), box[0], flip[0], data)
 
 
-def crop_offsets(resize_size: int, crop_size: int) -> dict[str, int]:
-  """PlaceCrop origins; PIL rounds the crop box (half to even), so 15.5 -> 16 for 256/224."""
-  return {
-    'first': 0,
-    'last': resize_size - crop_size - 1,
-    'center': round((resize_size - crop_size - 1) / 2),
-  }
-
-
 def ten_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
   """The reference's image_test_10crop on a square-resized image: [10, crop, crop, 3]."""
-  offsets = crop_offsets(image.shape[0], crop_size)
-  crops = []
-  for flipped in (tf.reverse(image, axis=[1]), image):  # ForceFlip crops first
-    for x, y in TEN_CROP_ORIGINS:  # PlaceCrop(size, start_x, start_y): box (x, y, x + w, y + h)
-      x0, y0 = offsets[x], offsets[y]
-      crops.append(flipped[y0 : y0 + crop_size, x0 : x0 + crop_size])
+  crops, mirrored = [], tf.reverse(image, axis=[1])
+  for flipped, top, left in ten_crop_boxes(image.shape[0], crop_size):  # ForceFlip crops first
+    source = mirrored if flipped else image
+    crops.append(source[top : top + crop_size, left : left + crop_size])
   return tf.stack(crops)
 
 
 def center_crop(image: tf.Tensor, crop_size: int) -> tf.Tensor:
   """The reference's image_test: PlaceCrop at the rounded center, [crop, crop, 3]."""
-  c = crop_offsets(image.shape[0], crop_size)['center']
+  c = crop_offsets(image.shape[0], crop_size)['center']  # PlaceCrop at the rounded centre
   return image[c : c + crop_size, c : c + crop_size]
 
 

@@ -152,3 +152,23 @@ def test_a_resident_run_on_three_devices_trains_as_the_host_path(
   for g, w in zip(got, want):
     for key in w:
       np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize('eval_mode,crop', [('10crop', 32), ('center', 32), ('center', 0)])
+def test_eval_crops_on_the_device_equal_the_host_crops(office, eval_mode, crop):
+  """The cached uint8 resize cropped and normalised by the eval step's ``eval_images`` gives the
+  host crops bit for bit, padding included (3 devices: the last batch is padded)."""
+  data = office.copy_and_resolve_references()
+  data.eval_mode, data.crop_size = eval_mode, crop
+  kw = dict(global_batch_size=4, process_index=0, process_count=1, device_count=3)
+  host = list(ip.make_eval_data(data, **kw))
+  resized = list(ip.make_eval_data(data, crops_on_device=True, **kw))
+  assert len(host) == len(resized) and not resized[-1]['mask'].all()
+  crop_fn = jax.jit(lambda images: device_augment.eval_images(images, data))
+  for h, r in zip(host, resized):
+    assert r['image'].dtype == np.uint8 and r['image'].shape[1:] == (40, 40, 3)
+    got = np.asarray(crop_fn(r['image']))
+    real = r['mask']
+    np.testing.assert_array_equal(got[real], h['image'][real])
+    np.testing.assert_array_equal(r['label'], h['label'])
+    np.testing.assert_array_equal(r['mask'], h['mask'])

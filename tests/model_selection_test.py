@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsbn_jax import evaluation, input_pipeline, sweep, validators
+from dsbn_jax import data_source, evaluation, input_pipeline, sweep, validators
 from dsbn_jax.datasets import catalog
 from tests import cli_driver
 from tests import data_fixtures as fx
@@ -52,10 +52,10 @@ def test_held_out_source_images_never_reach_the_train_stream(digits_data_dir, mo
   data.data_dir = digits_data_dir
   data.source_val_fraction = FRACTION
   source = catalog.resolve_domain(data, data.source)
-  _, _, kept = input_pipeline._load_encoded(
+  _, _, kept = data_source.load_encoded(
     source.builder, source.train_split, source.num_train, FRACTION
   )
-  _, _, held = input_pipeline._load_encoded(
+  _, _, held = data_source.load_encoded(
     source.builder, source.train_split, source.num_train, FRACTION, val=True
   )
   kept, held = set(np.asarray(kept).tolist()), set(np.asarray(held).tolist())  # stored rows
@@ -167,7 +167,7 @@ def test_validators_never_read_the_target_labels(
     shifted = real.dataset.map(lambda b: {**b, "label": (b["label"] + 1) % 10})
     return input_pipeline.EvalData(shifted, real.num_examples, real.num_batches)
 
-  monkeypatch.setattr(train.input_pipeline, "make_eval_data", wrong_labels)
+  monkeypatch.setattr(train.eval_data, "make_eval_data", wrong_labels)
   _, other = _run_with_source_split(tmp_path / "wrong_labels", digits_data_dir)
   assert [e["accuracy"] for e in other["evals"]] != [e["accuracy"] for e in results["evals"]]
   assert [e["validators"] for e in other["evals"]] == [e["validators"] for e in results["evals"]]
