@@ -29,7 +29,7 @@ still run; one that would not end inside ``--budget_s`` is recorded under ``skip
    device: the fused pass and bf16 compute the two-call float32 step).
 3. ``loop``: ``train.py``'s per-step work for ``--loop_steps`` steps, reproduced (``train.py``
    imports tensorflow_datasets, which the GPU machine lacks): the jitted step, the on-device finite
-   watch after each step (``train._watch_step``'s maths), ``reporting.Progress``, and a read of the
+   watch after each step (``train_step.watch_finite``), ``reporting.Progress``, and a read of the
    metrics and the watch only every ``log_every_steps`` (the config's 50); img/s as ``Progress``
    measures it (the first step out). Left out, each a few microseconds per step with one process:
    the fault-injection hooks' environment lookups and ``GracefulStop.requested`` (a flag read);
@@ -343,19 +343,6 @@ def finish_torch(args, handle, result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ JAX
-def _watch_step(watch: dict, metrics: dict, step):
-  """``dsbn_jax.train._watch_step`` (train.py imports TFDS: not importable here): the first step
-  whose metrics were not all finite (0 while there is none) and which metrics those were."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  bad = {k: ~jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
-  first = (watch["step"] == 0) & jnp.any(jnp.stack(list(bad.values())))
-  return {
-    "step": jnp.where(first, jnp.asarray(step, jnp.int32), watch["step"]),
-    "bad": {k: jnp.where(first, b, watch["bad"][k]) for k, b in bad.items()},
-  }
-
-
 class JaxCheck:
   """The JAX sections: one state, one device-resident batch, the compiled variants."""
 
@@ -476,11 +463,11 @@ class JaxCheck:
     """train.py's per-step pattern: step, on-device finite watch, Progress; the metrics and the
     watch read back only every log_every_steps (and at the end)."""
     jax, np, sharding = self.jax, self.np, self.sharding
-    from dsbn_jax import reporting  # pylint: disable=g-import-not-at-top
+    from dsbn_jax import reporting, train_step  # pylint: disable=g-import-not-at-top
 
     log_every = self.sz["log_every"] or self.cfgs[("float32", "two_calls")].log_every_steps
     progress = reporting.Progress(total, 0, self.images_per_step, sync=jax.block_until_ready)
-    watch_fn = jax.jit(_watch_step, out_shardings=sharding.replicated(self.mesh))
+    watch_fn = jax.jit(train_step.watch_finite, out_shardings=sharding.replicated(self.mesh))
     watch, reads, rows = None, 0, []
     state = self.initial() if state is None else state
     t0 = time.perf_counter()

@@ -26,7 +26,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -43,6 +42,7 @@ from dsbn_jax import (
   reporting,
   run_control,
   sharding,
+  train_step,
   validators,
 )
 from dsbn_jax.datasets import catalog, prepared
@@ -521,17 +521,6 @@ def _inject_nan(step: int, batch: dict) -> dict:
   return batch
 
 
-def _watch_step(watch: dict, metrics: dict, step) -> dict:
-  """``watch`` after one more step: the first step (``step``, the state's step count after it)
-  whose metrics were not all finite, 0 while there is none, and which metrics those were."""
-  bad = {k: ~jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
-  first = (watch["step"] == 0) & jnp.any(jnp.stack(list(bad.values())))
-  return {
-    "step": jnp.where(first, jnp.asarray(step, jnp.int32), watch["step"]),
-    "bad": {k: jnp.where(first, b, watch["bad"][k]) for k, b in bad.items()},
-  }
-
-
 class _FiniteWatch:
   """Whether every step's metrics were finite, kept on the devices: ``update`` after each step
   reads nothing back (no host-device sync per step); ``check`` reads it where the loop reads or
@@ -540,7 +529,7 @@ class _FiniteWatch:
 
   def __init__(self, mesh):
     self.mesh, self.value = mesh, None
-    self._step = jax.jit(_watch_step, out_shardings=sharding.replicated(mesh))
+    self._step = jax.jit(train_step.watch_finite, out_shardings=sharding.replicated(mesh))
 
   def update(self, metrics: dict, step) -> None:
     if self.value is None:

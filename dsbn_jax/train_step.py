@@ -252,11 +252,14 @@ def _forward_both_domains(
 
 
 def step_coefficients(step, cfg) -> dict:
-  """GRL coefficient (``calc_coeff(i + 1)``) and L_T weight λ_T (``calc_coeff(i)``) at step i."""
+  """At step i: the GRL coefficient on D's input (``calc_coeff(i + 1)``), ALDA's L_T weight λ_T
+  (``calc_coeff(i, high=trade_off)``) and CDAN+E's entropy GRL coefficient (``calc_coeff(i)``, what
+  the official CDAN loop passes to ``loss.CDAN``; docs/reference.md §12)."""
   lc = cfg.loss
   return {
     "grl_coeff": losses.grl_coeff(step, lc.ramp_alpha, lc.ramp_max_steps),
     "lambda_t": losses.correct_loss_weight(step, lc.trade_off, lc.ramp_alpha, lc.ramp_max_steps),
+    "entropy_coeff": losses.ramp(step, 1.0, lc.ramp_alpha, lc.ramp_max_steps),
   }
 
 
@@ -302,3 +305,15 @@ def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
   module = methods.method_module(methods.resolve(cfg))
   metrics.update({f"train/{k}": v for k, v in module.metrics(out, coeffs, cfg).items()})
   return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
+
+
+def watch_finite(watch: dict, metrics: dict, step) -> dict:
+  """``watch`` after one more step (the train loop's on-device finite check): the first step
+  (``step``, the state's step count after it) whose metrics were not all finite, 0 while there is
+  none, and which metrics those were."""
+  bad = {k: ~jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
+  first = (watch["step"] == 0) & jnp.any(jnp.stack(list(bad.values())))
+  return {
+    "step": jnp.where(first, jnp.asarray(step, jnp.int32), watch["step"]),
+    "bad": {k: jnp.where(first, b, watch["bad"][k]) for k, b in bad.items()},
+  }
