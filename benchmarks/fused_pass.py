@@ -90,17 +90,7 @@ def main(args) -> dict:
     first_loss[name] = sides[name].final_loss()
     sides[name].run(1)  # warm-up
     print(f"[{name}] first (compiling) call {first[name]:.1f} s", flush=True)
-  times = {name: [] for name in sides}
-  for r in range(args.reps):
-    order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-    for name in order:
-      times[name].append(sides[name].run(args.steps_per_rep))
-    print(
-      f"[rep {r + 1}/{args.reps}] "
-      + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in sides)
-      + f" (load {os.getloadavg()[0]:.2f})",
-      flush=True,
-    )
+  times = st.time_alternating(sides, args.reps, args.steps_per_rep)
   imgs = 2 * args.batch
   summary = {n: st.summarize(times[n], imgs, args.steps_per_rep) for n in sides}
   for n in sides:

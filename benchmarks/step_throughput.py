@@ -411,6 +411,23 @@ def machine_info(args) -> dict:
   return info
 
 
+def time_alternating(sides: dict, reps: int, steps_per_rep: int) -> dict[str, list[float]]:
+  """Seconds of ``steps_per_rep`` steps of every side (``JaxSide``-like ``run``), ``reps`` times,
+  the order rotating every repetition so that load from other processes hits every side alike."""
+  names, times = list(sides), {name: [] for name in sides}
+  for r in range(reps):
+    order = names[r % len(names) :] + names[: r % len(names)]
+    for name in order:
+      times[name].append(sides[name].run(steps_per_rep))
+    print(
+      f"[rep {r + 1}/{reps}] "
+      + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names)
+      + f" (load {os.getloadavg()[0]:.2f})",
+      flush=True,
+    )
+  return times
+
+
 def summarize(seconds: list[float], imgs_per_step: int, steps: int) -> dict:
   ips = [imgs_per_step * steps / s for s in seconds]
   return {
