@@ -33,6 +33,11 @@ def get_config():
     "dslr->amazon",
     "webcam->amazon",
   )  # the papers' column order
+  # Methods, in this order. Registered (dsbn_jax/methods/, README "Methods"): source_only, dann,
+  # alda, cdan, cdan_e, jan, mada, mcc, bnm, each also <name>_dsbn. The whole comparison, every
+  # method with shared BN and with DSBN:
+  #   bash run.sh office31 --methods=source_only,dann,alda,cdan,cdan_e,jan,mada,mcc,bnm \
+  #       --bn=shared,dsbn
   config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
   config.sweep.bn = ("auto",)  # each method with its name's BN: alda shared, alda_dsbn DSBN
   config.sweep.seeds = (0, 1, 2)

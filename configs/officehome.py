@@ -24,6 +24,11 @@ def get_config():
   config.total_steps = 10000  # steps (reference stop_step for Office-Home)
   config.optim.lr0 = 1e-3  # every Office-Home task (reference)
   config.sweep.tasks = tuple(f"{s}->{t}" for s in DOMAINS for t in DOMAINS if s != t)
+  # Methods, in this order. Registered (dsbn_jax/methods/, README "Methods"): source_only, dann,
+  # alda, cdan, cdan_e, jan, mada, mcc, bnm, each also <name>_dsbn. The whole comparison, every
+  # method with shared BN and with DSBN:
+  #   bash run.sh officehome --methods=source_only,dann,alda,cdan,cdan_e,jan,mada,mcc,bnm \
+  #       --bn=shared,dsbn
   config.sweep.methods = ("source_only", "dann", "alda", "alda_dsbn")
   config.sweep.bn = ("auto",)  # each method with its name's BN: alda shared, alda_dsbn DSBN
   config.sweep.seeds = (0, 1, 2)

@@ -156,6 +156,7 @@ def _check_model(c: _Checker, for_predict: bool) -> None:
 
   c.choice("method", methods.NAMES)
   c.choice("model.bn", methods.BN_SETTINGS)
+  c.boolean("loss.cdan_randomized")  # shapes the model (CDAN's D input): predict reads it too
   if c.get("method") is not _MISSING:
     try:
       methods.resolve(c.config)  # a '_dsbn' name with model.bn='shared'
@@ -178,6 +179,7 @@ def _check_model(c: _Checker, for_predict: bool) -> None:
     c.integer("model.feature_dim", 1)
   c.integer("model.bottleneck_dim", 0, note=" (0 = no bottleneck)")
   c.integer("model.disc_hidden_dim", 1)
+  c.integer("model.random_dim", 1)
   if not for_predict:
     c.number("model.dropout_rate", 0.0, 1.0, hi_open=True)
     if c.get("model.pretrained_path") and backbone != "resnet50":
@@ -294,6 +296,8 @@ def _check_loss(c: _Checker) -> None:
   c.number("loss.threshold", 0.0, 1.0)
   c.number("loss.trade_off", 0.0)
   c.number("loss.adv_weight", 0.0)
+  c.number("loss.mada_weight", 0.0)
+  c.number("loss.mcc_temperature", 0.0, lo_open=True)
   c.number("loss.ramp_alpha", 0.0)
   c.number("loss.ramp_max_steps", 0.0, lo_open=True)
 

@@ -42,9 +42,13 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Training method (dsbn_jax/methods/: the registry, one module per method): 'source_only' (CE on
   # the source only; the target never enters the network), 'dann' (DANN's domain loss, 1-logit D,
-  # GRL), 'alda' (ALDA). Its BN is model.bn; '<method>_dsbn' names the method with domain-specific
-  # BN (e.g. 'alda_dsbn', ALDA with DSBN: the paper's method; 'dann_dsbn'), the names runs had
-  # before model.bn, and the display name of such a pair in sweeps, tables and results.json.
+  # GRL), 'alda' (ALDA), 'cdan' / 'cdan_e' (CDAN, CDAN+E: DANN's D on the multilinear map of
+  # features and softmax; +E weights it by the prediction entropy), 'jan' (joint MMD), 'mada' (K
+  # class-wise discriminators), 'mcc' (minimum class confusion), 'bnm' (batch nuclear-norm
+  # maximisation); docs/reference.md §12-§16. Its BN is model.bn; '<method>_dsbn' names the
+  # method with domain-specific BN (e.g. 'alda_dsbn', ALDA with DSBN: the paper's method;
+  # 'dann_dsbn'), the names runs had before model.bn, and the display name of such a pair in
+  # sweeps, tables and results.json.
   config.method = "alda_dsbn"
   config.seed = 0  # PRNG seed for init and dropout (int)
   # Images per domain per step, global over all devices: 36 source + 36 target (reference). Any
@@ -68,6 +72,9 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   m.bottleneck_dim = 512  # bottleneck Linear width (features); 0 = no bottleneck layer
   m.disc_hidden_dim = 1024  # discriminator hidden width (units), both hidden layers
   m.dropout_rate = 0.5  # discriminator dropout probability; 0 disables dropout
+  # d, the width of CDAN's randomized map (loss.cdan_randomized): the fixed N(0, 1) matrices are
+  # F x d and K x d, D reads d features. 1024: the official RandomLayer's.
+  m.random_dim = 1024
   m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params and BN stats stay float32)
   # float32 matmul/conv precision: 'default' (the hardware's fast passes where it has them: TF32 on
   # NVIDIA Ampere and later, bf16 passes on TPU; exact float32 on CPU) | 'high' | 'highest' (strict
@@ -106,8 +113,21 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   config.loss = lo = ml_collections.ConfigDict()
   lo.threshold = 0.9  # δ: a target row counts where its max softmax prob > threshold (strict)
   lo.trade_off = 1.0  # high end of the L_T weight ramp (λ_T -> trade_off)
-  lo.adv_weight = 1.0  # weight of L_adv and of λ_T·L_T (DANN: of its domain loss)
-  # Ramp 2/(1 + exp(-alpha·i/max_steps)) - 1 for the GRL coefficient (at i + 1) and λ_T (at i).
+  # Weight of every method's transfer loss: ALDA's L_adv and λ_T·L_T, DANN's and CDAN(+E)'s domain
+  # loss, MADA's (times mada_weight), JAN's JMMD, MCC's and BNM's losses. 1.0: each reference's.
+  lo.adv_weight = 1.0
+  # CDAN / CDAN+E: D reads the randomized map (f R_f / sqrt(d)) ⊙ (g R_g), d = model.random_dim,
+  # instead of the multilinear map vec(g ⊗ f) of K·F features (the official --random; False, the
+  # official default; worth it when K·F is large: 65 x 512 on Office-Home).
+  lo.cdan_randomized = False
+  # MADA: the weight of each class-wise discriminator's loss in the sum of the K (the Caffe
+  # prototxt's loss_weight 0.3 on each D_k); transfer = adv_weight·mada_weight·Σ_k L_k.
+  lo.mada_weight = 0.3
+  # MCC: temperature T of the target softmax(z / T) (> 0). 2.5: the official Office value; the
+  # official VisDA value is 3.0.
+  lo.mcc_temperature = 2.5
+  # Ramp 2/(1 + exp(-alpha·i/max_steps)) - 1 for the GRL coefficient (at i + 1), λ_T and CDAN+E's
+  # entropy coefficient (at i).
   lo.ramp_alpha = 10.0
   lo.ramp_max_steps = 10000  # steps (the reference's max_iter; not the training length)
 

@@ -138,6 +138,10 @@ _ADDED_LATER = {
   "select_with": "",
   "model.bn": "auto",
   "sweep.bn": ["auto"],
+  "model.random_dim": 1024,
+  "loss.cdan_randomized": False,
+  "loss.mada_weight": 0.3,
+  "loss.mcc_temperature": 2.5,
 }
 _NO = object()
 

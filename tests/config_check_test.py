@@ -94,7 +94,13 @@ ENUMS = [
   ("data.target", "svhn", ("digits", "digits_m")),
   ("select_with", "snd2", validators.NAMES),
 ]
-BOOLS = ["model.fused_pass", "optim.nesterov", "data.random_flip", "data.cache_resized"]
+BOOLS = [
+  "model.fused_pass",
+  "optim.nesterov",
+  "data.random_flip",
+  "data.cache_resized",
+  "loss.cdan_randomized",
+]
 # (field, bad value, what the message says is valid)
 RANGES = [
   ("total_steps", 0, "an integer >= 1"),
@@ -114,6 +120,9 @@ RANGES = [
   ("loss.threshold", -0.1, "a number in [0, 1]"),
   ("model.dropout_rate", 1.0, "a number in [0, 1)"),
   ("loss.ramp_max_steps", 0, "a number > 0"),
+  ("loss.mcc_temperature", 0.0, "a number > 0"),
+  ("loss.mada_weight", -0.3, "a number >= 0"),
+  ("model.random_dim", 0, "an integer >= 1"),
   ("data.source_val_fraction", 1.0, "a number in [0, 1)"),
 ]
 
@@ -455,3 +464,39 @@ def test_new_model_fields_are_checked_when_present():
     config.model.conv_impl = "cudnn"
   with pytest.raises(UserError, match=r"config.model.conv_impl='cudnn'.*auto, xla, matmul"):
     config_check.validate(config)
+
+
+@pytest.mark.parametrize(
+  "field, value, valid",
+  [
+    ("loss.cdan_randomized", "yes", "True, False"),
+    ("model.random_dim", 0, "an integer >= 1"),
+    ("loss.mcc_temperature", -2.5, "a number > 0"),
+    ("loss.mada_weight", float("nan"), "a number >= 0"),
+  ],
+)
+def test_the_comparison_methods_fields_are_checked(field, value, valid):
+  """As a config.json holds them (any JSON type): one line naming the field; the two that shape
+  the model (CDAN's D input and the randomized map's width) for predict too."""
+  config = _config("smoke").to_dict()
+  section, leaf = field.split(".")
+  config[section][leaf] = value
+  config = ml_collections.ConfigDict(config)
+  modes = (False, True) if field.startswith(("model.", "loss.cdan")) else (False,)
+  for for_predict in modes:
+    with pytest.raises(UserError) as e:
+      config_check.validate(config, for_predict=for_predict)
+    assert str(e.value) == f"invalid config.{field}={value!r}; valid: {valid}"
+
+
+def test_cdan_randomized_switches_cdan_to_the_randomized_map_of_model_random_dim():
+  config = _config("smoke")
+  config.method, config.loss.cdan_randomized, config.model.random_dim = "cdan_e", True, 48
+  config_check.validate(config)
+  method = methods.resolve(config)
+  assert (method.name, method.randomized, method.spec.disc_input) == ("cdan_e", True, "random")
+  assert method.spec.options == methods.METHODS["cdan_e"].options
+  model = heads.create_model(config)
+  assert (model.disc_input, model.random_dim) == ("random", 48)
+  config.method = "mada"  # no multilinear map: the field changes nothing
+  assert methods.resolve(config) == methods.resolve_name("mada")

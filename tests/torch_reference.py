@@ -1,4 +1,5 @@
-"""A PyTorch re-implementation of the official ALDA (+ DSBN) training iteration: the parity oracle.
+"""A PyTorch re-implementation of the official ALDA (+ DSBN) training iteration: the parity oracle
+(and, with the comparison methods' oracles at the end, CDAN(+E)'s and MCC's iterations).
 
 Written from the description of the official code in ``docs/reference.md`` §1-§5
 and §8 (``loss.py::ALDA_loss``, ``network.py``, ``train.py::train``, ``lr_schedule.py``,
@@ -206,12 +207,15 @@ def inv_lr_scheduler(optimizer, iter_num, gamma, power, lr, weight_decay):
 
 
 class Trainer:
-  """One ``train.py::train`` iteration per ``step`` call, for ALDA or DANN, DSBN or shared BN."""
+  """One training iteration per ``step`` call, DSBN (a ``_dsbn`` method name) or shared BN: ALDA's
+  or DANN's (ALDA ``train.py::train``), CDAN's or CDAN+E's (thuml/CDAN ``pytorch/train_image.py``
+  ``train``: the same loop, ``loss.CDAN`` as transfer loss) or MCC's (Versatile-Domain-Adaptation
+  ``pytorch/train_image_office.py``: no discriminator, ``ad_net=None``)."""
 
   def __init__(
     self,
     base: ResNetFc,
-    ad_net: AdversarialNetwork,
+    ad_net: AdversarialNetwork | None,
     *,
     method,
     lr0,
@@ -221,6 +225,7 @@ class Trainer:
     lr_gamma=0.001,
     lr_power=0.75,
     weight_decay=0.0005,
+    mcc_temperature=2.5,
   ):
     self.base, self.ad_net, self.method = base, ad_net, method
     self.hp = dict(
@@ -231,13 +236,12 @@ class Trainer:
       lr_gamma=lr_gamma,
       lr_power=lr_power,
       weight_decay=weight_decay,
+      mcc_temperature=mcc_temperature,
     )
     head = list(base.bottleneck.parameters()) + list(base.fc.parameters())
-    self.optimizer = make_sgd(
-      [(base.backbone.parameters(), 1), (head, 10), (ad_net.parameters(), 10)],
-      lr0,
-      weight_decay=weight_decay,
-    )
+    groups = [(base.backbone.parameters(), 1), (head, 10)]
+    groups += [] if ad_net is None else [(ad_net.parameters(), 10)]
+    self.optimizer = make_sgd(groups, lr0, weight_decay=weight_decay)
 
   def _forward(self, xs, xt):
     set_domain(self.base, 0)
@@ -251,7 +255,8 @@ class Trainer:
   def step(self, i, xs, ys, xt) -> dict:
     hp = self.hp
     self.base.train(True)
-    self.ad_net.train(True)
+    if self.ad_net is not None:
+      self.ad_net.train(True)
     inv_lr_scheduler(
       self.optimizer, i, hp["lr_gamma"], hp["lr_power"], hp["lr0"], hp["weight_decay"]
     )
@@ -259,10 +264,22 @@ class Trainer:
     features, outputs_source, outputs = self._forward(xs, xt)
     softmax_out = nn.Softmax(dim=1)(outputs)
     out = {}
-    if self.method.startswith("dann"):
+    name = self.method.removesuffix("_dsbn")
+    if name == "dann":
       out["dann"] = dann_loss(self.ad_net(features))
       transfer_loss = hp["adv_weight"] * out["dann"]
-    else:
+    elif name in ("cdan", "cdan_e"):  # train_image.py: loss.CDAN(..., network.calc_coeff(i), ...)
+      entropy_ = coeff = None
+      if name == "cdan_e":
+        entropy_ = entropy(softmax_out)
+        coeff = out["entropy_coeff"] = calc_coeff(i, max_iter=self.ad_net.max_iter)
+      out["cdan"] = cdan_loss([features, softmax_out], self.ad_net, entropy_, coeff)
+      transfer_loss = hp["adv_weight"] * out["cdan"]
+    elif name == "mcc":  # train_image_office.py: the MCC term on the target logits
+      outputs_target = outputs[xs.size(0) :]
+      out["mcc"] = mcc_loss(outputs_target, hp["mcc_temperature"], outputs.size(1))
+      transfer_loss = hp["adv_weight"] * out["mcc"]
+    elif name == "alda":
       lam = out["lambda_t"] = calc_coeff(i, high=hp["trade_off"], max_iter=self.ad_net.max_iter)
       ad_out = self.ad_net(features)
       adv, reg, correct = alda_loss(ad_out, ys, softmax_out, threshold=hp["threshold"])
@@ -274,6 +291,8 @@ class Trainer:
       for p in self.base.parameters():
         p.requires_grad = True
       out.update(adv=adv, reg=reg, correct=correct)
+    else:
+      raise ValueError(f"no reference iteration for {self.method!r}")
     out["ce"] = nn.CrossEntropyLoss()(outputs_source, ys)
     total = out["ce"] + transfer_loss
     total.backward()

@@ -69,19 +69,24 @@ def flax_variables(flat, model, image_shape):
 
 
 def torch_models(cfg, seed, feature_dim, bias_range=(-0.2, 0.2)):
-  """Reference G+C and D for ``cfg``: DSBN or plain BN, perturbed BN, xavier heads."""
+  """Reference G+C and D for ``cfg``: DSBN or plain BN, perturbed BN, xavier heads; D on the
+  features (ALDA, DANN) or on CDAN's multilinear map; no D (None) for a method without one."""
   torch.manual_seed(seed)
   m = cfg.model
-  num_domains = methods.method_spec(cfg.method).num_domains
+  method = methods.resolve(cfg)
+  num_domains = method.num_domains
   if m.backbone == "resnet50":
     backbone = ref.resnet50_features(num_domains)
   else:
     backbone = ref.SmallResNet(m.stage_sizes, m.num_filters, num_domains)
   ref.perturb_bn(backbone, seed, bias_range)
   base = ref.ResNetFc(backbone, feature_dim, m.bottleneck_dim, m.num_classes)
-  adversary = methods.method_spec(cfg.method).adversary
+  adversary = method.adversary
+  if adversary == "none":
+    return base, None
+  width = {"features": 1, "multilinear": m.num_classes}[method.spec.disc_input]
   ad_net = ref.AdversarialNetwork(
-    m.bottleneck_dim,
+    width * m.bottleneck_dim,
     m.disc_hidden_dim,
     1 if adversary == "dann" else m.num_classes,
     dropout=m.dropout_rate,
@@ -125,6 +130,7 @@ def run_both(cfg, *, image_size, batch_size, feature_dim, seed=0, steps=2, **tor
     lr_gamma=cfg.optim.lr_gamma,
     lr_power=cfg.optim.lr_power,
     weight_decay=cfg.optim.weight_decay / 2,
+    mcc_temperature=cfg.loss.mcc_temperature,
   )
   step = jax.jit(functools.partial(train_step.train_step, cfg=cfg))
   jax_metrics, torch_metrics = [], []

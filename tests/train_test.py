@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsbn_jax import checkpointing, run_control
+from dsbn_jax import checkpointing, config_defaults, run_control, train
 from tests import cli_driver, data_fixtures, suite_env
 
 ROOT = suite_env.ROOT
@@ -742,3 +742,23 @@ def test_a_run_without_any_confident_target_stays_finite(tmp_path, digits_data_d
   state = _params(workdir)[1]
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
   assert _results(workdir)["steps"] == 6
+
+
+def test_every_field_added_since_a_release_has_its_old_value_for_resume():
+  """A config.json written before a field existed resumes only if ``train._ADDED_LATER`` gives the
+  value that field's absence meant (or the field is resume-safe): a field added without one makes
+  every older workdir and sweep root "another configuration". The fields of 36d69b6 (the version
+  before model.bn and the new methods' fields) are recorded in tests/golden/; every field since
+  must be accounted for, with its default as the old value."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+  golden = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+  with open(os.path.join(golden, "config_fields_36d69b6.json")) as f:
+    before = set(json.load(f))
+  for dataset in ("digits", "office31", "office_home", "custom"):
+    flat = traverse_util.flatten_dict(train._jsonable(config_defaults.get_config(dataset)), sep=".")
+    for key in sorted(set(flat) - before):
+      if key in train._RESUME_SAFE:
+        continue
+      assert key in train._ADDED_LATER, f"{key} (new since 36d69b6) is not in train._ADDED_LATER"
+      assert train._ADDED_LATER[key] == flat[key], (key, train._ADDED_LATER[key], flat[key])

@@ -19,6 +19,10 @@ results.json, the default workdir -- is ``<method>`` for shared BN and ``<method
 so the existing pairs keep the names they had (``alda_dsbn`` = ALDA with DSBN, the paper's method;
 ``alda`` = ALDA with shared BN).
 
+CDAN's discriminator input is a config choice too: ``loss.cdan_randomized`` turns the
+multilinear map of ``cdan``/``cdan_e`` into the randomized map (``Method.randomized``; the spec
+then reads 'random', and the model holds the fixed matrices, width ``model.random_dim``).
+
 ``resolve(config)`` is the one resolution, read by the model (``models/heads.py``: the
 discriminator, the number of BN branches), the pretrained loader (``models/torchvision_port.py``),
 the train step (which module), evaluation (the target's BN branch), sweeps, reports and
@@ -68,6 +72,14 @@ METHODS = {
   "source_only": MethodSpec("source_only", uses_target=False),
   "dann": MethodSpec("dann", discriminator="dann"),  # DANN: domain BCE, gradient reversal
   "alda": MethodSpec("alda", discriminator="alda"),  # ALDA; with DSBN, the paper's method
+  # CDAN: DANN's 1-logit D on the multilinear map vec(g ⊗ f) (the randomized map with
+  # loss.cdan_randomized); CDAN+E: the same D, BCE weighted by the prediction entropy.
+  "cdan": MethodSpec("cdan", "dann", "multilinear", options=(("entropy", False),)),
+  "cdan_e": MethodSpec("cdan", "dann", "multilinear", options=(("entropy", True),)),
+  "jan": MethodSpec("jan"),  # JAN: joint MMD of (f, softmax), no discriminator
+  "mada": MethodSpec("mada", "mada", "classwise"),  # MADA: K class-wise D_k on p_k·f
+  "mcc": MethodSpec("mcc"),  # MCC: minimum class confusion of the target softmax
+  "bnm": MethodSpec("bnm"),  # BNM: batch nuclear-norm maximisation of the target softmax
 }
 
 
@@ -77,10 +89,15 @@ class Method:
 
   name: str  # a key of METHODS
   bn: str  # 'shared' | 'dsbn'
+  # loss.cdan_randomized: D reads the randomized map ('random') where the method's spec says
+  # 'multilinear' (CDAN, CDAN+E); set by ``resolve`` only for such a method.
+  randomized: bool = False
 
   @property
   def spec(self) -> MethodSpec:
-    return METHODS[self.name]
+    """The registry's spec, with disc_input 'random' for a randomized CDAN."""
+    spec = METHODS[self.name]
+    return dataclasses.replace(spec, disc_input="random") if self.randomized else spec
 
   @property
   def display_name(self) -> str:
@@ -133,9 +150,13 @@ def resolve_name(
 
 def resolve(config) -> Method:
   """The ``Method`` of a whole config: ``config.method`` with ``config.model.bn`` ('auto' where a
-  config, e.g. a config.json written before the field, lacks it)."""
-  model = config.get("model") or {}
-  return resolve_name(config.method, model.get("bn", "auto"))
+  config, e.g. a config.json written before the field, lacks it), randomized when
+  ``config.loss.cdan_randomized`` is set and the method's D reads the multilinear map."""
+  model, loss = config.get("model") or {}, config.get("loss") or {}
+  method = resolve_name(config.method, model.get("bn", "auto"))
+  if loss.get("cdan_randomized", False) is True and method.spec.disc_input == "multilinear":
+    return dataclasses.replace(method, randomized=True)
+  return method
 
 
 def method_spec(method: str) -> Method:

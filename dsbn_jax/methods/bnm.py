@@ -3,11 +3,14 @@
 As the official code computes it (cuishuhao/BNM @ 2d23c61 : ``DA/BNM/train_image.py`` L160-173,
 L222-251; docs/reference.md §16): -mean of the singular values of the target softmax, i.e. the
 nuclear norm divided by min(B, K) (pytorch-adapt divides by B instead). No discriminator, no
-gradient reversal; trade-off 1.
+gradient reversal; trade-off 1 (``loss.adv_weight``'s default). The step's glue (``loss_terms``,
+``objective``, ``metrics``: ``train_step.py``'s docstring) follows the function.
 """
 
 import jax
 import jax.numpy as jnp
+
+from dsbn_jax.methods import source_only
 
 
 def bnm_loss(logits_t: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -30,3 +33,19 @@ def bnm_loss(logits_t: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   p_BxK = jnp.where(real_B[:, None], p_BxK, 0.0)
   s = jnp.linalg.svd(p_BxK, full_matrices=False, compute_uv=False)
   return -jnp.sum(s) / jnp.minimum(n, k).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------- the step
+def loss_terms(out, discriminate, coeffs, cfg) -> dict:
+  """'bnm': ``bnm_loss`` of the real target rows."""
+  del discriminate, coeffs, cfg
+  return {"bnm": bnm_loss(out.logits_t, out.mask_t)}
+
+
+def objective(terms, coeffs, cfg):
+  """CE + adv_weight·L_BNM; no D-only term."""
+  del coeffs
+  return terms["ce"] + cfg.loss.adv_weight * terms["bnm"], 0.0
+
+
+metrics = source_only.metrics  # nothing besides the logged terms: no discriminator, no coefficient

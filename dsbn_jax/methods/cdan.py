@@ -1,8 +1,10 @@
-"""CDAN and CDAN+E (Long et al., NeurIPS 2018): the discriminator's input maps and its loss.
+"""CDAN and CDAN+E (Long et al., NeurIPS 2018): the discriminator's input maps, its loss, and the
+step's glue of both methods (``loss_terms``, ``objective``, ``metrics``: ``train_step.py``'s
+docstring; the registry's option 'entropy' tells CDAN+E from CDAN).
 
-Pure functions, written from the official code (thuml/CDAN @ c904cd3 : ``pytorch/loss.py`` L9-45,
-``pytorch/network.py`` L10-41; docs/reference.md §12), so that values *and* gradients match torch
-autograd:
+The maps and the loss are pure functions, written from the official code (thuml/CDAN @ c904cd3 :
+``pytorch/loss.py`` L9-45, ``pytorch/network.py`` L10-41; docs/reference.md §12), so that values
+*and* gradients match torch autograd:
 
 - D sees a map of the bottleneck features f and the **detached** classifier softmax g (the official
   map input is ``softmax_output.detach()``): the multilinear map vec(g ⊗ f), or the randomized map
@@ -19,7 +21,8 @@ autograd:
 import jax
 import jax.numpy as jnp
 
-from dsbn_jax import losses
+from dsbn_jax import losses, methods
+from dsbn_jax.methods import dann
 
 ENTROPY_EPS = 1e-5  # loss.py::Entropy: -Σ p log(p + 1e-5)
 
@@ -109,3 +112,38 @@ def cdan_loss(
     entropy_N = jnp.where(mask, entropy_N, 0.0)
   weight_N = _per_domain_weights(losses.gradient_reversal(entropy_N, grl_coeff), mask)
   return jnp.sum(weight_N * bce_N) / jax.lax.stop_gradient(jnp.sum(weight_N))
+
+
+# ------------------------------------------------------------------------ the step (cdan, cdan_e)
+def _uses_entropy(cfg) -> bool:
+  return dict(methods.resolve(cfg).spec.options)["entropy"]
+
+
+def loss_terms(out, discriminate, coeffs, cfg) -> dict:
+  """'cdan': ``cdan_loss`` of D on the map of [f_s; f_t] and the detached softmax g -- the
+  multilinear map, or the randomized one when the step hands the model's fixed matrices
+  (``loss.cdan_randomized``) -- reversed with ``grl_coeff`` (``calc_coeff(i + 1)``); CDAN+E
+  weights it by the entropy of the non-detached g, reversed with ``entropy_coeff``
+  (``calc_coeff(i)``), as the official ``train_image.py`` calls ``loss.CDAN``."""
+  probs_N = jax.nn.softmax(out.logits_N, axis=-1)
+  if out.random_matrices is None:
+    h = multilinear_map(out.feat_N, probs_N)
+  else:
+    h = random_map(out.feat_N, probs_N, *out.random_matrices)
+  d_logits = discriminate(losses.gradient_reversal(h, coeffs["grl_coeff"]))
+  if not _uses_entropy(cfg):
+    return {"cdan": cdan_loss(d_logits, mask=out.mask_N)}
+  return {"cdan": cdan_loss(d_logits, entropy(probs_N), coeffs["entropy_coeff"], out.mask_N)}
+
+
+def objective(terms, coeffs, cfg):
+  """CE + adv_weight·L_cdan (the official ``trade_off`` 1.0 is adv_weight's default); no D-only
+  term."""
+  del coeffs
+  return terms["ce"] + cfg.loss.adv_weight * terms["cdan"], 0.0
+
+
+def metrics(out, coeffs, cfg) -> dict:
+  """DANN's (GRL coefficient, confident fraction), and CDAN+E's entropy coefficient."""
+  extra = {"entropy_coeff": coeffs["entropy_coeff"]} if _uses_entropy(cfg) else {}
+  return {**dann.metrics(out, coeffs, cfg), **extra}

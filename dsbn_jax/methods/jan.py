@@ -3,13 +3,15 @@
 As TLlib computes it (thuml/Transfer-Learning-Library @ c4aa59e : ``tllib/alignment/jan.py``
 L19-93, ``tllib/alignment/dan.py`` L92-119, ``tllib/modules/kernels.py`` L13-62; docs/reference.md
 §13), with the kernels its JAN script builds: no discriminator, no gradient reversal; the loss is
-minimised by the whole network (neither input is detached).
+minimised by the whole network (neither input is detached). The step's glue (``loss_terms``,
+``objective``, ``metrics``: ``train_step.py``'s docstring) follows the function.
 """
 
 import jax
 import jax.numpy as jnp
 
 from dsbn_jax import losses
+from dsbn_jax.methods import source_only
 
 FEATURE_BANDWIDTH_SCALES = tuple(2.0**k for k in range(-3, 2))  # GaussianKernel(alpha=2**k)
 SOFTMAX_SIGMA = 0.92  # GaussianKernel(sigma=0.92, track_running_stats=False)
@@ -83,3 +85,20 @@ def jmmd(
   n_s, n_t = jnp.sum(mask_s), jnp.sum(mask_t)
   offset = 1.0 / jnp.maximum(n_s - 1, 1) + 1.0 / jnp.maximum(n_t - 1, 1)  # 2/(B-1) unpadded
   return losses.pairwise_sum(kernel_f * kernel_p * _index_matrix(mask_s, mask_t)) + offset
+
+
+# ------------------------------------------------------------------------------------- the step
+def loss_terms(out, discriminate, coeffs, cfg) -> dict:
+  """'jmmd': ``jmmd`` of the bottleneck features and the softmax of both domains' real rows."""
+  del discriminate, coeffs, cfg
+  probs_s, probs_t = (jax.nn.softmax(z, axis=-1) for z in (out.logits_s, out.logits_t))
+  return {"jmmd": jmmd(out.feat_s, out.feat_t, probs_s, probs_t, out.mask_s, out.mask_t)}
+
+
+def objective(terms, coeffs, cfg):
+  """CE + adv_weight·JMMD (TLlib's trade-off 1.0 is adv_weight's default); no D-only term."""
+  del coeffs
+  return terms["ce"] + cfg.loss.adv_weight * terms["jmmd"], 0.0
+
+
+metrics = source_only.metrics  # nothing besides the logged terms: no discriminator, no coefficient

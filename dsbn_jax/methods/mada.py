@@ -7,6 +7,10 @@ layer, a slice into K inputs p_k·f, and K discriminators D_k (in → 1024 → R
 ReLU → Dropout → 1), each with its own ``SigmoidCrossEntropyLoss`` (domain labels source 0, target
 1) of ``loss_weight`` 0.3. The K discriminators are meant to run as one batched matmul over the
 ``[N, K, F]`` inputs of ``classwise_inputs`` (the caller reverses the gradient on them first).
+
+The step's glue (``loss_terms``, ``objective``, ``metrics``: ``train_step.py``'s docstring) feeds
+them to the model's ``ClasswiseDiscriminator`` and weights the sum by ``loss.mada_weight`` (0.3,
+the prototxt's ``loss_weight`` of each D_k) times ``loss.adv_weight``.
 """
 
 import jax
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from dsbn_jax import losses
-from dsbn_jax.methods import cdan
+from dsbn_jax.methods import cdan, dann
 
 
 def classwise_inputs(feat_NxF: jax.Array, probs_NxK: jax.Array) -> jax.Array:
@@ -46,3 +50,22 @@ def mada_loss(d_logits_NxK: jax.Array, mask: jax.Array | None = None) -> jax.Arr
   bce_NxK = optax.sigmoid_binary_cross_entropy(d_logits_NxK, domain_NxK)
   mean_K = jax.vmap(losses.masked_mean, in_axes=(1, None))(bce_NxK, mask)
   return jnp.sum(mean_K)
+
+
+# ------------------------------------------------------------------------------------- the step
+def loss_terms(out, discriminate, coeffs, cfg) -> dict:
+  """'mada': Σ_k L_k of the K class-wise D_k on p_k·f of [source; target] (p detached), reversed
+  with ``grl_coeff`` (``calc_coeff(i + 1)``, the usual ramp)."""
+  del cfg
+  x_NxKxF = classwise_inputs(out.feat_N, jax.nn.softmax(out.logits_N, axis=-1))
+  d_logits = discriminate(losses.gradient_reversal(x_NxKxF, coeffs["grl_coeff"]))
+  return {"mada": mada_loss(d_logits, out.mask_N)}
+
+
+def objective(terms, coeffs, cfg):
+  """CE + adv_weight·mada_weight·Σ_k L_k (the prototxt: CE + 0.3·Σ_k L_k); no D-only term."""
+  del coeffs
+  return terms["ce"] + cfg.loss.adv_weight * cfg.loss.mada_weight * terms["mada"], 0.0
+
+
+metrics = dann.metrics  # DANN's: the GRL coefficient and the confident fraction

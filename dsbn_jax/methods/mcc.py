@@ -3,13 +3,15 @@
 As the official code computes it (thuml/Versatile-Domain-Adaptation @ db5012a :
 ``pytorch/train_image_office.py`` L168-182; TLlib's ``tllib/self_training/mcc.py`` L61-86 gives the
 same value; docs/reference.md §15). No discriminator and no gradient reversal; the loss is added to
-the source cross-entropy with weight 1.
+the source cross-entropy with weight 1 (``loss.adv_weight``'s default). The step's glue
+(``loss_terms``, ``objective``, ``metrics``: ``train_step.py``'s docstring) follows the function;
+its temperature is ``loss.mcc_temperature``.
 """
 
 import jax
 import jax.numpy as jnp
 
-from dsbn_jax.methods import cdan
+from dsbn_jax.methods import cdan, source_only
 
 
 def mcc_loss(
@@ -38,3 +40,19 @@ def mcc_loss(
   cov_KxK = (y_BxK * w_B[:, None]).T @ y_BxK
   cov_KxK = cov_KxK / jnp.sum(cov_KxK, axis=1)[None, :]
   return (jnp.sum(cov_KxK) - jnp.trace(cov_KxK)) / k
+
+
+# ------------------------------------------------------------------------------------- the step
+def loss_terms(out, discriminate, coeffs, cfg) -> dict:
+  """'mcc': ``mcc_loss`` of the real target rows at ``loss.mcc_temperature``."""
+  del discriminate, coeffs
+  return {"mcc": mcc_loss(out.logits_t, cfg.loss.mcc_temperature, out.mask_t)}
+
+
+def objective(terms, coeffs, cfg):
+  """CE + adv_weight·L_MCC; no D-only term."""
+  del coeffs
+  return terms["ce"] + cfg.loss.adv_weight * terms["mcc"], 0.0
+
+
+metrics = source_only.metrics  # nothing besides the logged terms: no discriminator, no coefficient

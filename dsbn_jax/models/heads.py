@@ -224,5 +224,6 @@ def create_model(config) -> AdaptationNet:
     disc_input=method.spec.disc_input,
     disc_hidden_dim=m.disc_hidden_dim,
     dropout_rate=m.dropout_rate,
+    random_dim=m.get("random_dim", 1024),  # absent from configs saved before the field
     dtype=dtype,
   )
