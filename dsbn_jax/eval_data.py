@@ -23,6 +23,7 @@ from dsbn_jax.data_source import (
   batch_layout,
   check_config,
   fetch_row,
+  fetch_rows,
   load_encoded,
   process_layout,
   process_slice,
@@ -67,12 +68,18 @@ def _eval_rows(global_batch_size: int, layout: Layout) -> int:
   return batch_layout(global_batch_size, layout.index, layout.count, layout.devices)[2]
 
 
+def _batch_count(num_examples: int, rows: int, count: int) -> int:
+  """Eval batches every process yields: its share of the examples (the larger one), in batches of
+  ``rows``."""
+  return math.ceil(math.ceil(num_examples / count) / rows)
+
+
 def _padded_eval_data(
   data, real: tf.data.Dataset | None, size: int, num_examples: int, rows, count, resized=False
 ):
   """EvalData of this process's ``size`` real examples (None: none) padded with zero images (mask
   False) to the batch count every process shares (``resized``: uint8 resized images)."""
-  num_batches = math.ceil(math.ceil(num_examples / count) / rows)
+  num_batches = _batch_count(num_examples, rows, count)
   if resized:
     zeros = tf.zeros((data.resize_size, data.resize_size, 3), tf.uint8)
   else:
@@ -84,6 +91,28 @@ def _padded_eval_data(
     ds = real.concatenate(ds)
   ds = ds.batch(rows, drop_remainder=True).prefetch(data.prefetch_batches)
   return EvalData(dataset=ds, num_examples=num_examples, num_batches=num_batches)
+
+
+def _resized_eval_data(
+  data, cache: image_cache.Resized, mine: np.ndarray, num_examples: int, rows: int, count: int
+) -> EvalData:
+  """EvalData of cache rows ``mine`` as the cached uint8 resized images, for the eval step to crop:
+  each batch's rows gathered from the memory map in one copy (``fetch_rows``), padded (mask
+  False; their pixels, row 0's, are zeroed by the eval step) to the batch count every process
+  shares."""
+  num_batches = _batch_count(num_examples, rows, count)
+  row = np.zeros(num_batches * rows, np.int64)
+  row[: len(mine)] = mine
+  mask = np.arange(len(row)) < len(mine)
+  label = np.where(mask, cache.labels[row], 0).astype(np.int32)
+  fetch = fetch_rows(cache)
+
+  def load(batch):  # padding rows hold row 0's pixels: the eval step zeroes them (mask False)
+    return {'image': fetch(batch['row']), 'label': batch['label'], 'mask': batch['mask']}
+
+  ds = tf.data.Dataset.from_tensor_slices({'row': row, 'label': label, 'mask': mask})
+  ds = ds.batch(rows).map(load, num_parallel_calls=data.num_parallel_calls, deterministic=True)
+  return EvalData(ds.prefetch(data.prefetch_batches), num_examples, num_batches)
 
 
 def make_eval_data(
@@ -118,7 +147,10 @@ def make_eval_data(
   if size and data.cache_resized:  # crops of the shared resized cache: no decode, no resize
     cache = resized_split(info.builder, info.eval_split, data)
     start, _ = slice_bounds(info.num_eval, index, count)
-    real = _cached_eval_examples(data, cache, stored_rows(cache, start, size), resized)
+    mine = stored_rows(cache, start, size)
+    if resized:
+      return _resized_eval_data(data, cache, mine, info.num_eval, rows, count)
+    real = _cached_eval_examples(data, cache, mine)
   elif size:  # a process can be left without images when there are fewer images than processes
     real = read_split(info.builder, split).map(
       lambda ex: _eval_example(data, ex['image'], ex['label']),
@@ -128,16 +160,12 @@ def make_eval_data(
   return _padded_eval_data(data, real, size, info.num_eval, rows, count, resized)
 
 
-def _cached_eval_examples(
-  data, cache: image_cache.Resized, rows: np.ndarray, resized: bool = False
-) -> tf.data.Dataset:
+def _cached_eval_examples(data, cache: image_cache.Resized, rows: np.ndarray) -> tf.data.Dataset:
   """Eval examples of cache ``rows`` (in that order): the eval transform's crops of the cached
-  resize, the pixels ``preprocess_eval`` gives from the encoded image; or (``resized``) the cached
-  uint8 images themselves, for the eval step to crop."""
+  resize, the pixels ``preprocess_eval`` gives from the encoded image."""
   fetch = fetch_row(cache)
-  crop = (lambda image: image) if resized else (lambda image: eval_crops(image, data))
   return tf.data.Dataset.from_tensor_slices((rows, cache.labels[rows])).map(
-    lambda r, y: {'image': crop(fetch(r)), 'label': y, 'mask': tf.constant(True)},
+    lambda r, y: {'image': eval_crops(fetch(r), data), 'label': y, 'mask': tf.constant(True)},
     num_parallel_calls=data.num_parallel_calls,
     deterministic=True,
   )
@@ -180,9 +208,11 @@ def make_source_val_data(
     )
   start, size = slice_bounds(num_examples, index, count)
   mine = held_out[start : start + size]
+  if data.cache_resized and crops_on_device:
+    return _resized_eval_data(data, cache, mine, num_examples, rows, count)
   if data.cache_resized:
-    real = _cached_eval_examples(data, cache, mine, crops_on_device) if size else None
-    return _padded_eval_data(data, real, size, num_examples, rows, count, crops_on_device)
+    real = _cached_eval_examples(data, cache, mine) if size else None
+    return _padded_eval_data(data, real, size, num_examples, rows, count)
   images, labels = tf.gather(images, mine), tf.gather(labels, mine)  # only the held-out bytes kept
   release_freed_memory()
   real = None

@@ -166,15 +166,19 @@ def to_global(batch, mesh: Mesh):
   sharding = data_sharding(mesh)
   n_local = len(mesh.local_devices)
 
-  def put(x):
+  def check(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % n_local:
       raise UserError(
         f"a batch array of shape {x.shape} cannot be split over {n_local} local "
         "devices: make the per-process batch size a multiple of the device count"
       )
-    return jax.make_array_from_process_local_data(sharding, x)
+    return x
 
+  batch = jax.tree.map(check, batch)
+  if jax.process_count() == 1:  # the process's rows are the global batch: one transfer call
+    return jax.device_put(batch, sharding)
+  put = functools.partial(jax.make_array_from_process_local_data, sharding)
   return jax.tree.map(put, batch)
 
 
