@@ -268,6 +268,9 @@ class Progress:
 
 
 # plot_curves' panels, in order: (metric, title, y label). A term a method does not log is skipped.
+# Every method's transfer terms (dsbn_jax/methods/*.py, ``loss_terms``) have a panel, and so has
+# CDAN+E's entropy coefficient; the GRL coefficient, ALDA's lambda_t and the diagnostic
+# train/target_acc have none (tests/reporting_test.py checks both against what each method logs).
 CURVES = (
   ("eval/accuracy", "target accuracy (evaluation)", "accuracy (%)"),
   ("train/loss", "total loss (CE + transfer)", "loss"),
@@ -276,13 +279,20 @@ CURVES = (
   ("train/reg", "discriminator regulariser", "loss"),
   ("train/correct", "corrected-target loss", "loss"),
   ("train/dann", "DANN domain loss", "loss"),
+  ("train/cdan", "CDAN conditional domain loss", "loss"),
+  ("train/mada", "MADA class-wise domain losses (sum)", "loss"),
+  ("train/jmmd", "JAN joint MMD", "discrepancy"),
+  ("train/mcc", "MCC class confusion (target)", "loss"),
+  ("train/bnm", "BNM: − mean singular value (target)", "loss"),
+  ("train/entropy_coeff", "CDAN+E entropy GRL coefficient", "coefficient"),
   ("train/confident_frac", "confident target fraction", "fraction of target batch"),
 )
 
 
 def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> list[str]:
-  """Target accuracy, each training loss term and the confident fraction against step, each on
-  its own axes, from ``metrics.jsonl``; returns the titles of the axes drawn.
+  """Target accuracy, each training loss term (every method's: ``CURVES``), CDAN+E's entropy
+  coefficient and the confident fraction against step, each on its own axes, from
+  ``metrics.jsonl``; returns the titles of the axes drawn.
 
   The accuracy panel is always drawn (empty before the first evaluation); the others only for the
   metrics the run logged (source_only: total and CE).

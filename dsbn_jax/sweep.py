@@ -8,10 +8,14 @@ Runs and table rows are named by the pair's display name (``methods.Method.displ
 with shared BN, ``alda_dsbn`` with DSBN, the names they had before ``model.bn``). Each run lives in
 ``<workdir>/<display name>/<source>-<target>/seed<k>``; finished runs (``results.json`` present)
 are skipped, interrupted ones resume from their checkpoint. The summary is
-``<workdir>/results.md`` (best and last target accuracy per task and on average, mean ± std over
-seeds; then, for runs with validator scores, one table per label-free validator: the target
-accuracy of the evaluation it selects, its gap to best and to last, and the rank correlation of its
-score with the target accuracy -- docs/model_selection.md), ``<workdir>/summary.json``,
+``<workdir>/results.md`` (for Office-31 and Office-Home first the paper's table layout: a row per
+method run, the paper's tasks in its column order and Avg, best accuracy, mean ± std over seeds,
+'–' for a task not run, and below it the published rows, not run here, with their sources --
+``dsbn_jax/published.py``, docs/reference.md §11; then best and last target accuracy per task of
+the sweep and on average, mean ± std over seeds; then, for runs with validator scores, one table
+per label-free validator: the target accuracy of the evaluation it selects, its gap to best and to
+last, and the rank correlation of its score with the target accuracy -- docs/model_selection.md),
+``<workdir>/summary.json``,
 ``<workdir>/results.png`` and, with validator scores, ``<workdir>/selection.png`` (each validator's
 pick beside best and last).
 """
@@ -24,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from dsbn_jax import compile_cache, reporting  # noqa: E402
+from dsbn_jax import compile_cache, published, reporting  # noqa: E402
 from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
 from dsbn_jax.methods import BN_SETTINGS, NAMES, resolve_name  # noqa: E402
@@ -65,6 +69,16 @@ def parse_seeds(values) -> list[int]:
       f"invalid seeds {list(values)} (--seeds or config.sweep.seeds); valid: "
       "integers, e.g. --seeds=0,1,2"
     ) from None
+
+
+def canonical_task(config, task: str) -> tuple[str, str]:
+  """``task``'s ``(source, target)`` by their canonical domain names of ``config.data``
+  (``A->W``, ``Amazon->Webcam`` and ``amazon->webcam`` are one office31 task); a one-line
+  UserError for an unknown domain."""
+  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top  (TF: when needed)
+
+  source, target = (catalog.canonical_domain(config.data, d) for d in task_domains(task))
+  return source, target
 
 
 def run_dir(root: str, method: str, task: str, seed: int) -> str:
@@ -187,18 +201,19 @@ def run_sweep(config, root: str, tasks, methods, seeds, bn=None) -> dict:
     train.train_and_evaluate(cfg, workdir)
   if not main_process:  # process 0 writes the summary (every process would write the same files)
     return None
-  return write_summary(root, tasks, methods, seeds)
+  return write_summary(
+    root, tasks, methods, seeds, config.data.dataset, lambda t: canonical_task(config, t)
+  )
 
 
 def _check_unique(config, tasks, methods, seeds) -> None:
   """Each seed, method and task once (tasks compared by their canonical domains: ``A->W`` and
   ``amazon->webcam`` are one office31 task): a run listed twice would count twice in the tables'
   mean ± std. One line naming every duplicate; nothing is written before."""
-  from dsbn_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
 
   def task_key(task):
     try:
-      return tuple(catalog.canonical_domain(config.data, d) for d in task_domains(task))
+      return canonical_task(config, task)
     except UserError:  # an invalid task: refused below, with the run it belongs to
       return task
 
@@ -249,8 +264,14 @@ def _cell(rows, key):
   return reporting.mean_std([r[key] for r in rows]) if rows else "–"
 
 
-def write_summary(root: str, tasks, methods, seeds) -> dict:
-  """``results.md`` (best and last tables), ``summary.json`` and ``results.png`` from the runs."""
+def write_summary(
+  root: str, tasks, methods, seeds, dataset: str | None = None, domains=task_domains
+) -> dict:
+  """``results.md`` (for an Office-31 or Office-Home sweep first the paper's layout with the
+  published rows, ``_paper_layout``; then the best and last tables), ``summary.json`` and
+  ``results.png`` from the runs. ``dataset``: ``config.data.dataset``; ``domains``: a task's
+  ``(source, target)`` (``run_sweep`` passes the canonical domain names; the default splits the
+  task as written, which the layout matches by canonical or the papers' short names)."""
   summary = {}
   for m in methods:
     for t in tasks:
@@ -258,21 +279,13 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
         _load_results(os.path.join(run_dir(root, m, t, int(s)), "results.json")) for s in seeds
       ]
       summary.setdefault(m, {})[t] = [r for r in rows if r is not None]
-  lines = []
+  lines = _paper_layout(summary, tasks, methods, dataset, domains)
   for key, title in (
     ("best_accuracy", "best over evaluations (the papers' protocol)"),
     ("last_accuracy", "last evaluation (final model)"),
   ):
-    lines += [
-      f"### Target accuracy (%), {title}",
-      "",
-      "| method | " + " | ".join(t.replace("->", "→") for t in tasks) + " | Avg |",
-      "|---" * (len(tasks) + 2) + "|",
-    ]
-    for m in methods:
-      cells = [_cell(summary[m][t], key) for t in tasks]
-      avgs = _seed_averages(summary[m], tasks, key)
-      lines.append(f"| {m} | " + " | ".join(cells) + f" | {reporting.mean_std(avgs)} |")
+    lines += [f"### Target accuracy (%), {title}", ""]
+    lines += _accuracy_table(summary, methods, tasks, key, _shown(tasks))
     lines.append("")
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
@@ -291,6 +304,66 @@ def write_summary(root: str, tasks, methods, seeds) -> dict:
   if chosen:
     _plot_selection(summary, chosen, tasks, methods, os.path.join(root, "selection.png"))
   return {"markdown": text, "runs": summary}
+
+
+def _shown(tasks) -> list[str]:
+  return [t.replace("->", "→") for t in tasks]
+
+
+def _table_head(columns) -> list[str]:
+  return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
+def _accuracy_table(by_method: dict, methods, columns, key: str, shown) -> list[str]:
+  """Markdown: a row per method, a column per ``columns`` (headed ``shown``), each cell the mean ±
+  std over seeds of ``key`` ('–': no run), then Avg: the mean ± std over seeds of each seed's
+  average over every column (the seeds that finished them all)."""
+  lines = _table_head(["method", *shown, "Avg"])
+  for m in methods:
+    cells = [_cell(by_method[m][c], key) for c in columns]
+    avg = reporting.mean_std(_seed_averages(by_method[m], columns, key))
+    lines.append("| " + " | ".join([m, *cells, avg]) + " |")
+  return lines
+
+
+def _paper_layout(summary: dict, tasks, methods, dataset, domains) -> list[str]:
+  """Markdown, for an Office-31 or Office-Home sweep ([] otherwise): the best accuracy of each run
+  method in the paper's table layout -- its tasks in its column order ('–' for a task this sweep
+  did not run), then Avg over all of them -- and below, marked as not run here, the published rows
+  of ``dsbn_jax/published.py`` (docs/reference.md §11) with the source of each."""
+  labels = published.TASKS.get(dataset)
+  if not labels:
+    return []
+  ran = {}  # paper column -> the sweep's task (its first, should two name one)
+  for t in tasks:
+    label = published.task_label(dataset, *domains(t))
+    if label is not None:
+      ran.setdefault(label, t)
+  by_label = {m: {c: summary[m][ran[c]] if c in ran else [] for c in labels} for m in methods}
+  title = published.TITLES[dataset]
+  lines = [
+    f"### {title} in the paper's layout: target accuracy (%), best over evaluations",
+    "",
+    "Our runs: mean ± std over seeds; – : a task this sweep did not run; Avg: each seed's average "
+    f"over the {len(labels)} tasks, for the seeds that ran all of them.",
+    "",
+    *_accuracy_table(by_label, methods, labels, "best_accuracy", labels),
+    "",
+    "Published, **not run here** (ResNet-50, best over evaluations; typed from "
+    "docs/reference.md §11 in `dsbn_jax/published.py`); *ours* names the method of ours each is "
+    "the figure of:",
+    "",
+    *_table_head(["published (not run here)", *labels, published.AVG, "ours"]),
+  ]
+  sources = []
+  for row in published.ROWS[dataset]:
+    if row.source not in sources:
+      sources.append(row.source)
+    cells = [published.fmt(v) for v in row.cells]
+    name = f"{row.name} [{sources.index(row.source) + 1}]"
+    lines.append("| " + " | ".join([name, *cells, row.ours or "–"]) + " |")
+  lines += ["", *(f"- [{i}] {s}." for i, s in enumerate(sources, 1)), ""]
+  return lines
 
 
 def _summary_row(results: dict) -> dict:
@@ -374,10 +447,7 @@ def _selection_tables(chosen: dict, tasks, methods, unscored: dict | None = None
       "",
       f"#### `{name}`",
       "",
-      "| method | "
-      + " | ".join(t.replace("->", "→") for t in tasks)
-      + " | Avg | gap to best | gap to last | ρ |",
-      "|---" * (len(tasks) + 5) + "|",
+      *_table_head(["method", *_shown(tasks), "Avg", "gap to best", "gap to last", "ρ"]),
     ]
     every = []
     for m in methods:

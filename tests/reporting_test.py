@@ -1,6 +1,8 @@
-"""reporting.Progress: training-only img/s, a line per report in a log, a tqdm bar on a terminal."""
+"""reporting: Progress (training-only img/s, a line per report in a log, a tqdm bar on a terminal)
+and the panels of curves.png."""
 
 import io
+import json
 
 import pytest
 
@@ -69,3 +71,47 @@ def test_other_processes_print_nothing(clock, capsys):
   progress.report(1, {})
   progress.close()
   assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------ curves.png: every method's terms
+NOT_PLOTTED = {"grl_coeff", "lambda_t", "target_acc"}  # schedules and a label-reading diagnostic
+FIRST = ["target accuracy (evaluation)", "total loss (CE + transfer)", "source cross-entropy"]
+PANELS = {  # the comparison methods' panels after FIRST, in CURVES' order
+  "cdan": ["CDAN conditional domain loss", "confident target fraction"],
+  "cdan_e": [
+    "CDAN conditional domain loss",
+    "CDAN+E entropy GRL coefficient",
+    "confident target fraction",
+  ],
+  "jan": ["JAN joint MMD"],
+  "mada": ["MADA class-wise domain losses (sum)", "confident target fraction"],
+  "mcc": ["MCC class confusion (target)"],
+  "bnm": ["BNM: − mean singular value (target)"],
+}
+
+
+def test_curves_have_a_panel_for_every_term_a_method_logs():
+  """What each method logs is tests/methods_test.py's METRICS (checked there against real steps):
+  each of it has a panel but the schedules and the diagnostic."""
+  from tests.methods_test import METRICS  # pylint: disable=g-import-not-at-top  (JAX)
+
+  plotted = {k for k, _, _ in reporting.CURVES}
+  missing = {
+    m: sorted({f"train/{k}" for k in logged - NOT_PLOTTED} - plotted)
+    for m, logged in METRICS.items()
+  }
+  assert not any(missing.values()), missing
+  assert set(PANELS) == set(METRICS) - {"source_only", "dann", "alda"}
+
+
+@pytest.mark.parametrize("method", list(PANELS))
+def test_curves_draw_the_comparison_methods_terms(method, tmp_path):
+  from tests.methods_test import METRICS  # pylint: disable=g-import-not-at-top  (JAX)
+
+  logged = {"loss", "ce", "lr", "source_acc"} | METRICS[method]
+  rows = [{"step": s, **{f"train/{k}": 1.0 / s for k in sorted(logged)}} for s in range(1, 4)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"step": 3, "eval/accuracy": 9.0}]))
+  titles = reporting.plot_curves(str(path), str(tmp_path / "c.png"), method)
+  assert titles == FIRST + PANELS[method]
+  assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

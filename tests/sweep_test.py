@@ -1,21 +1,26 @@
-"""Sweeps: the table from finished runs, skipping finished runs, refusing a changed config."""
+"""Sweeps: the tables from finished runs (Office: the paper's layout and the published rows),
+skipping finished runs, refusing a changed config."""
 
 import json
 import os
 import subprocess
 import sys
 
-from dsbn_jax import sweep
+from dsbn_jax import published, sweep
 from tests import cli_driver, suite_env
 
 ROOT = suite_env.ROOT
 
 
+def _write_results(workdir, seed, best, last):
+  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump({"seed": seed, "best_accuracy": best, "last_accuracy": last}, f)
+
+
 def _fake_run(root, method, task, seed, best, last):
   workdir = sweep.run_dir(str(root), method, task, seed)
   os.makedirs(workdir)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"seed": seed, "best_accuracy": best, "last_accuracy": last}, f)
+  _write_results(workdir, seed, best, last)
 
 
 def test_summary_tables_mean_and_sample_std_per_task_and_average(tmp_path):
@@ -199,3 +204,133 @@ def test_sweep_over_bn_names_runs_and_rows_by_display_name_and_skips_an_old_fini
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert all(p in errors[0] for p in pieces) and not ran, errors[0]
+
+
+# ------------------------------------------------ the paper's layout (Office-31, Office-Home)
+def _table(markdown: str, header_start: str) -> list[list[str]]:
+  """The table of ``markdown`` whose header starts with ``header_start``: rows of cells (the
+  header first, the |---| line dropped)."""
+  lines = markdown.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+  rows = []
+  for line in lines[start:]:
+    if not line.startswith("|"):
+      break
+    if not line.startswith("|---"):
+      rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+  return rows
+
+
+def _published_rows(dataset: str) -> list[list[str]]:
+  """What the published block must print for ``dataset``: every row of dsbn_jax/published.py, in
+  order, its source's footnote number (in order of first use) after its name."""
+  sources = list(dict.fromkeys(r.source for r in published.ROWS[dataset]))
+  return [
+    [f"{r.name} [{sources.index(r.source) + 1}]", *map(published.fmt, r.cells), r.ours or "–"]
+    for r in published.ROWS[dataset]
+  ]
+
+
+def test_office31_results_open_with_the_papers_layout_and_the_published_rows(tmp_path):
+  """The sweep's tasks in any order and spelling (canonical or short names) land in the paper's
+  columns; a task listed but not finished, and a task not listed, are '–'; Avg only for the seeds
+  that finished all six; then the published rows, marked, each with its source."""
+  tasks = ["W->A", "amazon->webcam", "A->D", "D->W", "webcam->dslr", "D->A"]
+  best = {  # method -> sweep task -> best accuracy per seed (seeds 0, 1)
+    "source_only": {"W->A": (60.0, 62.0), "amazon->webcam": (70.0, 74.0), "A->D": (65.0, 65.0)},
+    "alda_dsbn": {"W->A": (72.0, 73.0), "amazon->webcam": (95.0,), "A->D": (94.0, 96.0)},
+    # every task: seed 0 averages 80.0, seed 1 81.67 -> 80.8 ± 1.2
+    "alda": dict(zip(tasks, [(70.0, 70.0), (80.0, 82.0), (80.0, 84.0), (90.0, 92.0),
+                             (100.0, 100.0), (60.0, 62.0)])),
+  }  # fmt: skip
+  for m, by_task in best.items():
+    for t, values in by_task.items():
+      for seed, b in enumerate(values):
+        _fake_run(tmp_path, m, t, seed, b, b - 5)
+  text = sweep.write_summary(str(tmp_path), tasks, list(best), [0, 1], "office31")["markdown"]
+  ours = _table(text, "| method | A→W")
+  assert ours == [
+    ["method", "A→W", "D→W", "W→D", "A→D", "D→A", "W→A", "Avg"],
+    ["source_only", "72.0 ± 2.8", "–", "–", "65.0 ± 0.0", "–", "61.0 ± 1.4", "–"],
+    ["alda_dsbn", "95.0", "–", "–", "95.0 ± 1.4", "–", "72.5 ± 0.7", "–"],
+    ["alda", "81.0 ± 1.4", "91.0 ± 1.4", "100.0 ± 0.0", "82.0 ± 2.8", "61.0 ± 1.4", "70.0 ± 0.0",
+     "80.8 ± 1.2"],
+  ]  # fmt: skip
+  pub = _table(text, "| published (not run here) |")
+  assert pub[0] == ["published (not run here)", *published.TASKS["office31"], "Avg", "ours"]
+  assert pub[1:] == _published_rows("office31")
+  # Spot checks typed from docs/reference.md §11 (published_test.py checks every number).
+  assert ["ALDA + DSBN (the paper) [3]", "96.4", "97.5", "100.0", "96.4", "72.1", "73.8",
+          "89.4", "alda_dsbn"] in pub  # fmt: skip
+  assert ["ALDA [1]", "95.6 ± 0.5", "97.7 ± 0.1", "100.0 ± 0.0", "94.0 ± 0.4", "72.2 ± 0.4",
+          "72.5 ± 0.2", "88.7", "alda"] in pub  # fmt: skip
+  assert ["MCC [4]", *["–"] * 6, "89.4", "mcc"] in pub and ["ADDA [1]"] == [
+    r[0] for r in pub if r[-1] == "–"
+  ]
+  assert "- [1] the ALDA paper's Office-31 table" in text and "- [5] TLlib's README" in text
+  assert "**not run here**" in text
+  # Then the tables of before, over the sweep's own tasks in its order (last: best - 5).
+  layout_end = text.index("### Target accuracy (%), best over evaluations")
+  assert text.index("in the paper's layout") < text.index("| published (not run here)") < layout_end
+  last = _table(text.split("last evaluation")[1], "| method |")
+  assert last[0] == ["method", "W→A", "amazon→webcam", "A→D", "D→W", "webcam→dslr", "D→A", "Avg"]
+  assert last[1] == ["source_only", "56.0 ± 1.4", "67.0 ± 2.8", "60.0 ± 0.0", "–", "–", "–", "–"]
+
+
+def test_office_home_layout_has_the_twelve_tasks_in_order_and_dashes_for_tasks_not_run(tmp_path):
+  tasks = ["Real_World->Product", "Ar->Cl"]
+  for seed, (rp, ac) in enumerate([(80.0, 50.0), (82.0, 52.0), (84.0, 57.0)]):
+    _fake_run(tmp_path, "cdan_e_dsbn", "Real_World->Product", seed, rp, rp)
+    _fake_run(tmp_path, "cdan_e_dsbn", "Ar->Cl", seed, ac, ac)
+  text = sweep.write_summary(str(tmp_path), tasks, ["cdan_e_dsbn"], [0, 1, 2], "office_home")
+  text = text["markdown"]
+  assert text.startswith("### Office-Home in the paper's layout")
+  ours = _table(text, "| method | Ar→Cl")
+  order = ["Ar→Cl", "Ar→Pr", "Ar→Rw", "Cl→Ar", "Cl→Pr", "Cl→Rw"]
+  order += ["Pr→Ar", "Pr→Cl", "Pr→Rw", "Rw→Ar", "Rw→Cl", "Rw→Pr"]
+  assert ours[0] == ["method", *order, "Avg"]
+  # Ar→Cl 50, 52, 57 -> 53.0 ± 3.6; Rw→Pr 80, 82, 84 -> 82.0 ± 2.0; ten tasks not in the sweep
+  assert ours[1] == ["cdan_e_dsbn", "53.0 ± 3.6", *["–"] * 10, "82.0 ± 2.0", "–"]
+  pub = _table(text, "| published (not run here) |")
+  assert pub[1:] == _published_rows("office_home")
+  assert ["CDAN+E [3]", *["–"] * 12, "65.8", "cdan_e"] in pub
+  assert pub[1][:2] == ["ResNet-50 (source only) [1]", "34.9"] and pub[1][-2:] == [
+    "46.1",
+    "source_only",
+  ]
+
+
+def test_other_datasets_get_no_paper_layout(tmp_path):
+  _fake_run(tmp_path, "alda_dsbn", "digits->digits_m", 0, 61.0, 60.0)
+  for dataset in ("digits", "custom", None):
+    text = sweep.write_summary(str(tmp_path), ["digits->digits_m"], ["alda_dsbn"], [0], dataset)
+    assert text["markdown"].startswith("### Target accuracy (%), best over evaluations")
+    assert "published" not in text["markdown"]
+
+
+def test_run_sweep_matches_tasks_to_the_paper_by_canonical_domain(tmp_path, monkeypatch):
+  """``--tasks=A->W,Webcam->Amazon`` on Office-31: the sweep passes the dataset and the canonical
+  domain names, so both tasks find their column (training replaced by a results.json)."""
+  from configs import office31  # pylint: disable=g-import-not-at-top
+  from dsbn_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = office31.get_config()
+  config.model.pretrained_path = ""  # no weights file to check: nothing trains
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.manual_dir = str(tmp_path / "manual")  # not empty: the config check looks no further
+  os.makedirs(config.data.manual_dir)
+  (tmp_path / "manual" / "domain_adaptation_images.tar.gz").write_bytes(b"")
+  root = tmp_path / "sweep"
+  ran = []
+
+  def fake_train(cfg, workdir):
+    ran.append((cfg.data.source, cfg.data.target))
+    os.makedirs(workdir, exist_ok=True)
+    _write_results(workdir, cfg.seed, 90.0 if cfg.data.source == "A" else 70.0, 60.0)
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  out = sweep.run_sweep(config, str(root), ["A->W", "Webcam->Amazon"], ["alda_dsbn"], [0])
+  assert ran == [("A", "W"), ("Webcam", "Amazon")]
+  ours = _table(out["markdown"], "| method | A→W")
+  assert ours[1] == ["alda_dsbn", "90.0", "–", "–", "–", "–", "70.0", "–"]
+  assert (root / "results.md").read_text() == out["markdown"]
