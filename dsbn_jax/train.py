@@ -646,6 +646,8 @@ def _train_loop(run: _Run) -> dict:
     start_step=run.start_step,
     train_input=run.train_input,
   )
+  if run.train_input != "host":  # one int32 array of draws per domain crosses, not five
+    train_iter = map(device_augment.pack, train_iter)
   run.step_args = ()  # 'resident': both domains' resized images, on every device
   if run.train_input == "resident":
     run.step_args = (sharding.replicate(input_pipeline.resident_images(config.data), run.mesh),)

@@ -172,3 +172,19 @@ def test_eval_crops_on_the_device_equal_the_host_crops(office, eval_mode, crop):
     np.testing.assert_array_equal(got[real], h['image'][real])
     np.testing.assert_array_equal(r['label'], h['label'])
     np.testing.assert_array_equal(r['mask'], h['mask'])
+
+
+def test_packed_draws_give_the_same_batches(office):
+  """``device_augment.pack`` (one int32 array of draws per domain, what the loop sends) gives the
+  step the batches of the unpacked form, bit for bit, for 'device' and 'resident'."""
+  images = ip.resident_images(office)
+  augment = jax.jit(lambda batch, images: device_augment.train_batch(batch, office, images))
+  for train_input in ('device', 'resident'):
+    batch = _batches(office, train_input, 1)[0]
+    packed = device_augment.pack(batch)
+    assert set(packed['source']) == {'draws'} | ({'image'} if train_input == 'device' else set())
+    assert packed['source']['draws'].shape == (6, len(device_augment.DRAWS))
+    got, want = augment(packed, images), augment(batch, images)
+    for name in ('source', 'target'):
+      for key in ('image', 'label', 'mask'):
+        np.testing.assert_array_equal(got[name][key], want[name][key])
