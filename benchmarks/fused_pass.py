@@ -63,33 +63,14 @@ import step_throughput as st  # noqa: E402  (torch before TF; JaxSide, config an
 
 def main(args) -> dict:
   cmd = "python benchmarks/fused_pass.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  bench_args = st.parse_args(
-    [
-      "--batch",
-      str(args.batch),
-      "--image_size",
-      str(args.image_size),
-      "--dtype",
-      args.dtype,
-      "--device",
-      args.device,
-      "--num_classes",
-      str(args.num_classes),
-      "--seed",
-      str(args.seed),
-    ]
-  )
+  bench_args = st.jax_bench_args(args)
   batch_np = st.host_batch(bench_args, np.random.default_rng(args.seed))
   load_start = os.getloadavg()
-  sides, first, first_loss = {}, {}, {}
+  configs = {}
   for name, fused in (("two_calls", False), ("fused", True)):
-    cfg = st.make_config(bench_args)
-    cfg.method, cfg.model.fused_pass = args.method, fused
-    sides[name] = st.JaxSide(bench_args, cfg, batch_np)
-    first[name] = sides[name].first_call()
-    first_loss[name] = sides[name].final_loss()
-    sides[name].run(1)  # warm-up
-    print(f"[{name}] first (compiling) call {first[name]:.1f} s", flush=True)
+    configs[name] = st.make_config(bench_args)
+    configs[name].method, configs[name].model.fused_pass = args.method, fused
+  sides, first, first_loss = st.compiled_sides(bench_args, configs, batch_np)
   times = st.time_alternating(sides, args.reps, args.steps_per_rep)
   imgs = 2 * args.batch
   summary = {n: st.summarize(times[n], imgs, args.steps_per_rep) for n in sides}

@@ -58,27 +58,14 @@ import step_throughput as st  # noqa: E402  (JaxSide, config and batch builders)
 
 def main(args) -> dict:
   cmd = "python benchmarks/method_steps.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  flags = ["--batch", str(args.batch), "--image_size", str(args.image_size), "--dtype", args.dtype]
-  flags += [
-    "--device",
-    args.device,
-    "--num_classes",
-    str(args.num_classes),
-    "--seed",
-    str(args.seed),
-  ]
-  bench_args = st.parse_args(flags)
+  bench_args = st.jax_bench_args(args)
   batch_np = st.host_batch(bench_args, np.random.default_rng(args.seed))
   load_start = os.getloadavg()
-  sides, first, first_loss = {}, {}, {}
+  configs = {}
   for method in args.methods.split(","):
-    cfg = st.make_config(bench_args)
-    cfg.method = method
-    sides[method] = st.JaxSide(bench_args, cfg, batch_np)
-    first[method] = sides[method].first_call()
-    first_loss[method] = sides[method].final_loss()
-    sides[method].run(1)  # warm-up
-    print(f"[{method}] first (compiling) call {first[method]:.1f} s", flush=True)
+    configs[method] = st.make_config(bench_args)
+    configs[method].method = method
+  sides, first, first_loss = st.compiled_sides(bench_args, configs, batch_np)
   times = st.time_alternating(sides, args.reps, args.steps_per_rep)
   summary = {m: st.summarize(times[m], 2 * args.batch, args.steps_per_rep) for m in sides}
   base = next(iter(sides))

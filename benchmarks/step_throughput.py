@@ -411,6 +411,30 @@ def machine_info(args) -> dict:
   return info
 
 
+def jax_bench_args(args) -> argparse.Namespace:
+  """This script's arguments for a benchmark that compares JAX steps (``fused_pass.py``,
+  ``method_steps.py``): its batch, image size, dtype, device, class count and seed."""
+  return parse_args(
+    [
+      *("--batch", str(args.batch), "--image_size", str(args.image_size), "--dtype", args.dtype),
+      *("--device", args.device, "--num_classes", str(args.num_classes), "--seed", str(args.seed)),
+    ]
+  )
+
+
+def compiled_sides(bench_args, configs: dict, batch_np) -> tuple[dict, dict, dict]:
+  """``(sides, first_call_s, first_step_loss)``: a ``JaxSide`` per named config, each compiled
+  (its first call timed, its loss read) and warmed up by one more step, in order."""
+  sides, first, first_loss = {}, {}, {}
+  for name, cfg in configs.items():
+    sides[name] = JaxSide(bench_args, cfg, batch_np)
+    first[name] = sides[name].first_call()
+    first_loss[name] = sides[name].final_loss()
+    sides[name].run(1)  # warm-up
+    print(f"[{name}] first (compiling) call {first[name]:.1f} s", flush=True)
+  return sides, first, first_loss
+
+
 def time_alternating(sides: dict, reps: int, steps_per_rep: int) -> dict[str, list[float]]:
   """Seconds of ``steps_per_rep`` steps of every side (``JaxSide``-like ``run``), ``reps`` times,
   the order rotating every repetition so that load from other processes hits every side alike."""
