@@ -99,7 +99,7 @@ def torch_models(cfg, seed, feature_dim, bias_range=(-0.2, 0.2)):
 def median_target_confidence(base, batch, cfg) -> float:
   """A threshold that splits the first target batch into confident / not (computed, not typed)."""
   base = copy.deepcopy(base)  # train-mode forward would move the running stats of the real one
-  ref.set_domain(base, methods.method_spec(cfg.method).target_branch)
+  ref.set_domain(base, methods.resolve(cfg).target_branch)
   with torch.no_grad():
     _, logits = base.train()(to_torch(batch["target"]["image"]))
   return float(np.median(torch.softmax(logits, 1).max(1).values.numpy()))

@@ -159,11 +159,6 @@ def resolve(config) -> Method:
   return method
 
 
-def method_spec(method: str) -> Method:
-  """``resolve_name(method)``: the method of a name with the BN the name implies."""
-  return resolve_name(method)
-
-
 def method_module(method: Method):
   """The module computing ``method``'s losses (``dsbn_jax.methods.<spec.module>``; imports JAX)."""
   return importlib.import_module(f"{__name__}.{method.spec.module}")
