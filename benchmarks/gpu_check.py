@@ -28,8 +28,8 @@ still run; one that would not end inside ``--budget_s`` is recorded under ``skip
    and the same first batch: their first losses agree up to rounding (a check of the maths on the
    device: the fused pass and bf16 compute the two-call float32 step).
 3. ``loop``: ``train.py``'s per-step work for ``--loop_steps`` steps, reproduced (``train.py``
-   imports tensorflow_datasets, which the GPU machine lacks): the jitted step, the on-device finite
-   watch after each step (``train_step.watch_finite``), ``reporting.Progress``, and a read of the
+   imports tensorflow_datasets, which the GPU machine lacks): the jitted step in the loop's form,
+   with the on-device watch (``train_step.watch_step``) in the same computation, ``reporting.Progress``, and a read of the
    metrics and the watch only every ``log_every_steps`` (the config's 50); img/s as ``Progress``
    measures it (the first step out). Left out, each a few microseconds per step with one process:
    the fault-injection hooks' environment lookups and ``GracefulStop.requested`` (a flag read);
@@ -400,14 +400,17 @@ class JaxCheck:
     state = self.sharding.replicate(self.init_host, self.mesh)
     return state.replace(apply_fn=self.models[dtype].apply)
 
-  def _compile(self, cfg, state, *extra, train_input=None):
+  def _compile(self, cfg, state, *extra, train_input=None, watch=False):
     """(jitted step, compiled step, seconds to trace + lower, seconds of XLA's compile), at the
-    config's matmul precision as train.py runs it."""
+    config's matmul precision as train.py runs it; ``watch``: the train loop's form, which
+    takes and returns the on-device watch (``train_step.watch_step``) too."""
     kwargs = {} if train_input is None else {"train_input": train_input}
     with self.jax.default_matmul_precision(cfg.model.matmul_precision):
-      fn = self.sharding.jit_train_step(self.mesh, cfg, **kwargs)
+      fn = self.sharding.jit_train_step(self.mesh, cfg, watch=watch, **kwargs)
       t0 = time.perf_counter()
-      lowered = fn.lower(state, self.batch if not extra else extra[0], self.rng, *extra[1:])
+      watched = (self.empty_watch(),) if watch else ()
+      batch = self.batch if not extra else extra[0]
+      lowered = fn.lower(state, *watched, batch, self.rng, *extra[1:])
       t1 = time.perf_counter()
       compiled = lowered.compile()
       t2 = time.perf_counter()
@@ -459,26 +462,34 @@ class JaxCheck:
     return entry
 
   # --- section 3: the loop ----------------------------------------------------------------------
+  def empty_watch(self):
+    from dsbn_jax import train_step  # pylint: disable=g-import-not-at-top
+
+    return self.sharding.replicate(train_step.empty_watch(), self.mesh)
+
+  def watched_step(self):
+    """The float32 two-call step in the train loop's form (``watch=True``), jitted once."""
+    if "watched" not in self.jitted:
+      cfg = self.cfgs[("float32", "two_calls")]
+      self.jitted["watched"] = self.sharding.jit_train_step(self.mesh, cfg, watch=True)
+    return self.jitted["watched"]
+
   def run_loop(self, step_fn, batches, total: int, extra=(), state=None) -> dict:
-    """train.py's per-step pattern: step, on-device finite watch, Progress; the metrics and the
-    watch read back only every log_every_steps (and at the end)."""
-    jax, np, sharding = self.jax, self.np, self.sharding
-    from dsbn_jax import reporting, train_step  # pylint: disable=g-import-not-at-top
+    """train.py's per-step pattern: the step with its on-device watch (``step_fn``, jitted with
+    ``watch=True``), Progress; the metrics and the watch read back only every log_every_steps
+    (and at the end)."""
+    jax = self.jax
+    from dsbn_jax import reporting  # pylint: disable=g-import-not-at-top
 
     log_every = self.sz["log_every"] or self.cfgs[("float32", "two_calls")].log_every_steps
     progress = reporting.Progress(total, 0, self.images_per_step, sync=jax.block_until_ready)
-    watch_fn = jax.jit(train_step.watch_finite, out_shardings=sharding.replicated(self.mesh))
-    watch, reads, rows = None, 0, []
+    watch, reads, rows = self.empty_watch(), 0, []
     state = self.initial() if state is None else state
     t0 = time.perf_counter()
     first_step_s = None
     with jax.default_matmul_precision(self.cfgs[("float32", "two_calls")].model.matmul_precision):
       for step in range(total):
-        state, metrics = step_fn(state, next(batches), self.rng, *extra)
-        if watch is None:
-          zero = {"step": np.int32(0), "bad": {k: np.False_ for k in metrics}}
-          watch = sharding.replicate(zero, self.mesh)
-        watch = watch_fn(watch, metrics, state.step)
+        state, watch, metrics = step_fn(state, watch, next(batches), self.rng, *extra)
         done = step + 1
         progress.tick(done, metrics)  # the first step syncs and starts the clock
         if done == 1:
@@ -493,7 +504,7 @@ class JaxCheck:
     rate = progress.rate(total)
     progress.close()
     del state
-    bad = sorted(k for k, b in watched["bad"].items() if b)
+    bad = sorted(k for k, b in zip(sorted(host), watched["bad"]) if b)
     return {
       "steps": total,
       "images_per_s": round(rate, 2),
@@ -509,8 +520,7 @@ class JaxCheck:
 
   def loop_device_resident(self) -> dict:
     pool = [self.batch, self.sharding.to_global(self.host_pool[1], self.mesh)]
-    fn = self.jitted[("float32", "two_calls")]
-    out = self.run_loop(fn, itertools.cycle(pool), self.sz["loop_steps"])
+    out = self.run_loop(self.watched_step(), itertools.cycle(pool), self.sz["loop_steps"])
     out["batches"] = "2 float32 batches on the device, cycled (no input transfer)"
     return out
 
@@ -518,7 +528,7 @@ class JaxCheck:
     total = self.sz["loop_steps"]
     host = itertools.islice(itertools.cycle(self.host_pool), total)
     batches = self.sharding.prefetch_to_global(host, self.mesh)  # two staged ahead, as train.py
-    out = self.run_loop(self.jitted[("float32", "two_calls")], batches, total)
+    out = self.run_loop(self.watched_step(), batches, total)
     out["batches"] = "2 host float32 batches, cycled, through sharding.prefetch_to_global"
     return out
 
@@ -558,7 +568,9 @@ class JaxCheck:
     example = self.sharding.to_global(pool[0], self.mesh)
     t0 = time.perf_counter()
     state = self.initial()
-    fn, _, lower_s, compile_s = self._compile(cfg, state, example, images, train_input="resident")
+    fn, _, lower_s, compile_s = self._compile(
+      cfg, state, example, images, train_input="resident", watch=True
+    )
     total = sz["loop_steps"]
     batches = self.sharding.prefetch_to_global(
       itertools.islice(itertools.cycle(pool), total), self.mesh

@@ -178,8 +178,8 @@ def _child_measure(a: dict) -> dict:
       }
     return out
 
-  sharding.jit_train_step = lambda mesh, cfg, step_fn=None, train_input="host": real_jit_train_step(
-    mesh, cfg, step_fn=fake_train_step, train_input=train_input
+  sharding.jit_train_step = lambda mesh, cfg, step_fn=None, **kw: real_jit_train_step(
+    mesh, cfg, step_fn=fake_train_step, **kw
   )
   device_augment.train_batch = fake_train_batch
   evaluation.eval_step = fake_eval_step
@@ -200,12 +200,13 @@ def _child_measure(a: dict) -> dict:
     if done == w1:  # the step's dispatch alone: the run's jitted fake step on a copy of the state
       run, reps = self.run, 30
       state = sharding.replicate(jax.device_get(run.state), run.mesh)  # a copy: donated below
+      watched = sharding.replicate(train_step_lib.empty_watch(), run.mesh)
       args = (last_batch["value"], run.step_rng, *run.step_args)
-      state, m = run.train_fn(state, *args)
+      state, watched, m = run.train_fn(state, watched, *args)
       jax.block_until_ready(m)
       t = _clocks()
       for _ in range(reps):
-        state, m = run.train_fn(state, *args)
+        state, watched, m = run.train_fn(state, watched, *args)
       jax.block_until_ready(m)
       out["dispatch_cpu_ms"] = (_clocks()[1] - t[1]) * 1e3 / reps
 

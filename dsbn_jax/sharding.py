@@ -193,26 +193,47 @@ def create_sharded_state(
   return jax.jit(init, out_shardings=replicated(mesh))(rng, pretrained=pretrained)
 
 
-def jit_train_step(mesh: Mesh, cfg, step_fn=train_step_lib.train_step, train_input: str = "host"):
+def jit_train_step(
+  mesh: Mesh,
+  cfg,
+  step_fn=train_step_lib.train_step,
+  train_input: str = "host",
+  watch: bool = False,
+):
   """``step(state, global_batch, rng) -> (state, metrics)``, compiled once, state donated.
 
   ``global_batch`` from ``to_global``; ``rng`` a fixed base key, best ``replicate``-d once (the
   step folds in its step number). ``step_fn`` is for tests (e.g. counting traces).
   ``train_input`` 'device' or 'resident' (``device_augment.resolve_train_input``): the batch holds
   uint8 rows (or cache row numbers) with their draws, augmented inside the step
-  (``device_augment.train_batch``); 'resident' adds a fourth argument, the domains' resized caches
+  (``device_augment.train_batch``); 'resident' adds a last argument, the domains' resized caches
   (``replicate``-d: every device gathers its own rows).
+  ``watch``: the train loop's form, ``step(state, watch, global_batch, rng) -> (state, watch,
+  metrics)``, the on-device watch (``train_step.watch_step``: finite check, log-window sums)
+  updated in the same computation (one dispatch per step), both donated.
   """
   rep, data = replicated(mesh), data_sharding(mesh)
   step = functools.partial(step_fn, cfg=cfg)
-  if train_input == "host":
-    return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+  if train_input != "host":
+    plain = step
 
-  def augmented_step(state, batch, rng, images=None):
-    return step(state, device_augment.train_batch(batch, cfg.data, images), rng)
+    def step(state, batch, rng, images=None):
+      return plain(state, device_augment.train_batch(batch, cfg.data, images), rng)
 
   shardings = (rep, data, rep) + ((rep,) if train_input == "resident" else ())
-  return jax.jit(augmented_step, in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
+  if not watch:
+    return jax.jit(step, in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
+
+  def watched_step(state, watched, batch, rng, *images):
+    state, metrics = step(state, batch, rng, *images)
+    return state, train_step_lib.watch_step(watched, metrics, state.step), metrics
+
+  return jax.jit(
+    watched_step,
+    in_shardings=(rep, rep, *shardings[1:]),
+    out_shardings=(rep, rep, rep),
+    donate_argnums=(0, 1),
+  )
 
 
 def prefetch_to_global(batches, mesh: Mesh, size: int = 2):

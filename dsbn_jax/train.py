@@ -2,7 +2,8 @@
 
 No math lives here (``train_step.py``) and no device logic (``sharding.py``). Outputs in the workdir:
 ``config.json`` (the resolved config that ran), ``metrics.jsonl`` + ``tensorboard/`` (every
-``log_every_steps``: the metrics of that step; and every evaluation), ``checkpoints/`` (orbax),
+``log_every_steps``: the losses and accuracies averaged over the steps since the previous row,
+the schedule's values at its step (step_watch.py); and every evaluation), ``checkpoints/`` (orbax),
 ``curves.png`` and the final ``results.json`` (best and last target accuracy, per-class accuracy
 -- None for a class without target images -- and its mean over the classes with images, confusion
 matrix, steps, wall time, img/s).
@@ -42,12 +43,13 @@ from dsbn_jax import (
   reporting,
   run_control,
   sharding,
-  train_step,
+  step_watch,
   validators,
 )
 from dsbn_jax.datasets import catalog, prepared
 from dsbn_jax.errors import UserError
 from dsbn_jax.models import heads, torchvision_port
+from dsbn_jax.step_watch import NonFiniteLossError  # noqa: F401  (raised by the loop; re-exported)
 
 # Config fields that may change between a run and its resumption without making it another run:
 # cadence of logs/checkpoints, local paths and input-pipeline throughput knobs.
@@ -71,10 +73,6 @@ _TRAIN_INPUT_SAYS = {  # data.train_input, once resolved (device_augment.resolve
   "resident": "train augmentation on the devices: both domains' resized images are held on "
   "every device (data.train_input='resident'); the host sends row numbers",
 }
-
-
-class NonFiniteLossError(UserError):
-  """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
 
 
 def task_lr0(config, source: str, target: str) -> float:
@@ -387,7 +385,9 @@ class _Run:
       self.mesh, init_rng, config, self.model, image_shape, pretrained
     )
     self.train_input = _train_input(config, self.mesh, self.info, self.say)
-    self.train_fn = sharding.jit_train_step(self.mesh, config, train_input=self.train_input)
+    self.train_fn = sharding.jit_train_step(
+      self.mesh, config, train_input=self.train_input, watch=True
+    )
     self.eval_fn = evaluation.jit_eval_step(self.mesh, config)
     on_device = config.data.cache_resized  # the eval step crops the cached images (exact)
     self.eval_data = eval_data.make_eval_data(config.data, crops_on_device=on_device)
@@ -525,47 +525,6 @@ def _inject_nan(step: int, batch: dict) -> dict:
   return batch
 
 
-class _FiniteWatch:
-  """Whether every step's metrics were finite, kept on the devices: ``update`` after each step
-  reads nothing back (no host-device sync per step); ``check`` reads it where the loop reads or
-  waits anyway (logs, evaluations, checkpoints, stops) and names the first non-finite step exactly,
-  however many steps ago it was."""
-
-  def __init__(self, mesh):
-    self.mesh, self.value = mesh, None
-    self._step = jax.jit(train_step.watch_finite, out_shardings=sharding.replicated(mesh))
-
-  def update(self, metrics: dict, step) -> None:
-    if self.value is None:
-      zero = {"step": np.int32(0), "bad": {k: np.False_ for k in metrics}}
-      self.value = sharding.replicate(zero, self.mesh)
-    self.value = self._step(self.value, metrics, step)
-
-  def check(self, ckpt: checkpointing.Checkpointer, watched: dict | None = None) -> None:
-    """``watched``: the value already read to the host (else it is read here)."""
-    if self.value is not None:
-      _check_finite(jax.device_get(self.value) if watched is None else watched, ckpt)
-
-
-def _check_finite(watched: dict, ckpt: checkpointing.Checkpointer) -> None:
-  """A ``NonFiniteLossError`` when ``watched`` (a ``_FiniteWatch`` value, on the host) holds a
-  non-finite step."""
-  if not watched["step"]:
-    return
-  bad = sorted(k for k, b in watched["bad"].items() if b)
-  ckpt.wait()  # the last good checkpoint may still be being written (async): finish it first
-  last = ckpt.latest_step()
-  kept = (
-    f"the last good checkpoint (step {last}) is kept"
-    if last is not None
-    else "no checkpoint had been written yet"
-  )
-  raise NonFiniteLossError(
-    f"non-finite {', '.join(bad)} at step {int(watched['step'])}; the run stopped and "
-    f"{kept}: lower optim.lr0 or check the data"
-  )
-
-
 class _CpuEstimate:
   """For a ResNet-50 on CPU: after a few steps past compilation, one line with the time to go."""
 
@@ -661,12 +620,13 @@ def _train_loop(run: _Run) -> dict:
   )
   t_start, last_eval = time.perf_counter(), None
   cpu_clock = _CpuEstimate(run, enabled=sharding.slow_on_cpu(run.mesh, config))
-  watch = _FiniteWatch(run.mesh)  # nothing is read back per step: only where the loop waits
+  # Updated inside the step; read only where the loop reads or waits anyway.
+  watch = step_watch.StepWatch(run.mesh, run.meta)
   wall0 = run.meta["wall_time_s"]
   saved = None
 
   def save(done: int) -> None:  # a checkpoint of the state after step done, if all were finite
-    watch.check(run.ckpt)
+    watch.to_meta(run.meta, run.ckpt)
     run.meta["wall_time_s"] = wall0 + time.perf_counter() - t_start
     with progress.excluded(run.state):  # not training time: out of the img/s
       run.checkpoint(done)
@@ -676,14 +636,15 @@ def _train_loop(run: _Run) -> dict:
     try:
       for step in range(run.start_step, total):
         _inject_fault(step)
-        run.state, metrics = run.train_fn(run.state, next(batches), run.step_rng, *run.step_args)
-        watch.update(metrics, run.state.step)
+        run.state, value, metrics = run.train_fn(
+          run.state, watch.value, next(batches), run.step_rng, *run.step_args
+        )
+        watch.update(value, metrics)
         done = step + 1
         cpu_clock.tick(done, metrics)
         progress.tick(done, metrics)  # the first step (compilation) is not timed
-        if done % config.log_every_steps == 0 or done == total:  # the values at this step
-          host, watched = jax.device_get((metrics, watch.value))
-          watch.check(run.ckpt, watched)
+        if done % config.log_every_steps == 0 or done == total:  # means since the last row
+          host = watch.log_row(run.ckpt, metrics)
           host["train/images_per_s"] = progress.rate(done)
           run.writer.write(done, host)
           progress.report(

@@ -50,6 +50,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.training import train_state
 
 from dsbn_jax import losses, methods, optim
@@ -307,13 +308,44 @@ def _train_metrics(state, batch, loss, terms, aux, coeffs, cfg) -> dict:
   return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
 
 
-def watch_finite(watch: dict, metrics: dict, step) -> dict:
-  """``watch`` after one more step (the train loop's on-device finite check): the first step
-  (``step``, the state's step count after it) whose metrics were not all finite, 0 while there is
-  none, and which metrics those were."""
-  bad = {k: ~jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
-  first = (watch["step"] == 0) & jnp.any(jnp.stack(list(bad.values())))
+# The logged metrics that are the schedule's value at the logged step; every other metric is logged
+# as its mean over the steps since the previous row (the log window).
+SCHEDULE_METRICS = frozenset(
+  {"train/lr", *(f"train/{k}" for k in ("grl_coeff", "lambda_t", "entropy_coeff"))}
+)
+# Slots of the on-device watch: the step's metrics in sorted-name order, zero-padded (a fixed shape,
+# so the watch exists before the step's metrics are known, and the train loop compiles one step).
+WATCH_SLOTS = 32
+
+
+def empty_watch(window_sum=None, window_count: int = 0) -> dict:
+  """The watch before any step (host values): no non-finite step, and the log window's sums
+  (``window_sum``: ``WATCH_SLOTS`` values, a resumed run's saved window) over ``window_count``
+  steps."""
+  window_sum = np.zeros(WATCH_SLOTS, np.float32) if window_sum is None else window_sum
+  return {
+    "step": np.int32(0),
+    "bad": np.zeros(WATCH_SLOTS, bool),
+    "sum": np.asarray(window_sum, np.float32),
+    "count": np.int32(window_count),
+  }
+
+
+def watch_step(watch: dict, metrics: dict, step) -> dict:
+  """``watch`` after one more step (the train loop's on-device watch, fused into the step): the
+  first step (``step``, the state's step count after it) whose metrics were not all finite (0 while
+  there is none) and which slots those were, and the log window's metric sums and step count.
+  Slot ``i`` holds ``sorted(metrics)[i]``."""
+  names = sorted(metrics)
+  if len(names) > WATCH_SLOTS:
+    raise ValueError(f"{len(names)} metrics, more than train_step.WATCH_SLOTS={WATCH_SLOTS}")
+  values = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+  values = jnp.pad(values, (0, WATCH_SLOTS - len(names)))
+  bad = ~jnp.isfinite(values)
+  first = (watch["step"] == 0) & jnp.any(bad)
   return {
     "step": jnp.where(first, jnp.asarray(step, jnp.int32), watch["step"]),
-    "bad": {k: jnp.where(first, b, watch["bad"][k]) for k, b in bad.items()},
+    "bad": jnp.where(first, bad, watch["bad"]),
+    "sum": watch["sum"] + values,
+    "count": watch["count"] + 1,
   }
