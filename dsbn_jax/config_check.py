@@ -154,12 +154,11 @@ def validate(config, *, for_predict: bool = False, where: str = "") -> None:
 def _check_model(c: _Checker, for_predict: bool) -> None:
   from dsbn_jax.models import heads  # pylint: disable=g-import-not-at-top  (flax: load lazily)
 
-  c.choice("method", methods.NAMES)
   c.choice("model.bn", methods.BN_SETTINGS)
   c.boolean("loss.cdan_randomized")  # shapes the model (CDAN's D input): predict reads it too
   if c.get("method") is not _MISSING:
-    try:
-      methods.resolve(c.config)  # a '_dsbn' name with model.bn='shared'
+    try:  # an unknown name, a '_dsbn' name with model.bn='shared', source_only with DSBN
+      methods.resolve(c.config)
     except UserError as e:
       raise UserError(f"{e}{c.where}") from None
   c.choice("model.backbone", heads.BACKBONES)

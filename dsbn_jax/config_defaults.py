@@ -66,8 +66,8 @@ def get_config(dataset: str = "office_home") -> ml_collections.ConfigDict:
   # BN: source branch 0, target branch 1, each with its own statistics and affine; evaluation uses
   # the target's) | 'auto' (the method name's: 'dsbn' for '<method>_dsbn', else 'shared'). An
   # explicit value that contradicts a '_dsbn' name (alda_dsbn with 'shared') is an error.
-  # (source_only with 'dsbn' evaluates the target through a branch its training never feeds: the
-  # initial, e.g. ImageNet, statistics and affine.)
+  # (source_only with 'dsbn' is refused: the target never enters its network, so that branch would
+  # be evaluated untrained.)
   m.bn = "auto"
   m.bottleneck_dim = 512  # bottleneck Linear width (features); 0 = no bottleneck layer
   m.disc_hidden_dim = 1024  # discriminator hidden width (units), both hidden layers

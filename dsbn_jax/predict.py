@@ -231,7 +231,10 @@ def load_run(workdir: str, checkpoint: str = "last"):
     )
   else:
     used = f"last checkpoint (step {step})"
-  print(f"{workdir}: {used}, method {config.method}", file=sys.stderr)
+  from dsbn_jax import methods  # light: no JAX
+
+  name = methods.resolve(config).display_name  # 'alda' with model.bn='dsbn' is alda_dsbn
+  print(f"{workdir}: {used}, method {name}", file=sys.stderr)
   return config, class_names, classify
 
 

@@ -3,7 +3,8 @@
 ``python -m dsbn_jax.sweep --config=configs/office31.py --workdir=runs/office31`` runs the tasks,
 methods, BN choices and seeds of ``config.sweep`` (override with ``--tasks=A->W,D->A
 --methods=alda,dann --bn=shared,dsbn --seeds=0,1,2``): every method with every BN choice ('auto',
-the default, is the method name's BN: ``--methods=source_only,alda_dsbn`` alone runs those two).
+the default, is the method name's BN: ``--methods=source_only,alda_dsbn`` alone runs those two;
+``source_only``, which has no DSBN form, runs once, with shared BN, beside other BN choices).
 Runs and table rows are named by the pair's display name (``methods.Method.display_name``: ``alda``
 with shared BN, ``alda_dsbn`` with DSBN, the names they had before ``model.bn``). Each run lives in
 ``<workdir>/<display name>/<source>-<target>/seed<k>``; finished runs (``results.json`` present)
@@ -31,7 +32,7 @@ from absl import app, flags, logging  # noqa: E402
 from dsbn_jax import compile_cache, published, reporting  # noqa: E402
 from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
-from dsbn_jax.methods import BN_SETTINGS, NAMES, resolve_name  # noqa: E402
+from dsbn_jax.methods import BN_SETTINGS, METHODS, NAMES, resolve_name  # noqa: E402
 
 _CONFIG = define_config_flag()
 _WORKDIR = define_flag(
@@ -103,13 +104,16 @@ def sweep_methods(config, methods, bn=None) -> list[str]:
       f"invalid BN choice {bad[0]!r} (--bn or config.sweep.bn); valid: {', '.join(BN_SETTINGS)}"
     )
   model_bn = config.model.get("bn", "auto")
-  return [
-    resolve_name(m, model_bn, method_field="--methods").display_name
-    if b == "auto"
-    else resolve_name(m, b, method_field="--methods", bn_field="--bn").display_name
-    for m in methods
-    for b in bn
-  ]
+  pairs = []
+  for m in methods:
+    for b in bn:
+      if b == "dsbn" and len(set(bn)) > 1 and m in METHODS and not METHODS[m].uses_target:
+        continue  # source_only with its shared BN alone: with DSBN it is no method (resolve_name)
+      if b == "auto":
+        pairs.append(resolve_name(m, model_bn, method_field="--methods").display_name)
+      else:
+        pairs.append(resolve_name(m, b, method_field="--methods", bn_field="--bn").display_name)
+  return pairs
 
 
 RESULT_KEYS = ("seed", "best_accuracy", "last_accuracy")  # what the summary reads of a run

@@ -35,6 +35,8 @@ OVERRIDES = (
   "--config.total_steps=5",
   "--config.optim.lr0=0.2",
   "--config.select_with=entropy",
+  "--config.method=alda",  # with model.bn='dsbn': alda_dsbn, the smoke config's method
+  "--config.model.bn=dsbn",
 )
 LAST = 5
 
@@ -180,6 +182,7 @@ def test_predict_best_and_last_give_their_evaluations_accuracies(
   last, err = _predict_accuracy(workdir, target_images, tmp_path / "last.csv", "last", capsys)
   assert last == results["last_accuracy"] == results["evals"][-1]["accuracy"]
   assert f"last checkpoint (step {LAST})" in err
+  assert err.rstrip().endswith(", method alda_dsbn"), err  # the pair's name, not config.method's
   assert best > last
 
 

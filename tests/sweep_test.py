@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dsbn_jax import published, sweep
+from dsbn_jax.errors import UserError
 from tests import cli_driver, suite_env
 
 ROOT = suite_env.ROOT
@@ -146,14 +149,19 @@ def test_sweep_methods_pairs_each_method_with_each_bn_by_display_name():
   pairs = sweep.sweep_methods(config, ["dann", "alda"], ["shared", "dsbn"])
   assert pairs == ["dann", "dann_dsbn", "alda", "alda_dsbn"]
   assert sweep.sweep_methods(config, ["alda_dsbn"], ["auto", "dsbn"]) == ["alda_dsbn"] * 2
+  # source_only has no DSBN form: beside other BN choices it runs once, with shared BN; asked for
+  # alone it is a one-line error.
+  pairs = sweep.sweep_methods(config, ["source_only", "alda"], ["shared", "dsbn"])
+  assert pairs == ["source_only", "alda", "alda_dsbn"]
   config.model.bn = "dsbn"
-  assert sweep.sweep_methods(config, ["alda", "source_only"]) == ["alda_dsbn", "source_only_dsbn"]
+  with pytest.raises(UserError, match=r"source_only with DSBN .*model.bn='shared' for source_only"):
+    sweep.sweep_methods(config, ["alda", "source_only"])
 
 
 def test_sweep_over_bn_names_runs_and_rows_by_display_name_and_skips_an_old_finished_run(
   tmp_path, digits_data_dir, monkeypatch
 ):
-  """``--methods=source_only,alda --bn=shared,dsbn`` runs four pairs in folders (and table rows)
+  """``--methods=source_only,alda --bn=shared,dsbn`` runs three pairs (source_only: shared BN) in folders (and table rows)
   named as before model.bn; a finished ``alda_dsbn`` run whose config.json predates model.bn
   (no ``model.bn``, no ``sweep.bn``) is the same run, skipped; contradicting or unknown BN choices
   and a pair listed twice are one line, before anything runs."""
@@ -183,13 +191,12 @@ def test_sweep_over_bn_names_runs_and_rows_by_display_name_and_skips_an_old_fini
 
   result = run("--methods=source_only,alda", "--bn=shared,dsbn")
   assert result.returncode == 0, result.stderr[-3000:]
-  names = ["source_only", "source_only_dsbn", "alda"]  # alda_dsbn: finished before, skipped
+  names = ["source_only", "alda"]  # alda_dsbn: finished before, skipped; source_only: shared only
   assert ran == [(os.path.join(n, "digits-digits_m", "seed0"), n, "auto") for n in names]
   table = (root / "results.md").read_text()
-  assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][:5] == [
+  assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][:4] == [
     "| method",
     "| source_only",
-    "| source_only_dsbn",
     "| alda",
     "| alda_dsbn",
   ]

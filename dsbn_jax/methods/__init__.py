@@ -124,7 +124,9 @@ class Method:
     return self.spec.discriminator
 
 
-NAMES = (*METHODS, *(m + DSBN_SUFFIX for m in METHODS))  # every valid config.method
+# Every valid config.method. A method that keeps the target out of the network (source_only) has
+# no DSBN form: its target branch would never see an image (refused by ``resolve_name``).
+NAMES = (*METHODS, *(m + DSBN_SUFFIX for m, spec in METHODS.items() if spec.uses_target))
 
 
 def resolve_name(
@@ -133,19 +135,28 @@ def resolve_name(
   """``Method`` of a method name and a ``model.bn`` setting (module docstring); a one-line
   ``UserError`` for an unknown name or setting, or a ``_dsbn`` name with ``bn='shared'``.
   ``method_field`` / ``bn_field``: where the values come from, named in the messages."""
-  if not isinstance(method, str) or method not in NAMES:
+  base = method.removesuffix(DSBN_SUFFIX) if isinstance(method, str) else method
+  if not isinstance(method, str) or (method not in NAMES and base not in METHODS):
     raise UserError(f"invalid {method_field}={method!r}; valid: {', '.join(NAMES)}")
   if not isinstance(bn, str) or bn not in BN_SETTINGS:
     raise UserError(f"invalid {bn_field}={bn!r}; valid: {', '.join(BN_SETTINGS)}")
-  base = method.removesuffix(DSBN_SUFFIX) if method not in METHODS else method
+  base = method if method in METHODS else base
   if base == method:
-    return Method(base, "shared" if bn == "auto" else bn)
-  if bn == "shared":
+    resolved = Method(base, "shared" if bn == "auto" else bn)
+  elif bn == "shared":
     raise UserError(
       f"invalid {bn_field}='shared' for {method_field}={method!r} ({base} with DSBN); use "
       f"{method_field}={base!r} for shared BN, or {bn_field}='auto'"
     )
-  return Method(base, "dsbn")
+  else:
+    resolved = Method(base, "dsbn")
+  if resolved.dsbn and not METHODS[base].uses_target:
+    raise UserError(
+      f"{base} with DSBN ({method_field}={method!r}, {bn_field}={bn!r}) is not a method: the "
+      "target never enters the network, so its BN branch would be evaluated untrained; use "
+      f"{bn_field}='shared' for {base}"
+    )
+  return resolved
 
 
 def resolve(config) -> Method:
