@@ -13,7 +13,8 @@ are skipped, interrupted ones resume from their checkpoint. The summary is
 method run, the paper's tasks in its column order and Avg, best accuracy, mean ± std over seeds,
 '–' for a task not run, and below it the published rows, not run here, with their sources --
 ``dsbn_jax/published.py``, docs/reference.md §11; then best and last target accuracy per task of
-the sweep and on average, mean ± std over seeds; then, for runs with validator scores, one table
+the sweep and on average, mean ± std over seeds; then, for each method run with both BN choices,
+DSBN minus shared BN paired by seed, and whether it was positive for every seed; then, for runs with validator scores, one table
 per label-free validator: the target accuracy of the evaluation it selects, its gap to best and to
 last, and the rank correlation of its score with the target accuracy -- docs/model_selection.md),
 ``<workdir>/summary.json``,
@@ -23,6 +24,7 @@ pick beside best and last).
 
 import json
 import os
+import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,7 +34,7 @@ from absl import app, flags, logging  # noqa: E402
 from dsbn_jax import compile_cache, published, reporting  # noqa: E402
 from dsbn_jax.cli import define_config_flag, define_flag, parse_flags, quiet_library_logs, run_cli  # noqa: E402
 from dsbn_jax.errors import UserError  # noqa: E402
-from dsbn_jax.methods import BN_SETTINGS, METHODS, NAMES, resolve_name  # noqa: E402
+from dsbn_jax.methods import BN_SETTINGS, DSBN_SUFFIX, METHODS, NAMES, resolve_name  # noqa: E402
 
 _CONFIG = define_config_flag()
 _WORKDIR = define_flag(
@@ -293,6 +295,7 @@ def write_summary(
     lines.append("")
   seeds_txt = ", ".join(str(s) for s in seeds)
   lines.append(f"mean ± std over seeds {seeds_txt} (sample std); runs in `{root}`.")
+  lines += _bn_effect_table(summary, tasks, methods)
   chosen = _chosen(summary, tasks, methods)
   lines += _selection_tables(chosen, tasks, methods, _unscored(summary, tasks, methods))
   text = "\n".join(lines) + "\n"
@@ -328,6 +331,42 @@ def _accuracy_table(by_method: dict, methods, columns, key: str, shown) -> list[
     avg = reporting.mean_std(_seed_averages(by_method[m], columns, key))
     lines.append("| " + " | ".join([m, *cells, avg]) + " |")
   return lines
+
+
+def _bn_effect_table(summary: dict, tasks, methods) -> list[str]:
+  """Markdown ([] without a method run with both BN choices): per method, DSBN minus shared BN in
+  points, paired by seed (the same seed's two runs), per task and on each seed's average over the
+  tasks, as mean ± std over the seeds run with both; 'sign' says whether that average difference
+  was positive for every seed, negative for every seed, or mixed."""
+  pairs = [(m, m + DSBN_SUFFIX) for m in methods if m + DSBN_SUFFIX in methods]
+  if not pairs:
+    return []
+  lines = ["", "### DSBN minus shared BN (points), paired by seed", ""]
+  for key, title in (("best_accuracy", "best"), ("last_accuracy", "last")):
+    lines += [f"#### {title}", ""]
+    lines += _table_head(["method", *_shown(tasks), "Avg", "sign (Avg, per seed)"])
+    for shared, dsbn in pairs:
+      cells, per_seed = [], {}
+      for t in tasks:
+        a = {r["seed"]: r[key] for r in summary[shared][t]}
+        b = {r["seed"]: r[key] for r in summary[dsbn][t]}
+        diffs = {s: b[s] - a[s] for s in sorted(a.keys() & b.keys())}
+        cells.append(_signed_mean_std(list(diffs.values())))
+        for s, d in diffs.items():
+          per_seed.setdefault(s, {})[t] = d
+      avg = [sum(v.values()) / len(tasks) for v in per_seed.values() if len(v) == len(tasks)]
+      sign = "–" if not avg else "all +" if min(avg) > 0 else "all −" if max(avg) < 0 else "mixed"
+      lines.append("| " + " | ".join([shared, *cells, _signed_mean_std(avg), sign]) + " |")
+    lines.append("")
+  return lines
+
+
+def _signed_mean_std(values) -> str:
+  if not values:
+    return "–"
+  if len(values) == 1:
+    return f"{values[0]:+.1f}"
+  return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _paper_layout(summary: dict, tasks, methods, dataset, domains) -> list[str]:

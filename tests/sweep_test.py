@@ -26,6 +26,32 @@ def _fake_run(root, method, task, seed, best, last):
   _write_results(workdir, seed, best, last)
 
 
+def test_summary_pairs_each_methods_dsbn_and_shared_runs_by_seed(tmp_path):
+  """DSBN minus shared BN per seed: alda's DSBN runs are 2 and 4 points better on a->b and 1 and
+  3 on b->a (per-seed Avg +1.5, +3.5: every seed positive); dann's +1 and -3 (mixed); source_only
+  alone has no row."""
+  tasks, seeds = ["a->b", "b->a"], [0, 1]
+  for name, ab, ba in [
+    ("alda", (60.0, 62.0), (70.0, 71.0)),
+    ("alda_dsbn", (62.0, 66.0), (71.0, 74.0)),
+    ("dann", (50.0, 50.0), (50.0, 50.0)),
+    ("dann_dsbn", (51.0, 47.0), (51.0, 47.0)),
+    ("source_only", (40.0, 40.0), (40.0, 40.0)),
+  ]:
+    for seed in seeds:
+      _fake_run(tmp_path, name, "a->b", seed, ab[seed], ab[seed] - 1)
+      _fake_run(tmp_path, name, "b->a", seed, ba[seed], ba[seed] - 1)
+  names = ["source_only", "alda", "alda_dsbn", "dann", "dann_dsbn"]
+  text = sweep.write_summary(str(tmp_path), tasks, names, seeds)["markdown"]
+  effect = text.split("### DSBN minus shared BN (points), paired by seed")[1]
+  best = effect.split("#### last")[0]
+  assert "| alda | +3.0 ± 1.4 | +2.0 ± 1.4 | +2.5 ± 1.4 | all + |" in best, best
+  assert "| dann | -1.0 ± 2.8 | -1.0 ± 2.8 | -1.0 ± 2.8 | mixed |" in best, best
+  assert "source_only" not in effect
+  # No method run with both: no such table.
+  assert "DSBN minus" not in sweep.write_summary(str(tmp_path), tasks, ["alda"], seeds)["markdown"]
+
+
 def test_summary_tables_mean_and_sample_std_per_task_and_average(tmp_path):
   tasks, seeds = ["a->b", "b->a"], [0, 1]
   for seed, (ab, ba) in enumerate([(60.0, 70.0), (64.0, 80.0)]):
