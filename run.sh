@@ -149,7 +149,17 @@ case "$cmd" in
   test)
     shift
     ensure_install test
-    exec "$VENV/bin/python" -m pytest tests "$@"
+    # pytest-xdist workers, each taking whole test files (--dist loadfile: a module's fixtures and
+    # background runs stay in one process): compiling and tracing are single-threaded, so two
+    # workers use both cores of a 2-core machine. DSBN_JAX_TEST_WORKERS=N sets the count (1: one
+    # process, no xdist); an -n in the arguments wins (`bash run.sh test -n 0 -k port`).
+    cores=$(nproc 2>/dev/null || echo 1)
+    workers=${DSBN_JAX_TEST_WORKERS:-$(( cores < 2 ? cores : 2 ))}
+    xdist=()
+    if [ "$workers" -gt 1 ] && [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* ]]; then
+      xdist=(-n "$workers" --dist loadfile)
+    fi
+    exec "$VENV/bin/python" -m pytest tests "${xdist[@]}" "$@"
     ;;
   lint)  # what .ci/run checks before the tests: ruff's formatter and linter (config: pyproject.toml)
     ensure_install test

@@ -3,6 +3,7 @@ persistent compilation cache (tests/suite_env.py), the Digits data prepared and 
 trained once per session, and the subprocess runs some tests read started in the background when
 the session starts."""
 
+import collections.abc
 import gc
 import os
 
@@ -89,7 +90,9 @@ def background_runs(request, tmp_path_factory):
   tests before the ones reading them do (the in-process tests leave about half of this 2-core
   machine idle: imports, tracing and Python are single-threaded). One at a time when many other
   tests are selected, else two. Nothing starts when no module of ``_BACKGROUND_MODULES`` is
-  selected."""
+  selected. Under pytest-xdist (``bash run.sh test``: every worker collects every module, and
+  ``--dist loadfile`` gives each module to one worker), a module's runs start when the first of
+  them is read, one at a time (the other worker keeps the other core busy): ``_LazyRuns``."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top
 
@@ -108,7 +111,35 @@ def background_runs(request, tmp_path_factory):
     yield {}
     return
   others = sum(not any(p.endswith(f"{m}.py") for m in _BACKGROUND_MODULES) for p in paths)
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1 if others > 50 else 2)
-  futures = {name: pool.submit(fn) for name, fn in jobs.items()}
-  yield futures
+  xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1 if others > 50 or xdist else 2)
+  if xdist:
+    yield _LazyRuns(pool, jobs)
+  else:
+    yield {name: pool.submit(fn) for name, fn in jobs.items()}
   pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _LazyRuns(collections.abc.Mapping):
+  """``background_runs`` under pytest-xdist: the runs of a module start when one of them is first
+  read (``runs[key]``); ``values()`` are the started ones."""
+
+  def __init__(self, pool, jobs: dict):
+    self.pool, self.jobs, self.futures = pool, jobs, {}
+
+  def __getitem__(self, key):
+    if key not in self.futures:
+      module = key.split(":")[0] + ":"
+      for name, fn in self.jobs.items():
+        if name.startswith(module) and name not in self.futures:
+          self.futures[name] = self.pool.submit(fn)
+    return self.futures[key]
+
+  def __iter__(self):
+    return iter(self.jobs)
+
+  def __len__(self):
+    return len(self.jobs)
+
+  def values(self):
+    return list(self.futures.values())

@@ -189,8 +189,11 @@ def _install_repo(tmp_path):
   return work
 
 
-def _run(work, *args, accelerator):
-  env = _clean_env(DSBN_JAX_ACCELERATOR=accelerator)
+def _run(work, *args, accelerator, workers="1"):
+  """``workers``: DSBN_JAX_TEST_WORKERS (None: unset, run.sh's default)."""
+  env = _clean_env(DSBN_JAX_ACCELERATOR=accelerator, DSBN_JAX_TEST_WORKERS=workers or "")
+  if workers is None:
+    del env["DSBN_JAX_TEST_WORKERS"]
   r = subprocess.run(
     [BASH, str(work / "run.sh"), *args], env=env, capture_output=True, text=True, timeout=120
   )
@@ -249,3 +252,22 @@ def test_stamp_holds_the_choice_and_a_switch_reinstalls_and_drops_the_other_plug
   with open(work / "pyproject.toml", "a", encoding="utf-8") as f:
     f.write("\n")
   assert "-m pip install -q -e .[test,cuda12]" in _run(work, "test", "-q", accelerator="cuda12")[1]
+
+
+def test_the_suite_runs_on_two_workers_unless_told_otherwise(tmp_path):
+  """pytest-xdist: two workers taking whole files (one per core up to two), DSBN_JAX_TEST_WORKERS
+  sets the count, an -n of the user's wins."""
+  work = _install_repo(tmp_path)
+  _run(work, "test", accelerator="cpu")  # the install
+  default = min(2, len(os.sched_getaffinity(0)))
+  xdist = f" -n {default} --dist loadfile" if default > 1 else ""
+  assert _run(work, "test", "-q", accelerator="cpu", workers=None)[1] == [
+    f"-m pytest tests{xdist} -q"
+  ]
+  assert _run(work, "test", "-x", accelerator="cpu", workers="3")[1] == [
+    "-m pytest tests -n 3 --dist loadfile -x"
+  ]
+  assert _run(work, "test", accelerator="cpu", workers="1")[1] == ["-m pytest tests"]
+  assert _run(work, "test", "-n", "0", "-k", "port", accelerator="cpu", workers="2")[1] == [
+    "-m pytest tests -n 0 -k port"
+  ]

@@ -258,7 +258,7 @@ def background_jobs(session, root, data_dir) -> dict:
 def background(background_runs):
   """Futures of this module's ``background_jobs``, by name (started by conftest)."""
   prefix = f"{__name__.rsplit('.', 1)[-1]}:"
-  return {k[len(prefix) :]: v for k, v in background_runs.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: background_runs[k] for k in background_runs if k.startswith(prefix)}
 
 
 def _job(background, name):
@@ -266,22 +266,22 @@ def _job(background, name):
 
 
 @pytest.fixture(scope="module")
-def multi_host(background_runs, tmp_path_factory, digits_data_dir):
+def multi_host(background, background_runs, tmp_path_factory, digits_data_dir):
   """``_multi_host_runs``, started once every background run has ended: two processes meet in
   gloo collectives with a 30 s deadline, which a process starved of CPU by other runs on this
   2-core machine can miss (seen once in CI while the background runs went on)."""
-  for future in background_runs.values():
+  for future in [*background.values(), *background_runs.values()]:  # this module's: started
     future.result(timeout=1800)
   root = tmp_path_factory.mktemp("multi_host")
   return _multi_host_runs(root, digits_data_dir, dict(os.environ))
 
 
 @pytest.fixture(scope="module")
-def open_mpi_run(background_runs, tmp_path_factory, digits_data_dir):
+def open_mpi_run(background, background_runs, tmp_path_factory, digits_data_dir):
   """``(workdir, (codes, outs))`` of the smoke run as Open MPI's mpirun starts two processes
   (its variables only), uninterrupted; started once every background run has ended, as
   ``multi_host``."""
-  for future in background_runs.values():
+  for future in [*background.values(), *background_runs.values()]:  # this module's: started
     future.result(timeout=1800)
   workdir = tmp_path_factory.mktemp("open_mpi") / "run"
   runs = _two_processes(
