@@ -1,4 +1,4 @@
-"""Digits <-> Digits-M accuracy table: source_only, dann, alda, alda_dsbn and a target-only oracle.
+"""Digits <-> Digits-M accuracy table: every method with shared BN and with DSBN, and a target-only oracle.
 
 Every (method, direction, seed) is one real ``python -m dsbn_jax.main --config=configs/digits.py``
 run (the command a user types), in ``<workdir>/<method>/<source>-<target>/seed<k>`` (the layout of
@@ -20,13 +20,20 @@ and last), ``benchmark.json`` (the command, wall time, load). The validator tabl
 (a converged budget, evaluated every 50 steps, with a held-out source split):
 
   python benchmarks/accuracy_digits.py --workdir runs/selection_digits --no_oracle \
-      --set total_steps=5000 --set eval_every_steps=50 --set checkpoint_every_steps=1000 \
+      --methods source_only,dann,alda,alda_dsbn --set total_steps=5000 --set eval_every_steps=50 --set checkpoint_every_steps=1000 \
       --set data.source_val_fraction=0.2
 
 Hyper-parameters are those of ``configs/digits.py``. They were chosen without the target test
 split: ``--eval_split=train`` evaluates every run on the target images adapted on, by their labels
 (the transductive protocol of the reference's Office evaluation), never on the held-out test digits;
 BENCHMARKS.md lists the candidates tried that way.
+
+The comparison table of BENCHMARKS.md (issue 23: every method x BN, 102 runs, no oracle; the
+results.md then ends with DSBN minus shared BN per method, paired by seed):
+
+  python benchmarks/accuracy_digits.py --workdir runs/methods_digits --no_oracle \
+      --set total_steps=5000 --set eval_every_steps=50 --set checkpoint_every_steps=1000 \
+      --set data.source_val_fraction=0.2
 
   python benchmarks/accuracy_digits.py [--workdir runs/accuracy_digits] [--seeds 0,1,2]
       [--methods source_only,dann,alda,alda_dsbn] [--directions digits->digits_m,digits_m->digits]
@@ -46,9 +53,15 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from dsbn_jax import sweep  # noqa: E402  (light: no JAX/TF import until a run starts)
+from dsbn_jax import methods, sweep  # noqa: E402  (light: no JAX/TF import until a run starts)
 
-METHODS = ("source_only", "dann", "alda", "alda_dsbn")
+# Every method of the registry with shared BN and with DSBN (source_only: shared BN only), by
+# display name: source_only, dann, dann_dsbn, alda, alda_dsbn, cdan, cdan_dsbn, ...
+METHODS = tuple(
+  name
+  for method, spec in methods.METHODS.items()
+  for name in (method, *((method + methods.DSBN_SUFFIX,) if spec.uses_target else ()))
+)
 DIRECTIONS = ("digits->digits_m", "digits_m->digits")
 ORACLE = "target_only"
 
