@@ -170,7 +170,7 @@ def _unpack(part: dict) -> dict:
   col = {name: part['draws'][:, i] for i, name in enumerate(DRAWS)}
   out = {
     'label': col['label'],
-    'box': part['draws'][:, 1:5],
+    'box': part['draws'][:, DRAWS.index('top') : DRAWS.index('width') + 1],
     'flip': col['flip'].astype(bool),
     'mask': col['mask'].astype(bool),
   }

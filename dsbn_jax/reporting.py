@@ -327,10 +327,13 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> list[str]:
   return [name for _, name, _, _ in panels]
 
 
-def mean_std(values) -> str:
+def mean_std(values, signed: bool = False) -> str:
+  """``values``' mean ± sample std at one decimal ('–' for none, the value alone for one);
+  ``signed``: the mean with its sign (a difference)."""
   values = [v for v in values if v is not None]
+  sign = "+" if signed else ""
   if not values:
     return "–"
   if len(values) == 1:
-    return f"{values[0]:.1f}"
-  return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    return f"{values[0]:{sign}.1f}"
+  return f"{np.mean(values):{sign}.1f} ± {np.std(values, ddof=1):.1f}"

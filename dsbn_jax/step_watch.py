@@ -32,9 +32,11 @@ class StepWatch:
     self.mesh, self.names = mesh, None
     saved = (meta or {}).get(META_KEY)
     self._saved_names = saved["names"] if saved else None
-    self._saved_sum, self._saved_count = (saved["sum"], saved["count"]) if saved else ([], 0)
-    host = train_step_lib.empty_watch(_slots(self._saved_sum), self._saved_count)
-    self.value = sharding.replicate(host, mesh)
+    # The watch a resumed run starts from: the saved window's sums and step count.
+    self._start = train_step_lib.empty_watch(
+      _slots(saved["sum"]) if saved else None, saved["count"] if saved else 0
+    )
+    self.value = sharding.replicate(self._start, mesh)
 
   def update(self, value, metrics: dict) -> None:
     """The step's returned watch; ``metrics`` (its pytree structure only) names the slots."""
@@ -48,9 +50,8 @@ class StepWatch:
     """The window without the steps before the resume (their metrics were other ones): its first
     row then averages the steps since the resume."""
     watched = jax.device_get(self.value)
-    saved = train_step_lib.empty_watch(_slots(self._saved_sum), self._saved_count)
-    watched["sum"] = watched["sum"] - saved["sum"]
-    watched["count"] = watched["count"] - saved["count"]
+    watched["sum"] = watched["sum"] - self._start["sum"]
+    watched["count"] = watched["count"] - self._start["count"]
     self.value = sharding.replicate(watched, self.mesh)
 
   def read(self, ckpt, metrics: dict | None = None):

@@ -24,7 +24,6 @@ pick beside best and last).
 
 import json
 import os
-import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -346,27 +345,18 @@ def _bn_effect_table(summary: dict, tasks, methods) -> list[str]:
     lines += [f"#### {title}", ""]
     lines += _table_head(["method", *_shown(tasks), "Avg", "sign (Avg, per seed)"])
     for shared, dsbn in pairs:
-      cells, per_seed = [], {}
+      diffs = {}  # task -> the seeds run with both BN choices, each with its difference
       for t in tasks:
         a = {r["seed"]: r[key] for r in summary[shared][t]}
         b = {r["seed"]: r[key] for r in summary[dsbn][t]}
-        diffs = {s: b[s] - a[s] for s in sorted(a.keys() & b.keys())}
-        cells.append(_signed_mean_std(list(diffs.values())))
-        for s, d in diffs.items():
-          per_seed.setdefault(s, {})[t] = d
-      avg = [sum(v.values()) / len(tasks) for v in per_seed.values() if len(v) == len(tasks)]
+        diffs[t] = [{"seed": s, "diff": b[s] - a[s]} for s in sorted(a.keys() & b.keys())]
+      cells = [reporting.mean_std([r["diff"] for r in diffs[t]], signed=True) for t in tasks]
+      avg = _seed_averages(diffs, tasks, "diff")
       sign = "–" if not avg else "all +" if min(avg) > 0 else "all −" if max(avg) < 0 else "mixed"
-      lines.append("| " + " | ".join([shared, *cells, _signed_mean_std(avg), sign]) + " |")
+      avg_cell = reporting.mean_std(avg, signed=True)
+      lines.append("| " + " | ".join([shared, *cells, avg_cell, sign]) + " |")
     lines.append("")
   return lines
-
-
-def _signed_mean_std(values) -> str:
-  if not values:
-    return "–"
-  if len(values) == 1:
-    return f"{values[0]:+.1f}"
-  return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _paper_layout(summary: dict, tasks, methods, dataset, domains) -> list[str]:

@@ -189,3 +189,13 @@ def test_rows_average_their_window_and_a_resume_inside_a_window_logs_the_same_ro
   assert result.returncode == 0, result.stderr[-3000:]
   assert "at step 4" in result.stdout
   assert _rows(resumed) == _rows(full)
+
+
+def test_a_window_saved_with_other_metrics_is_dropped_and_the_row_averages_the_new_steps():
+  """A checkpoint whose window holds other metric names (written by another version of the code):
+  the first row after the resume averages the steps since the resume alone."""
+  mesh = sharding.make_mesh()
+  meta = {"log_window": {"names": ["train/ce", "train/loss"], "count": 3, "sum": [9.0, 30.0]}}
+  watch = step_watch.StepWatch(mesh, meta)
+  last = _watched_steps(mesh, watch, [(1.0, 2.0), (3.0, 6.0)], first_step=4)
+  assert watch.log_row(_Ckpt(), last) == {"train/adv": 4.0, "train/loss": 2.0, "train/lr": 5.0}

@@ -135,12 +135,14 @@ def resolve_name(
   """``Method`` of a method name and a ``model.bn`` setting (module docstring); a one-line
   ``UserError`` for an unknown name or setting, or a ``_dsbn`` name with ``bn='shared'``.
   ``method_field`` / ``bn_field``: where the values come from, named in the messages."""
-  base = method.removesuffix(DSBN_SUFFIX) if isinstance(method, str) else method
-  if not isinstance(method, str) or (method not in NAMES and base not in METHODS):
+  # The method a name names: itself, or a '_dsbn' name's base ('source_only_dsbn' included, so
+  # that it gets its own error below).
+  named = isinstance(method, str)
+  base = method.removesuffix(DSBN_SUFFIX) if named and method not in METHODS else method
+  if not named or base not in METHODS:
     raise UserError(f"invalid {method_field}={method!r}; valid: {', '.join(NAMES)}")
   if not isinstance(bn, str) or bn not in BN_SETTINGS:
     raise UserError(f"invalid {bn_field}={bn!r}; valid: {', '.join(BN_SETTINGS)}")
-  base = method if method in METHODS else base
   if base == method:
     resolved = Method(base, "shared" if bn == "auto" else bn)
   elif bn == "shared":
